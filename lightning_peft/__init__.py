@@ -1,0 +1,46 @@
+"""lightning-peft: parameter-efficient fine-tuning for PyTorch Lightning.
+
+Public names are imported lazily so that ``from lightning_peft import LoRA`` does not pay for
+importing Lightning, transformers or bitsandbytes.
+"""
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # pure-torch adapters
+    "AdapterSpec": "lightning_peft.adapters.base",
+    "LoRA": "lightning_peft.adapters.lora",
+    "QLoRA": "lightning_peft.adapters.quantized",
+    "BitFit": "lightning_peft.adapters.bitfit",
+    "FullFineTune": "lightning_peft.adapters.full",
+    "ExpertLoRA": "lightning_peft.adapters.experts",
+    "AdaLoRA": "lightning_peft.adapters.adalora",
+    # targeting and files
+    "apply_adapter": "lightning_peft.targeting",
+    "AdapterReport": "lightning_peft.targeting",
+    "save_adapter": "lightning_peft.io",
+    "load_adapter": "lightning_peft.io",
+    "merge_adapter": "lightning_peft.io",
+    "unmerge_adapter": "lightning_peft.io",
+    # Lightning integration
+    "AdapterCallback": "lightning_peft.callbacks.adapter",
+    "AdaptiveCheckpointCallback": "lightning_peft.callbacks.adaptive_checkpoint",
+    "ExpertImportanceCallback": "lightning_peft.callbacks.expert_importance",
+    "AdapterFSDP2Strategy": "lightning_peft.strategies",
+    "PolicyLibrary": "lightning_peft.policy_library",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_peft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
