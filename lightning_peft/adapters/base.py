@@ -1,0 +1,134 @@
+"""The adapter protocol: a spec says *what* to adapt, a layer *is* the adapted module.
+
+``AdapterSpec`` (configuration, typed for jsonargparse) selects modules by name and ``wrap``s
+each match into an ``AdapterLayer`` (an ``nn.Module`` holding the frozen base and the trainable
+adapter tensors). Everything here is pure torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def name_matches(name: str, entry: str) -> bool:
+    """``entry`` matches the dotted module ``name`` if equal to it or to a dotted suffix of it;
+    an entry starting with ``"re:"`` is a regular expression matched against the full name."""
+    if entry.startswith("re:"):
+        return re.fullmatch(entry[3:], name) is not None
+    return name == entry or name.endswith("." + entry)
+
+
+def first_match(name: str, entries: Iterable[str]) -> str | None:
+    return next((entry for entry in entries if name_matches(name, entry)), None)
+
+
+class AdapterSpec:
+    """Base class of adapter configurations.
+
+    Args:
+        target_modules: which modules to adapt. A list of names matches a module whose full
+            dotted name equals an entry or ends with ``"." + entry`` (``"query"`` matches
+            ``encoder.layer.0.attention.self.query``); entries starting with ``"re:"`` are
+            regular expressions matched against the full name. A plain string is one regular
+            expression (full match), except ``"all-linear"``: every ``nn.Linear`` but the
+            output head. ``None`` means the spec's own default.
+        exclude_modules: names (same rules as a target list) never adapted.
+        module_path: only inject below this submodule (e.g. ``"model.encoder"``).
+    """
+
+    #: human-readable name used in reports and files
+    kind: str = "adapter"
+    #: parameters of the base module that train (BitFit: biases; full fine-tune: all)
+    trains_base: bool = False
+
+    def __init__(
+        self,
+        target_modules: str | list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        module_path: str | None = None,
+    ) -> None:
+        if isinstance(target_modules, (list, tuple)) and len(target_modules) == 0:
+            raise ValueError("target_modules is an empty list: name at least one module, or use 'all-linear'")
+        self.target_modules = list(target_modules) if isinstance(target_modules, tuple) else target_modules
+        self.exclude_modules = list(exclude_modules or [])
+        self.module_path = module_path
+
+    # --- selection -----------------------------------------------------------------------
+    def supports(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a type this adapter can wrap."""
+        return isinstance(module, nn.Linear)
+
+    def default_targets(self) -> str | list[str]:
+        return "all-linear"
+
+    # --- construction --------------------------------------------------------------------
+    def wrap(self, name: str, module: nn.Module) -> nn.Module:
+        """Return the module that replaces ``module`` (an ``AdapterLayer``), or ``module``
+        itself after changing it in place (BitFit). Must not modify ``module`` before every
+        check has passed, so that a failure leaves the model as it was."""
+        return module
+
+    def base_parameters_to_train(self, name: str, module: nn.Module) -> list[str]:
+        """Names of ``module``'s own parameters that train (BitFit: ``["bias"]``)."""
+        return []
+
+    # --- serialisation -------------------------------------------------------------------
+    def to_config(self) -> dict[str, Any]:
+        """``{"class_path": ..., "init_args": {...}}``: the spec as LightningCLI writes it."""
+        init_args = {}
+        for param in inspect.signature(type(self).__init__).parameters.values():
+            if param.name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            init_args[param.name] = getattr(self, param.name)
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": init_args}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.to_config()["init_args"].items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.to_config() == other.to_config()  # type: ignore[union-attr]
+
+    __hash__ = object.__hash__
+
+
+class AdapterLayer(nn.Module):
+    """A module that holds a frozen ``base_layer`` plus adapter tensors.
+
+    Subclasses implement ``forward``, ``merge`` and ``unmerge``; ``adapter_state_dict``
+    returns the tensors that define the adapter (everything but ``base_layer.*``), with keys
+    relative to this layer.
+    """
+
+    spec: AdapterSpec
+    base_layer: nn.Module
+    merged: bool = False
+
+    def merge(self) -> None:
+        raise NotImplementedError
+
+    def unmerge(self) -> None:
+        raise NotImplementedError
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+
+    def peft_metadata(self) -> dict[str, Any]:
+        """Per-layer hyper-parameters written into the adapter file (rank, alpha, ...)."""
+        return {}
+
+
+def check_positive(name: str, value: float, kind: type = int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise TypeError(f"{name} must be a {kind.__name__}, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")

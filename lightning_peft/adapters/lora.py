@@ -1,0 +1,411 @@
+"""LoRA: a trainable low-rank update on a frozen linear layer.
+
+For a frozen ``W0 [d_out, d_in]`` (and bias ``b``), LoRA learns ``A [r, d_in]`` and
+``B [d_out, r]``::
+
+    y = x W0^T + b + s * dropout(x) A^T B^T,      s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+``A`` starts random (Kaiming-uniform like ``nn.Linear``, or Gaussian), ``B`` at zero, so the
+adapted model starts equal to the base.
+
+Speed and memory. ``LoRALinear`` runs base and update in one autograd node
+(``_LoRAFunction``) that saves only what backward needs:
+
+* the frozen weight (as the frozen-base model does, for ``dx = dy W0``),
+* the rank-``r`` projection ``u = x A^T [N, r]`` for ``dB = s dy^T u``,
+* the input ``x`` for ``dA = s (dy B)^T x`` -- unless ``x`` can be recomputed cheaply from
+  tensors its producer already saved (a LayerNorm's input and statistics, a GELU's or SiLU's
+  input, the two factors of a product). Then nothing new is kept: this is what brings LoRA's
+  activation memory down to the frozen-base floor.
+
+All matmuls run in the activation dtype (autocast's dtype when autocast is on), the update is
+accumulated into the base output in place, and no fp32 copies of activations are made.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, check_positive, first_match
+
+
+# --------------------------------------------------------------------------------------------
+# Recomputing the input from its producer's saved tensors
+# --------------------------------------------------------------------------------------------
+def _saved(node: Any, name: str) -> torch.Tensor | None:
+    try:
+        value = getattr(node, name)
+    except RuntimeError:  # freed or modified in place since it was saved
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _input_recipe(x: torch.Tensor) -> tuple[str, tuple[torch.Tensor, ...], Any] | None:
+    """How to recompute ``x`` in backward from tensors autograd already keeps, or ``None``.
+
+    Only producers whose saved tensors fully determine ``x`` by a cheap elementwise or
+    normalisation op qualify. Reading a producer's saved tensors is only safe when no
+    non-transparent saved-tensor hook (e.g. activation checkpointing) is active, because such
+    hooks replace saved tensors with placeholders that must not be unpacked during forward.
+    """
+    node = x.grad_fn
+    if node is None:
+        return None
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None and not getattr(hooks[0], "_lightning_peft_transparent", False):
+        return None
+    kind = type(node).__name__
+    if kind == "NativeLayerNormBackward0":
+        inp, mean, rstd = (_saved(node, n) for n in ("_saved_input", "_saved_result1", "_saved_result2"))
+        if inp is None or mean is None or rstd is None:
+            return None
+        weight, bias = _saved(node, "_saved_weight"), _saved(node, "_saved_bias")
+        tensors = tuple(t for t in (inp, mean, rstd, weight, bias) if t is not None)
+        return "layer_norm", tensors, (weight is not None, bias is not None)
+    if kind == "GeluBackward0":
+        inp = _saved(node, "_saved_self")
+        return None if inp is None else ("gelu", (inp,), node._saved_approximate)
+    if kind == "SiluBackward0":
+        inp = _saved(node, "_saved_self")
+        return None if inp is None else ("silu", (inp,), None)
+    if kind == "MulBackward0":
+        a, b = _saved(node, "_saved_self"), _saved(node, "_saved_other")
+        return None if a is None or b is None else ("mul", (a, b), None)
+    return None
+
+
+def _replay(kind: str, tensors: tuple[torch.Tensor, ...], extra: Any) -> torch.Tensor:
+    if kind == "layer_norm":
+        inp, mean, rstd, *affine = tensors
+        has_weight, has_bias = extra
+        out = (inp - mean) * rstd
+        if has_weight:
+            out = out * affine.pop(0)
+        if has_bias:
+            out = out + affine.pop(0)
+        return out
+    if kind == "gelu":
+        return F.gelu(tensors[0], approximate=extra)
+    if kind == "silu":
+        return F.silu(tensors[0])
+    return tensors[0] * tensors[1]  # mul
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# The fused autograd node
+# --------------------------------------------------------------------------------------------
+class _LoRAFunction(torch.autograd.Function):
+    """``y = [x W^T + b] + s * drop(x) A^T B^T`` on ``x [..., d_in]`` (flattened to ``[N, d_in]``).
+
+    With ``weight=None`` only the update is returned (the caller adds a base it cannot fuse,
+    e.g. a bitsandbytes 4-bit layer).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scale: float,
+        dropout: float,
+        recompute_input: bool,
+    ) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        ctx.x_shape = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.reshape(-1, x.shape[-1]).to(dtype)
+            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            mask = None
+            xd = xc
+            if dropout > 0.0:
+                mask = torch.empty_like(xc, dtype=torch.bool).bernoulli_(1.0 - dropout)
+                xd = xc * mask / (1.0 - dropout)
+            u = xd @ a.t()  # [N, r]
+            if weight is not None:
+                w = weight.to(dtype)
+                out = F.linear(xc, w, None if bias is None else bias.to(dtype))
+                out.addmm_(u, b.t(), alpha=scale)
+            else:
+                w = None
+                out = (u @ b.t()).mul_(scale)
+
+        base_trains = weight is not None and (weight.requires_grad or (bias is not None and bias.requires_grad))
+        recipe = _input_recipe(x) if recompute_input and not base_trains else None
+        if recipe is None:
+            ctx.recipe = None
+            input_tensors: tuple[torch.Tensor, ...] = (x,)
+        else:
+            ctx.recipe = (recipe[0], recipe[2], len(recipe[1]))
+            input_tensors = recipe[1]
+        ctx.has_weight, ctx.has_mask = w is not None, mask is not None
+        ctx.scale, ctx.dropout, ctx.dtype, ctx.x_dtype = scale, dropout, dtype, x.dtype
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+        ctx.save_for_backward(u, a, b, *((w,) if w is not None else ()), *((mask,) if mask is not None else ()), *input_tensors)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        saved = list(ctx.saved_tensors)
+        u, a, b = saved[:3]
+        rest = saved[3:]
+        w = rest.pop(0) if ctx.has_weight else None
+        mask = rest.pop(0) if ctx.has_mask else None
+        if ctx.recipe is None:
+            x = rest[0]
+        else:
+            kind, extra, _ = ctx.recipe
+            x = _replay(kind, tuple(rest), extra)
+        dtype, scale = ctx.dtype, ctx.scale
+        need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
+        with torch.autocast(grad_out.device.type, enabled=False):
+            dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+            g = (dy @ b).mul_(scale)  # [N, r]: gradient w.r.t. u, scaled
+            xc = x.reshape(-1, x.shape[-1]).to(dtype)
+            xd = xc if mask is None else xc * mask / (1.0 - ctx.dropout)
+            grad_x = grad_w = grad_bias = None
+            if need_x:
+                lora_dx = g @ a  # [N, d_in]
+                if mask is not None:
+                    lora_dx.mul_(mask).div_(1.0 - ctx.dropout)
+                grad_x = lora_dx if w is None else lora_dx.addmm_(dy, w)
+                grad_x = grad_x.to(ctx.x_dtype).reshape(ctx.x_shape)
+            if need_w:
+                grad_w = dy.t() @ xc
+            if need_b:
+                grad_bias = dy.sum(0)
+            grad_a = (g.t() @ xd).to(ctx.param_dtypes[0]) if need_a else None
+            grad_lb = (dy.t() @ u).mul_(scale).to(ctx.param_dtypes[1]) if need_lb else None
+        return grad_x, grad_w, grad_bias, grad_a, grad_lb, None, None, None
+
+
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    dropout: float = 0.0,
+    recompute_input: bool = True,
+) -> torch.Tensor:
+    """Functional LoRA on ``x [..., d_in]`` -> ``[..., d_out]`` (see ``_LoRAFunction``)."""
+    return _LoRAFunction.apply(x, weight, bias, lora_a, lora_b, scale, dropout, recompute_input)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer and spec
+# --------------------------------------------------------------------------------------------
+class LoRALinear(AdapterLayer):
+    """A frozen linear ``base_layer`` plus ``lora_A.weight [r, d_in]``, ``lora_B.weight [d_out, r]``.
+
+    Parameter names follow Hugging Face peft, so exported keys need no renaming.
+    ``base_layer`` may be an ``nn.Linear`` (fused fast path) or any module mapping
+    ``[..., d_in] -> [..., d_out]`` (e.g. a bitsandbytes 4-bit layer), whose output the update is
+    added to.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        recompute_input: bool = True,
+        spec: AdapterSpec | None = None,
+    ) -> None:
+        super().__init__()
+        in_features, out_features = base_layer.in_features, base_layer.out_features
+        self.base_layer = base_layer
+        self.rank, self.alpha, self.dropout, self.use_rslora = rank, alpha, dropout, use_rslora
+        self.recompute_input = recompute_input
+        self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        weight = getattr(base_layer, "weight", None)
+        device = weight.device if weight is not None else None
+        param_dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=param_dtype)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=param_dtype)
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / rank)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.spec = spec if spec is not None else LoRA(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        self._fused = type(base_layer).forward is nn.Linear.forward
+        self._original_weight: torch.Tensor | None = None
+        self._merged_module: nn.Module | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return (self._merged_module or self.base_layer)(x)
+        dropout = self.dropout if self.training else 0.0
+        if self._fused:
+            base = self.base_layer
+            return lora_forward(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scale, dropout, self.recompute_input)
+        base_out = self.base_layer(x)
+        delta = lora_forward(x, None, None, self.lora_A.weight, self.lora_B.weight, self.scale, dropout, self.recompute_input)
+        return base_out + delta.to(base_out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B A`` in fp32, shape ``[d_out, d_in]``."""
+        return self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    @torch.no_grad()
+    def merge(self, keep_original: bool = True) -> None:
+        """Fold the update into the base weight. With ``keep_original`` the exact base weight
+        is kept in host memory so that ``unmerge`` restores it bit for bit."""
+        if self.merged:
+            return
+        if self._fused:
+            weight = self.base_layer.weight
+            self._original_weight = weight.detach().to("cpu", copy=True) if keep_original else None
+            weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+        else:
+            # quantized base: merge into a dense copy, leave the quantized weights untouched
+            dense = dequantized_weight(self.base_layer)
+            merged = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None, device=dense.device, dtype=dense.dtype)
+            merged.weight.copy_((dense.float() + self.delta_weight().to(dense.device)).to(dense.dtype))
+            if self.base_layer.bias is not None:
+                merged.bias.copy_(self.base_layer.bias)
+            merged.requires_grad_(False)
+            self._merged_module = merged
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self._fused:
+            weight = self.base_layer.weight
+            if self._original_weight is not None:
+                weight.copy_(self._original_weight.to(weight.device))
+            else:
+                weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
+        self._original_weight = self._merged_module = None
+        self.merged = False
+
+    def peft_metadata(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha}
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:.4g}, dropout={self.dropout}"
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """Dense ``[d_out, d_in]`` weight of a linear-like layer (bitsandbytes 4/8-bit included)."""
+    weight = layer.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes 4-bit
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, quant_state).to(quant_state.dtype)
+    scb = getattr(weight, "SCB", None)
+    if scb is None:
+        scb = getattr(getattr(layer, "state", None), "SCB", None)
+    if weight.dtype == torch.int8 and scb is not None:  # bitsandbytes 8-bit (row-wise absmax)
+        return weight.data.float() * scb.float().unsqueeze(1) / 127.0
+    return weight.detach()
+
+
+class LoRA(AdapterSpec):
+    """Low-rank adaptation of linear layers.
+
+    Args:
+        rank: ``r``, the rank of the update (``1 <= r <= min(d_in, d_out)``).
+        alpha: scaling numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)``
+            with ``use_rslora``).
+        target_modules: see ``AdapterSpec`` (names, ``"re:..."`` regexes, a regex string,
+            ``"all-linear"``).
+        exclude_modules: names never adapted.
+        module_path: only inject below this submodule.
+        dropout: dropout on the adapter's input (training only).
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
+        init: ``"kaiming"`` (uniform, as ``nn.Linear``; peft's default) or ``"gaussian"``
+            (``N(0, 1/r)``) for ``A``; ``B`` always starts at zero.
+        rank_pattern: per-module ranks, ``{name pattern: rank}`` (same matching as targets).
+        alpha_pattern: per-module alphas, ``{name pattern: alpha}``.
+        recompute_input: recompute the adapter input in backward from its producer's saved
+            tensors instead of saving it (exact up to rounding; saves memory).
+    """
+
+    kind = "lora"
+
+    def __init__(
+        self,
+        rank: int = 8,
+        alpha: float = 16.0,
+        target_modules: str | list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        module_path: str | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: Literal["kaiming", "gaussian"] = "kaiming",
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
+        recompute_input: bool = True,
+    ) -> None:
+        super().__init__(target_modules, exclude_modules, module_path)
+        check_positive("rank", rank, int)
+        check_positive("alpha", alpha, float)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
+        for pattern, value in (rank_pattern or {}).items():
+            check_positive(f"rank_pattern[{pattern!r}]", value, int)
+        for pattern, value in (alpha_pattern or {}).items():
+            check_positive(f"alpha_pattern[{pattern!r}]", value, float)
+        self.rank, self.alpha, self.dropout, self.use_rslora, self.init = rank, float(alpha), float(dropout), use_rslora, init
+        self.rank_pattern = dict(rank_pattern or {})
+        self.alpha_pattern = {k: float(v) for k, v in (alpha_pattern or {}).items()}
+        self.recompute_input = recompute_input
+
+    def rank_for(self, name: str) -> int:
+        key = first_match(name, self.rank_pattern)
+        return self.rank if key is None else self.rank_pattern[key]
+
+    def alpha_for(self, name: str) -> float:
+        key = first_match(name, self.alpha_pattern)
+        return self.alpha if key is None else self.alpha_pattern[key]
+
+    def check(self, name: str, module: nn.Module) -> None:
+        """Raise if ``module`` cannot take this adapter (called before anything changes)."""
+        if not self.supports(module):
+            raise TypeError(f"{type(self).__name__} cannot adapt {name!r}: it is a {type(module).__name__}, not an nn.Linear")
+        rank, limit = self.rank_for(name), min(module.in_features, module.out_features)
+        if rank > limit:
+            raise ValueError(
+                f"rank {rank} is larger than {name!r} allows: min(in_features={module.in_features}, "
+                f"out_features={module.out_features}) = {limit}. Use rank <= {limit} (or a rank_pattern entry for this module)."
+            )
+
+    def wrap(self, name: str, module: nn.Module) -> nn.Module:
+        self.check(name, module)
+        return LoRALinear(
+            module, self.rank_for(name), self.alpha_for(name), self.dropout, self.use_rslora, self.init, self.recompute_input, spec=self
+        )
+

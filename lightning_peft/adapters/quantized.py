@@ -1,0 +1,115 @@
+"""QLoRA: LoRA on a base quantized by bitsandbytes (4-bit NF4/FP4, or 8-bit).
+
+The frozen ``W0`` is stored quantized (``q(W0)``) and dequantized on the fly in forward;
+the trainable update is ordinary LoRA in ``compute_dtype``::
+
+    y = x dequant(q(W0))^T + b + s * dropout(x) A^T B^T
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lightning_peft.adapters.lora import LoRA, LoRALinear
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("QLoRA needs bitsandbytes: pip install 'lightning-peft[quant]'") from err
+    return bitsandbytes
+
+
+class QLoRA(LoRA):
+    """LoRA over a bitsandbytes-quantized frozen base.
+
+    Args (beyond ``LoRA``'s):
+        quant_type: ``"nf4"`` (4-bit NormalFloat, QLoRA's default), ``"fp4"``, or ``"int8"``
+            (LLM.int8 row-wise 8-bit).
+        compute_dtype: dtype the 4-bit weight is dequantized to for the matmul.
+        double_quant: also quantize the 4-bit block scales (saves ~0.4 bit/parameter).
+        quant_storage: dtype the packed 4-bit data is stored in. With FSDP2 it must equal the
+            dtype of the model's other parameters, or sharding mixes dtypes.
+    """
+
+    kind = "qlora"
+
+    def __init__(
+        self,
+        rank: int = 8,
+        alpha: float = 16.0,
+        target_modules: str | list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        module_path: str | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: Literal["kaiming", "gaussian"] = "kaiming",
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
+        recompute_input: bool = True,
+        quant_type: Literal["nf4", "fp4", "int8"] = "nf4",
+        compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16",
+        double_quant: bool = True,
+        quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8",
+    ) -> None:
+        super().__init__(
+            rank, alpha, target_modules, exclude_modules, module_path, dropout, use_rslora, init, rank_pattern, alpha_pattern, recompute_input
+        )
+        if quant_type not in ("nf4", "fp4", "int8"):
+            raise ValueError(f"quant_type must be 'nf4', 'fp4' or 'int8', got {quant_type!r}")
+        if compute_dtype not in _DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {compute_dtype!r}")
+        if quant_storage not in ("uint8", *_DTYPES):
+            raise ValueError(f"quant_storage must be 'uint8' or one of {sorted(_DTYPES)}, got {quant_storage!r}")
+        self.quant_type, self.compute_dtype, self.double_quant, self.quant_storage = quant_type, compute_dtype, double_quant, quant_storage
+
+    def supports(self, module: nn.Module) -> bool:
+        # exactly nn.Linear: an already-quantized (bitsandbytes) layer is an nn.Linear subclass
+        return type(module) is nn.Linear
+
+    def check(self, name: str, module: nn.Module) -> None:
+        if not self.supports(module):
+            what = type(module).__name__
+            hint = " It is already quantized: use LoRA on it instead." if isinstance(module, nn.Linear) else ""
+            raise TypeError(f"QLoRA cannot quantize {name!r} ({what}): only plain nn.Linear layers can be quantized.{hint}")
+        super().check(name, module)
+
+    def quantize(self, module: nn.Linear) -> nn.Module:
+        """A bitsandbytes copy of ``module`` (the original is left untouched)."""
+        bnb = _bitsandbytes()
+        weight = module.weight.detach()
+        device = weight.device
+        has_bias = module.bias is not None
+        if self.quant_type == "int8":
+            layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0)
+            layer.weight = bnb.nn.Int8Params(weight.to("cpu", torch.float16, copy=True), requires_grad=False, has_fp16_weights=False)
+        else:
+            storage = torch.uint8 if self.quant_storage == "uint8" else _DTYPES[self.quant_storage]
+            layer = bnb.nn.Linear4bit(
+                module.in_features,
+                module.out_features,
+                bias=has_bias,
+                compute_dtype=_DTYPES[self.compute_dtype],
+                compress_statistics=self.double_quant,
+                quant_type=self.quant_type,
+                quant_storage=storage,
+            )
+            layer.weight = bnb.nn.Params4bit(
+                weight.to("cpu", copy=True), requires_grad=False, quant_type=self.quant_type, compress_statistics=self.double_quant, quant_storage=storage
+            )
+        if has_bias:
+            layer.bias = nn.Parameter(module.bias.detach().to("cpu", copy=True), requires_grad=False)
+        return layer.to(device)  # bitsandbytes quantizes on the move to a device
+
+    def wrap(self, name: str, module: nn.Module) -> nn.Module:
+        self.check(name, module)
+        layer = LoRALinear(
+            self.quantize(module), self.rank_for(name), self.alpha_for(name), self.dropout, self.use_rslora, self.init, self.recompute_input, spec=self
+        )
+        return layer

@@ -1,0 +1,339 @@
+"""Adapter files, and merging adapters into base weights.
+
+An export is a directory with
+
+* ``adapter_model.safetensors``: the adapter tensors, keyed ``base_model.model.<module>.<tensor>``
+  relative to the *export root* (for transformers models, the ``PreTrainedModel`` that holds
+  the adapters, so Hugging Face ``peft.PeftModel.from_pretrained`` loads it), with our own
+  description in the safetensors metadata under ``"lightning_peft"``;
+* ``adapter_config.json``: a peft ``LoraConfig`` where peft can represent the adapter, else
+  our own config (``"peft_type": "LIGHTNING_PEFT"``);
+* ``extra_trainable.safetensors`` (only if needed): trained tensors outside the export root
+  (e.g. a classification head next to the transformers encoder).
+
+Files are written to a temporary directory and moved into place, so an interrupted save never
+leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
+from lightning_peft.adapters.lora import LoRALinear
+from lightning_peft.targeting import adapter_record, apply_adapter, combine_fingerprints, module_fingerprint
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+EXTRA_NAME = "extra_trainable.safetensors"
+PEFT_PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# Merge
+# --------------------------------------------------------------------------------------------
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def merge_adapter(model: nn.Module, keep_original: bool = True) -> int:
+    """Fold every adapter into its base weight; returns how many layers were merged.
+
+    With ``keep_original`` (default) each base weight's exact value is kept in host memory so
+    that ``unmerge_adapter`` restores it bit for bit; otherwise unmerging subtracts the update
+    (exact up to rounding)."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no adapter layers to merge")
+    for layer in layers.values():
+        if isinstance(layer, LoRALinear):
+            layer.merge(keep_original=keep_original)
+        else:
+            layer.merge()
+    return len(layers)
+
+
+def unmerge_adapter(model: nn.Module) -> int:
+    """Undo ``merge_adapter``; returns how many layers were unmerged."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no adapter layers to unmerge")
+    for layer in layers.values():
+        layer.unmerge()
+    return len(layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------------
+def _export_root(model: nn.Module, layer_names: list[str]) -> str:
+    """The outermost transformers ``PreTrainedModel`` holding every adapter layer, else ``""``
+    (keys are then relative to ``model`` itself)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not layer_names or isinstance(model, transformers.PreTrainedModel):
+        return ""
+    for name, module in model.named_modules():  # parents come before their children
+        if name and isinstance(module, transformers.PreTrainedModel) and all(n.startswith(name + ".") for n in layer_names):
+            return name
+    return ""
+
+
+def _relative(name: str, root: str) -> str:
+    return name[len(root) + 1 :] if root else name
+
+
+def _peft_config(specs: list[AdapterSpec], layers: dict[str, AdapterLayer], extra_modules: list[str], base_name: str | None) -> dict[str, Any] | None:
+    """A peft ``LoraConfig`` dict, or ``None`` when peft cannot represent the adapter."""
+    if not layers or any(type(layer) is not LoRALinear for layer in layers.values()):
+        return None
+    lora_layers: list[LoRALinear] = list(layers.values())  # type: ignore[assignment]
+    if len({(l.use_rslora, l.dropout) for l in lora_layers}) > 1 or any(s.trains_base for s in specs):
+        return None
+    rank = Counter(l.rank for l in lora_layers).most_common(1)[0][0]
+    alpha = Counter(l.alpha for l in lora_layers).most_common(1)[0][0]
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_name,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": lora_layers[0].dropout,
+        "use_rslora": lora_layers[0].use_rslora,
+        "target_modules": sorted(layers),
+        "rank_pattern": {n: l.rank for n, l in layers.items() if l.rank != rank},
+        "alpha_pattern": {n: l.alpha for n, l in layers.items() if l.alpha != alpha},
+        "modules_to_save": extra_modules or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def _base_name(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return str(name) if name else type(model).__name__
+
+
+def _atomic_write_dir(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``model``'s adapter (adapter tensors + every other trained tensor) to ``path``.
+
+    ``model`` is the module ``apply_adapter`` was called on, or any module containing it.
+    Returns the directory."""
+    found = adapter_record(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no adapter: call apply_adapter (or use AdapterCallback) first")
+    record_prefix, record = found
+    layers = adapter_layers(model)
+    merged = [n for n, l in layers.items() if l.merged]
+    if merged:
+        raise ValueError(f"adapters are merged into the base ({merged[:3]}...): call unmerge_adapter(model) before saving")
+    root = _export_root(model, list(layers))
+    root_module = model.get_submodule(root) if root else model
+    layer_ids = {id(p) for layer in layers.values() for p in layer.adapter_parameters()}
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        for key, value in layer.adapter_state_dict().items():
+            tensors[PEFT_PREFIX + _relative(name, root) + "." + key] = value
+    extra_inside: dict[str, torch.Tensor] = {}
+    extra_outside: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad and id(param) not in layer_ids:
+            inside = not root or name.startswith(root + ".")
+            (extra_inside if inside else extra_outside)[name] = param
+    for name, param in extra_inside.items():
+        tensors[PEFT_PREFIX + _relative(name, root)] = param
+
+    spec_index = {id(s): i for i, s in enumerate(record.specs)}
+    targets = {}
+    for name, kind in record.targets.items():
+        full = f"{record_prefix}.{name}" if record_prefix else name
+        module = model.get_submodule(full)
+        spec = module.spec if isinstance(module, AdapterLayer) else None
+        entry: dict[str, Any] = {"spec": spec_index.get(id(spec), _spec_for_kind(record.specs, kind)), "kind": kind}
+        if isinstance(module, AdapterLayer):
+            entry.update(module.peft_metadata())
+            entry["fingerprint"] = module.base_fingerprint
+            entry["shape"] = [module.out_features, module.in_features] if hasattr(module, "in_features") else None
+        targets[full] = entry
+    fingerprint = combine_fingerprints({n: e["fingerprint"] for n, e in targets.items() if "fingerprint" in e})
+    extra_module_names = sorted({_relative(n, root).rsplit(".", 1)[0] for n in extra_inside})
+    trainable_modules = [f"{record_prefix}.{t}" if record_prefix else t for t in record.trainable_modules]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "specs": [s.to_config() for s in record.specs],
+        "targets": targets,
+        "record_prefix": record_prefix,
+        "export_root": root,
+        "trainable_modules": trainable_modules,
+        "base_model": _base_name(root_module),
+        "base_fingerprint": fingerprint,
+    }
+    peft_config = None if extra_outside and not root else _peft_config(
+        record.specs, {_relative(n, root): l for n, l in layers.items()}, [m for m in extra_module_names if m], meta["base_model"]
+    )
+    config = peft_config or {"peft_type": "LIGHTNING_PEFT", **{k: meta[k] for k in ("specs", "base_model", "base_fingerprint")}}
+
+    def write(tmp: Path) -> None:
+        metadata = {"format": "pt", "lightning_peft": json.dumps(meta)}
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_NAME, metadata=metadata)
+        if extra_outside:
+            save_file({k: v.detach().contiguous().cpu() for k, v in extra_outside.items()}, tmp / EXTRA_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    out = Path(path)
+    _atomic_write_dir(out, write)
+    return out
+
+
+def _spec_for_kind(specs: list[AdapterSpec], kind: str) -> int:
+    return next(i for i, s in enumerate(specs) if s.kind == kind)
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------
+def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(metadata, tensors, extra tensors)`` of an export directory."""
+    path = Path(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(path)!r}: is it an adapter export directory?")
+    with safe_open(str(weights), "pt") as f:
+        raw = (f.metadata() or {}).get("lightning_peft")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if raw is None:
+        raise ValueError(f"{str(weights)!r} was not written by lightning-peft (no 'lightning_peft' metadata); load it with peft instead")
+    meta = json.loads(raw)
+    extra: dict[str, torch.Tensor] = {}
+    if (path / EXTRA_NAME).is_file():
+        with safe_open(str(path / EXTRA_NAME), "pt") as f:
+            extra = {k: f.get_tensor(k) for k in f.keys()}
+    return meta, tensors, extra
+
+
+def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
+    module_name, _, cls_name = config["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(**config["init_args"])
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike[str], strict_base: bool = True) -> nn.Module:
+    """Load an export written by ``save_adapter`` into ``model``.
+
+    A model without adapters gets them injected first (same specs, same modules). Before
+    anything is changed, every adapted module is checked: it must exist, have the saved
+    shape and, with ``strict_base``, the same base weights (fingerprint). A mismatch raises
+    and leaves ``model`` untouched."""
+    meta, tensors, extra = read_adapter(path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"adapter format {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+    export_root = meta["export_root"]
+    modules = dict(model.named_modules())
+    # the model may be the saved top-level module or the export root itself (e.g. a bare HF model)
+    offset = "" if not export_root or export_root in modules else export_root
+    def local(name: str) -> str:
+        return name[len(offset) + 1 :] if offset else name
+
+    problems: list[str] = []
+    existing = adapter_record(model)
+    for name, entry in meta["targets"].items():
+        target = local(name)
+        module = modules.get(target)
+        if module is None:
+            problems.append(f"{target!r}: no such module")
+            continue
+        if existing is not None:
+            if entry.get("shape") and isinstance(module, AdapterLayer) and [module.out_features, module.in_features] != entry["shape"]:
+                problems.append(f"{target!r}: shape {[module.out_features, module.in_features]} != saved {entry['shape']}")
+            base = module.base_fingerprint if isinstance(module, AdapterLayer) else None
+        else:
+            if entry.get("shape") and hasattr(module, "in_features") and [module.out_features, module.in_features] != entry["shape"]:
+                problems.append(f"{target!r}: shape [out={module.out_features}, in={module.in_features}] != saved {entry['shape']}")
+            base = module_fingerprint(module) if "fingerprint" in entry else None
+        if strict_base and "fingerprint" in entry and base != entry["fingerprint"]:
+            problems.append(f"{target!r}: base weights differ from the ones the adapter was trained on")
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} in all)" if len(problems) > 6 else "")
+        this = _base_name(model.get_submodule(export_root) if export_root and not offset else model)
+        raise ValueError(
+            f"adapter at {str(path)!r} was made for base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']}), "
+            f"and does not fit this {this!r}: {shown}. Load it into the base it was trained on"
+            + (" (or pass strict_base=False if you changed the base on purpose)." if all("base weights" in p for p in problems) else ".")
+        )
+
+    if existing is None:
+        specs = [spec_from_config(c) for c in meta["specs"]]
+        prefix = local(meta["record_prefix"]) if meta["record_prefix"] else ""
+        root = model.get_submodule(prefix) if prefix else model
+        for i, spec in enumerate(specs):
+            names = [local(n) for n, e in meta["targets"].items() if e["spec"] == i]
+            spec.target_modules = ["re:" + re.escape(n[len(prefix) + 1 :] if prefix else n) for n in names]
+            spec.module_path = None
+        trainable = [local(t)[len(prefix) + 1 :] if prefix else local(t) for t in meta["trainable_modules"]]
+        trainable = [t for t in trainable if (f"{prefix}.{t}" if prefix else t) in modules]
+        apply_adapter(root, specs, trainable_modules=trainable)
+
+    state = {}
+    for key, value in tensors.items():
+        rel = key[len(PEFT_PREFIX) :]
+        state[(export_root + "." + rel) if export_root and not offset else rel] = value
+    if not offset:
+        state.update(extra)
+    elif extra:
+        import warnings
+
+        warnings.warn(
+            f"{len(extra)} trained tensors outside {export_root!r} ({sorted(extra)[:3]}...) were not loaded: "
+            "this model has no such modules", stacklevel=2
+        )
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    missing = [k for k in state if k not in params and k not in buffers]
+    if missing:
+        raise ValueError(f"adapter tensors {missing[:5]} have no counterpart in {type(model).__name__}")
+    targets = {k: params.get(k, buffers.get(k)) for k in state}
+    wrong = [f"{k!r}: saved {tuple(v.shape)} != model {tuple(targets[k].shape)}" for k, v in state.items() if targets[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"adapter tensor shapes do not fit {type(model).__name__}: {'; '.join(wrong[:5])}")
+    with torch.no_grad():
+        for key, value in state.items():
+            targets[key].copy_(value.to(targets[key].dtype))
+    return model

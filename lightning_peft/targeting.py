@@ -1,0 +1,263 @@
+"""Which modules get which adapter: matching, injection, freezing, and the report.
+
+``apply_adapter`` validates everything first (targets exist, types fit, ranks fit, no module
+claimed twice) and builds every replacement before it touches the model, so a bad spec leaves
+the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, name_matches
+
+#: leaf names of output heads that "all-linear" leaves alone (train them via trainable_modules)
+OUTPUT_HEAD_NAMES = ("lm_head", "head", "classifier", "score")
+RECORD_ATTRIBUTE = "_lightning_peft_record"
+
+
+@dataclass
+class AdapterRecord:
+    """What ``apply_adapter`` did, kept on the model (not a submodule, not in its state dict)."""
+
+    specs: list[AdapterSpec]
+    targets: dict[str, str]  # module name -> spec kind
+    trainable_modules: list[str]
+
+
+@dataclass
+class AdapterReport:
+    """The trainable-parameter table ``apply_adapter`` returns (``print(report)``)."""
+
+    rows: list[tuple[str, str, str, int]] = field(default_factory=list)  # (module, kind, detail, trainable)
+    trainable: int = 0
+    total: int = 0
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        width = max([len(r[0]) for r in self.rows] + [6])
+        lines = [f"{'module':<{width}}  {'adapter':<8}  {'detail':<22}  {'trainable':>11}"]
+        lines += [f"{m:<{width}}  {k:<8}  {d:<22}  {n:>11,}" for m, k, d, n in self.rows]
+        lines.append(f"trainable {self.trainable:,} / total {self.total:,} parameters ({100 * self.trainable_fraction:.3f}%)")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Matching
+# --------------------------------------------------------------------------------------------
+def _nearest_names(entry: str, names: Sequence[str], n: int = 5) -> list[str]:
+    key = entry[3:] if entry.startswith("re:") else entry
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names if name})
+    close = difflib.get_close_matches(key, leaves, n=n, cutoff=0.5)
+    close += difflib.get_close_matches(key, [x for x in names if x], n=n, cutoff=0.5)
+    return list(dict.fromkeys(close))[:n] or leaves[:n]
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of output layers that ``"all-linear"`` must not adapt."""
+    heads = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES}
+    by_id = {id(m): name for name, m in model.named_modules()}
+    for module in model.modules():
+        getter = getattr(module, "get_output_embeddings", None)
+        if callable(getter):
+            try:
+                head = getter()
+            except (NotImplementedError, AttributeError):
+                head = None
+            if head is not None and id(head) in by_id:
+                heads.add(by_id[id(head)])
+    return heads
+
+
+def resolve_targets(model: nn.Module, spec: AdapterSpec, protected: Sequence[str] = ()) -> list[str]:
+    """Names of the modules ``spec`` adapts in ``model``; raises if it matches nothing.
+
+    ``protected`` names (fully trainable modules) are never selected by the generic
+    ``"all-linear"`` / default patterns.
+    """
+    modules = dict(model.named_modules())
+    if spec.module_path:
+        if spec.module_path not in modules:
+            near = _nearest_names(spec.module_path, list(modules))
+            raise ValueError(f"module_path {spec.module_path!r} is not a submodule of {type(model).__name__}; nearest names: {near}")
+        prefix = spec.module_path + "."
+        modules = {n: m for n, m in modules.items() if n == spec.module_path or n.startswith(prefix)}
+    targets = spec.target_modules if spec.target_modules is not None else spec.default_targets()
+    generic = targets == "all-linear" or spec.target_modules is None
+    heads = output_head_names(model) if targets == "all-linear" else set()
+
+    def excluded(name: str) -> bool:
+        if any(name_matches(name, e) for e in spec.exclude_modules) or isinstance(modules[name], AdapterLayer):
+            return True
+        inside_adapter = any(name.startswith(n + ".") for n, m in modules.items() if isinstance(m, AdapterLayer))
+        return inside_adapter or (generic and any(name == p or name.startswith(p + ".") for p in protected))
+
+    if targets == "all-linear":
+        chosen = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in heads]
+        entries: list[str] = ["all-linear"]
+    elif isinstance(targets, str):
+        pattern = re.compile(targets[3:] if targets.startswith("re:") else targets)
+        chosen = [n for n in modules if pattern.fullmatch(n)]
+        entries = [targets]
+    else:
+        chosen = [n for n in modules if any(name_matches(n, e) for e in targets)]
+        entries = list(targets)
+    chosen = [n for n in chosen if not excluded(n)]
+    supported = [n for n in chosen if spec.supports(modules[n])]
+
+    # every explicit entry must match something adaptable
+    for entry in entries if isinstance(targets, list) else []:
+        hits = [n for n in chosen if name_matches(n, entry)]
+        if not any(n in supported for n in hits):
+            if hits:
+                kinds = sorted({type(modules[n]).__name__ for n in hits})
+                inner = [n for n in modules if n.startswith(hits[0] + ".") and spec.supports(modules[n])][:5]
+                raise ValueError(
+                    f"target {entry!r} matches only {kinds} modules, which {type(spec).__name__} cannot adapt. "
+                    f"Adaptable modules inside {hits[0]!r}: {inner or 'none'}"
+                )
+            raise ValueError(
+                f"target {entry!r} matches no module of {type(model).__name__}. "
+                f"Nearest module names: {_nearest_names(entry, list(modules))}"
+            )
+    if not supported:
+        linear = [n for n, m in modules.items() if spec.supports(m)][:8]
+        raise ValueError(
+            f"{type(spec).__name__}(target_modules={targets!r}) matches no module it can adapt in {type(model).__name__}. "
+            f"Adaptable modules include: {linear or 'none'}; nearest names: {_nearest_names(str(targets), list(modules))}"
+        )
+    return supported
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints: identify the base an adapter was made for
+# --------------------------------------------------------------------------------------------
+def module_fingerprint(module: nn.Module) -> str:
+    """A short hash of a module's own weights (shape and 1,024 strided samples, rounded to
+    bf16 so fp32/bf16 copies of one base agree). Cheap even for large layers."""
+    digest = hashlib.sha256()
+    for name, param in sorted(module.named_parameters(recurse=False)):
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // 1024)
+        sample = flat[::step][:1024].to("cpu", torch.float32).to(torch.bfloat16).view(torch.int16)
+        digest.update(f"{name}:{tuple(param.shape)}:".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def combine_fingerprints(per_module: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(per_module):
+        digest.update(f"{name}={per_module[name]};".encode())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Injection
+# --------------------------------------------------------------------------------------------
+def _resolve_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    modules = dict(model.named_modules())
+    chosen: list[str] = []
+    for entry in patterns:
+        hits = [n for n in modules if n and name_matches(n, entry)]
+        if not hits:
+            raise ValueError(
+                f"trainable_modules entry {entry!r} matches no module of {type(model).__name__}. "
+                f"Nearest module names: {_nearest_names(entry, list(modules))}"
+            )
+        chosen += [h for h in hits if not any(h.startswith(c + ".") for c in hits if c != h)]
+    return list(dict.fromkeys(chosen))
+
+
+def apply_adapter(
+    model: nn.Module,
+    adapter: AdapterSpec | Sequence[AdapterSpec],
+    trainable_modules: Sequence[str] | None = None,
+) -> AdapterReport:
+    """Inject ``adapter`` (one spec or several, e.g. ``[ExpertLoRA(...), LoRA(...)]``) into
+    ``model`` in place, freeze everything else, and return the trainable-parameter report.
+
+    ``trainable_modules`` are module-name patterns (same matching as targets) whose parameters
+    train fully, e.g. a new classification head.
+    """
+    specs = [adapter] if isinstance(adapter, AdapterSpec) else list(adapter)
+    if not specs or not all(isinstance(s, AdapterSpec) for s in specs):
+        raise TypeError(f"adapter must be an AdapterSpec (LoRA, QLoRA, BitFit, ...) or a list of them, got {adapter!r}")
+    if getattr(model, RECORD_ATTRIBUTE, None) is not None or any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} already has adapters; load or remove them instead of applying twice")
+    trainable = _resolve_trainable(model, list(trainable_modules or []))
+
+    # 1. resolve and validate every target, build every replacement: nothing is changed yet
+    claimed: dict[str, AdapterSpec] = {}
+    for spec in specs:
+        for name in resolve_targets(model, spec, protected=trainable):
+            if name in claimed:
+                raise ValueError(f"module {name!r} is targeted by both {claimed[name]!r} and {spec!r}; give each module one adapter")
+            if any(name == t or name.startswith(t + ".") for t in trainable) and not spec.trains_base:
+                raise ValueError(
+                    f"module {name!r} is both adapted by {type(spec).__name__} and listed in trainable_modules; "
+                    "exclude it from one of them"
+                )
+            claimed[name] = spec
+    modules = dict(model.named_modules())
+    replacements: dict[str, nn.Module] = {}
+    for name, spec in claimed.items():
+        new = spec.wrap(name, modules[name])
+        if new is not modules[name]:
+            new.base_fingerprint = module_fingerprint(modules[name])
+            replacements[name] = new
+
+    # 2. change the model
+    model.requires_grad_(False)
+    for name, new in replacements.items():
+        model.set_submodule(name, new)
+    rows: list[tuple[str, str, str, int]] = []
+    for name, spec in claimed.items():
+        module = model.get_submodule(name)
+        params = list(module.adapter_parameters()) if isinstance(module, AdapterLayer) else []
+        for pname in spec.base_parameters_to_train(name, module):
+            params.append(getattr(module, pname))
+        for p in params:
+            p.requires_grad_(True)
+        detail = ", ".join(f"{k}={v}" for k, v in module.peft_metadata().items()) if isinstance(module, AdapterLayer) else ""
+        rows.append((name, spec.kind, detail, sum(p.numel() for p in params)))
+    for name in trainable:
+        module = model.get_submodule(name)
+        module.requires_grad_(True)
+        rows.append((name, "trained", "all parameters", sum(p.numel() for p in module.parameters())))
+    object.__setattr__(model, RECORD_ATTRIBUTE, AdapterRecord(specs, {n: s.kind for n, s in claimed.items()}, trainable))
+    return make_report(model, rows)
+
+
+def parameter_count(param: torch.Tensor) -> int:
+    """Logical element count (a 4-bit packed weight counts its unpacked shape)."""
+    quant_state = getattr(param, "quant_state", None)
+    return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
+
+
+def make_report(model: nn.Module, rows: list[tuple[str, str, str, int]]) -> AdapterReport:
+    params = list(model.parameters())  # deduplicated (tied weights count once)
+    return AdapterReport(
+        rows=rows,
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(parameter_count(p) for p in params),
+    )
+
+
+def adapter_record(model: nn.Module) -> tuple[str, AdapterRecord] | None:
+    """``(prefix, record)`` of the module inside ``model`` that ``apply_adapter`` was called on."""
+    for name, module in model.named_modules():
+        record = getattr(module, RECORD_ATTRIBUTE, None)
+        if record is not None:
+            return name, record
+    return None
