@@ -1,0 +1,187 @@
+"""AdapterCallback: add adapters to an unchanged Lightning project with one callback.
+
+At ``setup`` (before the strategy wraps the model and before optimizers are built) it injects
+the adapter, freezes the base and prints the trainable-parameter table. Checkpoints then hold
+only what trains (plus optimizer/loop/callback state) and are written atomically; resuming with
+``trainer.fit(ckpt_path=...)`` checks that the checkpoint fits the adapter. After the first
+backward it warns loudly about adapter parameters that received no gradient. At the end of
+``fit`` it can export the adapter (peft-compatible files) and merge it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
+from lightning_peft.io import merge_adapter, save_adapter
+from lightning_peft.targeting import AdapterReport, adapter_record, apply_adapter
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes to a temporary file in the same directory, fsyncs, then renames over the target,
+    so a crash mid-save never leaves a truncated checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+class AdapterCallback(Callback):
+    """Inject ``adapter`` into the LightningModule and keep checkpoints adapter-only.
+
+    Args:
+        adapter: one adapter spec (``LoRA``, ``QLoRA``, ``BitFit``, ``FullFineTune``, ...) or a
+            list of specs for different modules.
+        trainable_modules: module-name patterns that train fully (e.g. a new head).
+        export_dir: where ``fit`` writes the adapter export at its end; relative paths are
+            under ``trainer.log_dir`` (or ``default_root_dir``). ``None``: no export.
+        merge_on_fit_end: merge the adapter into the base weights after the export.
+        check_gradients: after the first backward, warn about adapter parameters whose
+            gradient is missing (not connected to the loss).
+        adapter_only_checkpoints: drop frozen tensors from checkpoints.
+        atomic_checkpoints: write checkpoints via a temporary file and a rename.
+    """
+
+    def __init__(
+        self,
+        adapter: AdapterSpec | list[AdapterSpec],
+        trainable_modules: list[str] | None = None,
+        export_dir: str | None = None,
+        merge_on_fit_end: bool = False,
+        check_gradients: bool = True,
+        adapter_only_checkpoints: bool = True,
+        atomic_checkpoints: bool = True,
+    ) -> None:
+        specs = adapter if isinstance(adapter, (list, tuple)) else [adapter]
+        if not specs or not all(isinstance(s, AdapterSpec) for s in specs):
+            raise TypeError(f"adapter must be an AdapterSpec (LoRA, QLoRA, BitFit, ...) or a list of them, got {adapter!r}")
+        self.adapter = list(specs)
+        self.trainable_modules = list(trainable_modules or [])
+        self.export_dir = export_dir
+        self.merge_on_fit_end = merge_on_fit_end
+        self.check_gradients = check_gradients
+        self.adapter_only_checkpoints = adapter_only_checkpoints
+        self.atomic_checkpoints = atomic_checkpoints
+        self.report: AdapterReport | None = None
+        self.export_path: Path | None = None
+        self._gradients_checked = False
+
+    # --- injection ---------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.atomic_checkpoints and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.adapter_only_checkpoints:
+            pl_module.strict_loading = False  # checkpoints lack frozen tensors; on_load_checkpoint checks the rest
+        if adapter_record(pl_module) is not None:
+            return  # already injected (a second fit/validate/test on the same module)
+        if not any(True for _ in pl_module.parameters()):
+            # the model is built in configure_model: inject right after it
+            configure_model = pl_module.configure_model
+
+            def configure_then_inject() -> None:
+                configure_model()
+                self._inject(pl_module)
+
+            pl_module.configure_model = configure_then_inject  # type: ignore[method-assign]
+            return
+        self._inject(pl_module)
+
+    def _inject(self, pl_module: pl.LightningModule) -> None:
+        self.report = apply_adapter(pl_module, self.adapter, self.trainable_modules)
+        rank_zero_info(f"lightning-peft: adapters injected\n{self.report}")
+
+    # --- loud failures -----------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if not self.check_gradients or self._gradients_checked:
+            return
+        self._gradients_checked = True
+        in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        no_grad: list[str] = []
+        not_optimized: list[str] = []
+        for name, module in pl_module.named_modules():
+            if isinstance(module, AdapterLayer):
+                params = module.adapter_parameters()
+                if all(p.grad is None for p in params):
+                    no_grad.append(name)
+                if any(id(p) not in in_optimizer for p in params):
+                    not_optimized.append(name)
+        if no_grad:
+            rank_zero_warn(
+                f"lightning-peft: {len(no_grad)} adapter layers received NO gradient in the first step and will not train: "
+                f"{no_grad[:8]}{' ...' if len(no_grad) > 8 else ''}. Are they used in forward? With activation checkpointing "
+                "use the non-reentrant variant (use_reentrant=False).",
+                category=UserWarning,
+            )
+        if not_optimized:
+            rank_zero_warn(
+                f"lightning-peft: adapter parameters of {not_optimized[:8]} are not in any optimizer: build the optimizer "
+                "from `p for p in self.parameters() if p.requires_grad` inside configure_optimizers.",
+                category=UserWarning,
+            )
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def _trainable_keys(self, pl_module: pl.LightningModule) -> set[str]:
+        keys = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+        for name, module in pl_module.named_modules():
+            if isinstance(module, AdapterLayer):  # adapter buffers (e.g. rank masks) are state too
+                keys |= {f"{name}.{k}" if name else k for k in module.adapter_state_dict()}
+        return keys
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.adapter_only_checkpoints and "state_dict" in checkpoint:
+            keep = self._trainable_keys(pl_module)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = set(checkpoint.get("state_dict", {}))
+        missing = sorted(self._trainable_keys(pl_module) - saved)
+        if missing:
+            raise ValueError(
+                f"checkpoint does not hold {len(missing)} trainable tensors of this adapter ({missing[:4]} ...): it was "
+                "written with a different adapter configuration. Resume with the configuration it was trained with."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adapter": [s.to_config() for s in self.adapter], "trainable_modules": self.trainable_modules}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        ours = self.state_dict()
+        if state_dict.get("adapter") != ours["adapter"] or state_dict.get("trainable_modules") != ours["trainable_modules"]:
+            raise ValueError(
+                f"checkpoint was trained with adapter {state_dict.get('adapter')} / trainable_modules "
+                f"{state_dict.get('trainable_modules')}, but this run uses {ours['adapter']} / {ours['trainable_modules']}"
+            )
+
+    # --- end of fit --------------------------------------------------------------------------
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_dir is not None:
+            export = Path(self.export_dir)
+            if not export.is_absolute():
+                export = Path(trainer.log_dir or trainer.default_root_dir) / export
+            self.export_path = export
+            if trainer.is_global_zero:
+                save_adapter(pl_module, export)
+                size = sum(f.stat().st_size for f in export.iterdir())
+                rank_zero_info(f"lightning-peft: adapter exported to {export} ({size / 2**20:.2f} MiB)")
+            trainer.strategy.barrier("lightning_peft_export")
+        if self.merge_on_fit_end:
+            merge_adapter(pl_module)
