@@ -215,6 +215,7 @@ def apply_adapter(
         new = spec.wrap(name, modules[name])
         if new is not modules[name]:
             new.base_fingerprint = module_fingerprint(modules[name])
+            new.train(modules[name].training)  # an eval-mode model stays in eval mode (no adapter dropout)
             replacements[name] = new
 
     # 2. change the model

@@ -1,0 +1,193 @@
+"""Adapter files: round trips, Hugging Face peft interop, refusals, atomic writes, merging."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lightning_peft import BitFit, LoRA, QLoRA, apply_adapter, load_adapter, merge_adapter, save_adapter, unmerge_adapter
+from lightning_peft.io import CONFIG_NAME, EXTRA_NAME, WEIGHTS_NAME
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3)
+    return config, transformers.BertForSequenceClassification(config).eval()
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    return config, transformers.LlamaForCausalLM(config).eval()
+
+
+def clone(model_fn):
+    config, model = model_fn()
+    copy = type(model)(config).eval()
+    copy.load_state_dict(model.state_dict())
+    return model, copy
+
+
+def randomize_trainable(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+
+
+@pytest.mark.parametrize("model_fn, targets, extra", [(tiny_bert, ["query", "value"], ["classifier"]), (tiny_llama, "all-linear", [])])
+def test_peft_loads_our_export_with_identical_outputs(tmp_path, model_fn, targets, extra):
+    model, base_copy = clone(model_fn)
+    apply_adapter(model, LoRA(rank=4, alpha=8, target_modules=targets, rank_pattern={"layers.1.mlp.down_proj": 2, "layer.1.attention.self.value": 2}), trainable_modules=extra)
+    randomize_trainable(model)
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    ids = torch.randint(0, 100, (2, 9))
+    peft_model = peft.PeftModel.from_pretrained(base_copy, tmp_path / "adapter").eval()
+    torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_round_trip_into_fresh_model_and_into_already_adapted_model(tmp_path):
+    model, fresh = clone(tiny_bert)
+    spec = LoRA(rank=4, target_modules=["query", "value"], dropout=0.1, use_rslora=True)
+    apply_adapter(model, spec, trainable_modules=["classifier"])
+    randomize_trainable(model)
+    save_adapter(model, tmp_path / "a")
+    ids = torch.randint(0, 100, (2, 7))
+    load_adapter(fresh, tmp_path / "a")
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
+    assert fresh.bert.encoder.layer[0].attention.self.query.use_rslora
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {n for n, p in model.named_parameters() if p.requires_grad}
+    _, again = clone(tiny_bert)
+    apply_adapter(again, LoRA(rank=4, target_modules=["query", "value"], dropout=0.1, use_rslora=True), trainable_modules=["classifier"])
+    load_adapter(again, tmp_path / "a")
+    torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+def test_refuses_other_base_and_other_shapes_without_changing_the_model(tmp_path):
+    model, _ = clone(tiny_bert)
+    apply_adapter(model, LoRA(rank=4, target_modules=["query"]))
+    save_adapter(model, tmp_path / "a")
+    torch.manual_seed(5)
+    other = transformers.BertForSequenceClassification(model.config)  # same shapes, other weights
+    with pytest.raises(ValueError, match="base weights differ.*Load it into the base"):
+        load_adapter(other, tmp_path / "a")
+    assert not any(p.requires_grad is False for p in other.parameters())  # untouched: nothing frozen or injected
+    load_adapter(other, tmp_path / "a", strict_base=False)  # on purpose: allowed
+    wide = transformers.BertForSequenceClassification(transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100))
+    with pytest.raises(ValueError, match=r"shape \[out=48, in=48\] != saved \[32, 32\]"):
+        load_adapter(wide, tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="adapter export directory"):
+        load_adapter(other, tmp_path / "missing")
+
+
+def test_export_next_to_a_transformers_model_puts_outside_tensors_aside(tmp_path):
+    class Classifier(nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+            self.classifier = nn.Linear(32, 5)
+
+        def forward(self, ids):
+            return self.classifier(self.encoder(ids).last_hidden_state.mean(1))
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    encoder = transformers.BertModel(config).eval()
+    state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    model = Classifier(encoder)
+    apply_adapter(model, LoRA(rank=2, target_modules=["query", "value"]), trainable_modules=["classifier"])
+    randomize_trainable(model)
+    save_adapter(model, tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / WEIGHTS_NAME), "pt") as f:
+        assert all(k.startswith("base_model.model.encoder.layer.0.attention.self.") for k in f.keys())  # relative to the HF model
+    assert (tmp_path / "a" / EXTRA_NAME).is_file()
+    # peft loads the encoder part; our loader restores everything
+    bare = transformers.BertModel(config).eval()
+    bare.load_state_dict(state)
+    ids = torch.randint(0, 100, (2, 6))
+    peft_model = peft.PeftModel.from_pretrained(bare, tmp_path / "a").eval()
+    torch.testing.assert_close(peft_model(ids).last_hidden_state, model.encoder(ids).last_hidden_state)
+    fresh_encoder = transformers.BertModel(config).eval()
+    fresh_encoder.load_state_dict(state)
+    fresh = Classifier(fresh_encoder)
+    load_adapter(fresh, tmp_path / "a")
+    torch.testing.assert_close(fresh(ids), model(ids))
+
+
+def test_bitfit_export_uses_our_format_and_round_trips(tmp_path):
+    model, fresh = clone(tiny_bert)
+    apply_adapter(model, BitFit())
+    randomize_trainable(model)
+    save_adapter(model, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / CONFIG_NAME).read_text())["peft_type"] == "LIGHTNING_PEFT"
+    load_adapter(fresh, tmp_path / "b")
+    ids = torch.randint(0, 100, (2, 5))
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model, _ = clone(tiny_bert)
+    apply_adapter(model, LoRA(rank=2, target_modules=["query"]))
+    save_adapter(model, tmp_path / "a")
+    before = (tmp_path / "a" / WEIGHTS_NAME).read_bytes()
+    randomize_trainable(model)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lightning_peft.io.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, tmp_path / "a")
+    assert (tmp_path / "a" / WEIGHTS_NAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary directory left
+
+
+def test_merge_unmerge_whole_model_and_refuse_saving_merged(tmp_path):
+    model, _ = clone(tiny_llama)
+    apply_adapter(model, LoRA(rank=4, target_modules="all-linear"))
+    randomize_trainable(model)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    ids = torch.randint(0, 100, (2, 8))
+    expected = model(ids).logits
+    assert merge_adapter(model) == 14
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        save_adapter(model, tmp_path / "m")
+    unmerge_adapter(model)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if "base_layer" in n)
+
+
+def test_qlora_trains_merges_and_round_trips(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    report = apply_adapter(model, QLoRA(rank=4, target_modules=["0"], compute_dtype="float32"), trainable_modules=["2"])
+    assert type(model[0].base_layer).__name__ == "Linear4bit"
+    assert report.total == sum(v.numel() for v in dense.values()) + 4 * (64 + 64)
+    x = torch.randn(16, 64)
+    model(x).square().mean().backward()
+    assert model[0].lora_B.weight.grad is not None and model[0].lora_B.weight.grad.abs().sum() > 0
+    randomize_trainable(model)
+    expected = model(x)
+    merge_adapter(model)
+    torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+    unmerge_adapter(model)
+    save_adapter(model, tmp_path / "q")
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+    fresh.load_state_dict(dense)
+    load_adapter(fresh, tmp_path / "q")
+    torch.testing.assert_close(fresh(x), expected)
+    for quant_type in ("fp4", "int8"):
+        other = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+        apply_adapter(other, QLoRA(rank=4, target_modules=["0"], quant_type=quant_type, compute_dtype="float32"))
+        out = other(x)
+        assert out.shape == (16, 8) and torch.isfinite(out).all()

@@ -1,0 +1,160 @@
+"""The LoRA layer: math against a reference, gradients, dropout, autocast, merge/unmerge."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_peft.adapters.lora import LoRA, LoRALinear, lora_forward
+
+
+def reference(x, base, a, b, scale):
+    return base(x) + scale * (x @ a.t()) @ b.t()
+
+
+def make_layer(d_in=16, d_out=12, rank=4, dtype=torch.float64, **kwargs):
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out).to(dtype).requires_grad_(False)
+    layer = LoRALinear(base, rank, alpha=8.0, **kwargs).to(dtype)
+    nn.init.normal_(layer.lora_B.weight)  # non-zero B so every gradient path is exercised
+    return layer
+
+
+@pytest.mark.parametrize(
+    "producer",
+    [lambda x: x, F.gelu, F.silu, lambda x: F.layer_norm(x, x.shape[-1:]), lambda x: F.silu(x) * x.cos()],
+    ids=["leaf", "gelu", "silu", "layernorm", "mul"],
+)
+def test_forward_and_gradients_match_reference(producer):
+    layer = make_layer()
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    params = [x, layer.lora_A.weight, layer.lora_B.weight]
+    ours = layer(producer(x))
+    ref = reference(producer(x), layer.base_layer, layer.lora_A.weight, layer.lora_B.weight, layer.scale)
+    torch.testing.assert_close(ours, ref)
+    grad = torch.randn_like(ref)
+    for g_ours, g_ref in zip(torch.autograd.grad(ours, params, grad), torch.autograd.grad(ref, params, grad)):
+        torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_gradcheck_fused_and_unfused():
+    layer = make_layer()
+    x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    a = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    b = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    w, bias = layer.base_layer.weight, layer.base_layer.bias
+    assert torch.autograd.gradcheck(lambda x, a, b: lora_forward(F.gelu(x), w, bias, a, b, 2.0), (x, a, b))
+    assert torch.autograd.gradcheck(lambda x, a, b: lora_forward(x, None, None, a, b, 2.0), (x, a, b))
+    # a base that trains (the fused node then also returns weight/bias gradients)
+    w2, b2 = w.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w2, b2, a: lora_forward(x, w2, b2, a, b, 2.0), (x, w2, b2, a))
+
+
+def test_initial_output_equals_base_and_scaling():
+    base = nn.Linear(16, 8)
+    layer = LoRALinear(base, rank=4, alpha=8.0)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(layer(x), base(x))  # B starts at zero
+    assert layer.scale == 2.0
+    assert LoRALinear(nn.Linear(16, 8), rank=4, alpha=8.0, use_rslora=True).scale == pytest.approx(8.0 / math.sqrt(4))
+    gaussian = LoRALinear(nn.Linear(64, 64), rank=16, alpha=1.0, init="gaussian")
+    assert gaussian.lora_A.weight.std().item() == pytest.approx(1 / 16, rel=0.1)
+
+
+def test_dropout_matches_reference_with_same_mask():
+    layer = make_layer(dropout=0.5)
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(3)
+    ours = layer(x)
+    torch.manual_seed(3)
+    mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.5)
+    ref = layer.base_layer(x) + layer.scale * ((x * mask / 0.5) @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t()
+    torch.testing.assert_close(ours, ref)
+    params = [x, layer.lora_A.weight, layer.lora_B.weight]
+    for g1, g2 in zip(torch.autograd.grad(ours.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        torch.testing.assert_close(g1, g2)
+    layer.eval()
+    torch.testing.assert_close(layer(x), reference(x, layer.base_layer, layer.lora_A.weight, layer.lora_B.weight, layer.scale))
+
+
+def test_autocast_runs_in_activation_dtype_and_keeps_param_grads_fp32():
+    layer = make_layer(dtype=torch.float32)
+    x = torch.randn(8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = F.layer_norm(x, (16,))
+        y = layer(out)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.float32
+    ref = reference(F.layer_norm(x, (16,)), layer.base_layer, layer.lora_A.weight, layer.lora_B.weight, layer.scale)
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_input_recompute_saves_the_input_and_gives_identical_gradients():
+    from lightning_peft.memory import SavedTensorMeter
+
+    x = torch.randn(32, 64, requires_grad=True)
+    results = {}
+    for recompute in (True, False):
+        torch.manual_seed(0)
+        layer = LoRALinear(nn.Linear(64, 64).requires_grad_(False), 4, 8.0, recompute_input=recompute)
+        nn.init.normal_(layer.lora_B.weight)
+        with SavedTensorMeter(layer) as meter:
+            y = layer(F.gelu(x))
+        grads = torch.autograd.grad(y.square().sum(), [x, layer.lora_A.weight, layer.lora_B.weight])
+        results[recompute] = (meter.bytes, grads)
+    saved_with, grads_with = results[True]
+    saved_without, grads_without = results[False]
+    assert saved_without - saved_with == x.numel() * x.element_size()  # the GELU output is not kept
+    for a, b in zip(grads_with, grads_without):
+        torch.testing.assert_close(a, b)
+
+
+def test_recompute_is_disabled_under_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    layer = make_layer(dtype=torch.float32)
+    x = torch.randn(8, 16, requires_grad=True)
+    y1 = checkpoint(lambda t: layer(F.gelu(t)), x, use_reentrant=False)
+    g1 = torch.autograd.grad(y1.sum(), [x, layer.lora_A.weight])
+    y2 = layer(F.gelu(x))
+    g2 = torch.autograd.grad(y2.sum(), [x, layer.lora_A.weight])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_merge_unmerge_exact_and_without_copy():
+    layer = make_layer(dtype=torch.float32)
+    original = layer.base_layer.weight.detach().clone()
+    x = torch.randn(5, 16)
+    before = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.base_layer(x), before, atol=1e-5, rtol=1e-5)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, original)
+    layer.merge(keep_original=False)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, original, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 0}, "rank must be > 0"),
+        ({"rank": -2}, "rank must be > 0"),
+        ({"rank": 2.5}, "rank must be a int"),
+        ({"alpha": 0}, "alpha must be > 0"),
+        ({"dropout": 1.0}, "dropout must be in"),
+        ({"init": "orthogonal"}, "init must be"),
+        ({"target_modules": []}, "empty list"),
+        ({"rank_pattern": {"q": 0}}, "rank_pattern"),
+    ],
+)
+def test_bad_spec_arguments_are_rejected(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        LoRA(**kwargs)
