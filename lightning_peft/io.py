@@ -18,6 +18,7 @@ leaves a half-written adapter.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import re
@@ -61,7 +62,7 @@ def merge_adapter(model: nn.Module, keep_original: bool = True) -> int:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no adapter layers to merge")
     for layer in layers.values():
-        if isinstance(layer, LoRALinear):
+        if isinstance(layer, LoRALinear) or "keep_original" in inspect.signature(layer.merge).parameters:
             layer.merge(keep_original=keep_original)
         else:
             layer.merge()
@@ -99,24 +100,48 @@ def _relative(name: str, root: str) -> str:
 
 def _peft_config(specs: list[AdapterSpec], layers: dict[str, AdapterLayer], extra_modules: list[str], base_name: str | None) -> dict[str, Any] | None:
     """A peft ``LoraConfig`` dict, or ``None`` when peft cannot represent the adapter."""
-    if not layers or any(type(layer) is not LoRALinear for layer in layers.values()):
+    if not layers:
         return None
-    lora_layers: list[LoRALinear] = list(layers.values())  # type: ignore[assignment]
+    lora = {n: l for n, l in layers.items() if type(l) is LoRALinear}
+    lora_layers: list[LoRALinear] = list(lora.values())  # type: ignore[assignment]
     if len({(l.use_rslora, l.dropout) for l in lora_layers}) > 1 or any(s.trains_base for s in specs):
         return None
-    rank = Counter(l.rank for l in lora_layers).most_common(1)[0][0]
-    alpha = Counter(l.alpha for l in lora_layers).most_common(1)[0][0]
+    use_rslora = lora_layers[0].use_rslora if lora_layers else False
+    dropout = lora_layers[0].dropout if lora_layers else 0.0
+    # other layer types (e.g. expert LoRA) say themselves whether and how peft represents them
+    entries = []
+    for name, layer in layers.items():
+        if name not in lora:
+            entry = layer.peft_config_entry(name, use_rslora)
+            if entry is None:
+                return None
+            entries.append(entry)
+    target_parameters = [t for e in entries for t in e.get("target_parameters", [])]
+    if target_parameters and dropout > 0:
+        return None  # peft's parameter targets take no dropout
+    ranks = [l.rank for l in lora_layers] + [r for e in entries for r in e.get("rank_pattern", {}).values()]
+    alphas = [l.alpha for l in lora_layers] + [a for e in entries for a in e.get("alpha_pattern", {}).values()]
+    rank = Counter(ranks).most_common(1)[0][0]
+    alpha = Counter(alphas).most_common(1)[0][0]
+    rank_pattern = {n: l.rank for n, l in lora.items() if l.rank != rank}
+    alpha_pattern = {n: l.alpha for n, l in lora.items() if l.alpha != alpha}
+    for entry in entries:
+        rank_pattern.update(entry.get("rank_pattern", {}))
+        alpha_pattern.update(entry.get("alpha_pattern", {}))
+    target_modules = sorted(lora) + [t for e in entries for t in e.get("target_modules", [])]
+    extra = {"target_parameters": target_parameters} if target_parameters else {}
     return {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_name,
         "r": rank,
         "lora_alpha": alpha,
-        "lora_dropout": lora_layers[0].dropout,
-        "use_rslora": lora_layers[0].use_rslora,
-        "target_modules": sorted(layers),
-        "rank_pattern": {n: l.rank for n, l in layers.items() if l.rank != rank},
-        "alpha_pattern": {n: l.alpha for n, l in layers.items() if l.alpha != alpha},
+        "lora_dropout": dropout,
+        "use_rslora": use_rslora,
+        "target_modules": target_modules or None,
+        **extra,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "modules_to_save": extra_modules or None,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -169,9 +194,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     layer_ids = {id(p) for layer in layers.values() for p in layer.adapter_parameters()}
 
     tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        for key, value in layer.adapter_state_dict().items():
-            tensors[PEFT_PREFIX + _relative(name, root) + "." + key] = value
     extra_inside: dict[str, torch.Tensor] = {}
     extra_outside: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
@@ -210,6 +232,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         record.specs, {_relative(n, root): l for n, l in layers.items()}, [m for m in extra_module_names if m], meta["base_model"]
     )
     config = peft_config or {"peft_type": "LIGHTNING_PEFT", **{k: meta[k] for k in ("specs", "base_model", "base_fingerprint")}}
+    meta["peft_layout"] = peft_config is not None  # layer tensors in peft's layout (load converts back)
+    for name, layer in layers.items():
+        state = layer.peft_state_dict() if peft_config is not None else layer.adapter_state_dict()
+        for key, value in state.items():
+            tensors[PEFT_PREFIX + _relative(name, root) + "." + key] = value
 
     def write(tmp: Path) -> None:
         metadata = {"format": "pt", "lightning_peft": json.dumps(meta)}
@@ -311,6 +338,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], strict_base: bo
         trainable = [t for t in trainable if (f"{prefix}.{t}" if prefix else t) in modules]
         apply_adapter(root, specs, trainable_modules=trainable)
 
+    if meta.get("peft_layout"):
+        tensors = _from_peft_layout(model, meta, tensors, local)
     state = {}
     for key, value in tensors.items():
         rel = key[len(PEFT_PREFIX) :]
@@ -337,3 +366,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], strict_base: bo
         for key, value in state.items():
             targets[key].copy_(value.to(targets[key].dtype))
     return model
+
+
+def _from_peft_layout(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], local: Any) -> dict[str, torch.Tensor]:
+    """Each adapter layer turns its peft-layout tensors back into its own state-dict keys."""
+    out = dict(tensors)
+    for name, entry in meta["targets"].items():
+        module = model.get_submodule(local(name))
+        if not isinstance(module, AdapterLayer):
+            continue
+        prefix = PEFT_PREFIX + _relative(name, meta["export_root"]) + "."
+        own = {k[len(prefix) :]: out.pop(k) for k in list(out) if k.startswith(prefix)}
+        for key, value in module.from_peft_state_dict(own, entry).items():
+            out[prefix + key] = value
+    return out

@@ -230,8 +230,13 @@ def apply_adapter(
             params.append(getattr(module, pname))
         for p in params:
             p.requires_grad_(True)
-        detail = ", ".join(f"{k}={v}" for k, v in module.peft_metadata().items()) if isinstance(module, AdapterLayer) else ""
-        rows.append((name, spec.kind, detail, sum(p.numel() for p in params)))
+        detail = ", ".join(
+            f"{k}={v}" for k, v in module.peft_metadata().items() if not isinstance(v, (list, dict))
+        ) if isinstance(module, AdapterLayer) else ""
+        count = sum(p.numel() for p in params)
+        if isinstance(module, AdapterLayer):  # effective count (rank-masked storage counts active slots only)
+            count += module.num_trainable() - sum(p.numel() for p in module.adapter_parameters())
+        rows.append((name, spec.kind, detail, count))
     for name in trainable:
         module = model.get_submodule(name)
         module.requires_grad_(True)
@@ -248,11 +253,11 @@ def parameter_count(param: torch.Tensor) -> int:
 
 def make_report(model: nn.Module, rows: list[tuple[str, str, str, int]]) -> AdapterReport:
     params = list(model.parameters())  # deduplicated (tied weights count once)
-    return AdapterReport(
-        rows=rows,
-        trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(parameter_count(p) for p in params),
-    )
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    for layer in model.modules():
+        if isinstance(layer, AdapterLayer):  # storage -> effective count (equal for plain LoRA)
+            trainable += layer.num_trainable() - sum(p.numel() for p in layer.adapter_parameters() if p.requires_grad)
+    return AdapterReport(rows=rows, trainable=trainable, total=sum(parameter_count(p) for p in params))
 
 
 def adapter_record(model: nn.Module) -> tuple[str, AdapterRecord] | None:

@@ -126,6 +126,27 @@ class AdapterLayer(nn.Module):
         """Per-layer hyper-parameters written into the adapter file (rank, alpha, ...)."""
         return {}
 
+    def num_trainable(self) -> int:
+        """Trainable parameters this adapter effectively has (what reports count). Layers that
+        store adapters at a fixed maximum rank with a rank mask count only the active slots."""
+        return sum(p.numel() for p in self.adapter_parameters())
+
+    # --- Hugging Face peft export (layers other than LoRALinear opt in) -----------------------
+    def peft_config_entry(self, name: str, use_rslora: bool = False) -> dict[str, Any] | None:
+        """``LoraConfig`` fields this layer (named ``name`` relative to the export root) needs --
+        ``target_modules`` and/or ``target_parameters`` plus explicit ``rank_pattern`` /
+        ``alpha_pattern`` entries -- or ``None`` when peft cannot represent it."""
+        return None
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The layer's tensors in peft's layout, keys relative to this layer."""
+        return self.adapter_state_dict()
+
+    def from_peft_state_dict(self, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Inverse of ``peft_state_dict``: ``adapter_state_dict`` keys from peft-layout tensors
+        and this layer's saved metadata ``entry`` (what ``peft_metadata`` returned)."""
+        return tensors
+
 
 def check_positive(name: str, value: float, kind: type = int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):

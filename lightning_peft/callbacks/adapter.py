@@ -10,6 +10,8 @@ backward it warns loudly about adapter parameters that received no gradient. At 
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
 from lightning_peft.io import merge_adapter, save_adapter
-from lightning_peft.targeting import AdapterReport, adapter_record, apply_adapter
+from lightning_peft.targeting import AdapterReport, adapter_record, apply_adapter, combine_fingerprints
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -43,6 +45,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+class _CheckedLoadHook:
+    """Stands in for ``pl_module.on_load_checkpoint``: the callback's checks, then the class's
+    own hook. A class, not a closure, so the module stays picklable."""
+
+    def __init__(self, callback: AdapterCallback, pl_module: pl.LightningModule) -> None:
+        self.callback, self.pl_module = callback, pl_module
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        self.callback._check_checkpoint(self.pl_module, checkpoint)
+        type(self.pl_module).on_load_checkpoint(self.pl_module, checkpoint)
 
 
 class AdapterCallback(Callback):
@@ -84,6 +98,7 @@ class AdapterCallback(Callback):
         self.report: AdapterReport | None = None
         self.export_path: Path | None = None
         self._gradients_checked = False
+        self._base_fingerprint: str | None = None
 
     # --- injection ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -91,7 +106,10 @@ class AdapterCallback(Callback):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if self.adapter_only_checkpoints:
             pl_module.strict_loading = False  # checkpoints lack frozen tensors; on_load_checkpoint checks the rest
+        self._check_before_loading(pl_module)
+        self._add_spec_callbacks(trainer, pl_module, stage)
         if adapter_record(pl_module) is not None:
+            self._base_fingerprint = self._fingerprint(pl_module)
             return  # already injected (a second fit/validate/test on the same module)
         if not any(True for _ in pl_module.parameters()):
             # the model is built in configure_model: inject right after it
@@ -105,9 +123,60 @@ class AdapterCallback(Callback):
             return
         self._inject(pl_module)
 
+    def _add_spec_callbacks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Add the callbacks a spec needs to train correctly (``spec.training_callbacks``: class
+        paths, e.g. AdaLoRA's per-step rank allocation) unless the user already added one.
+        They go before any checkpoint callback so that checkpoints see their latest state."""
+        from lightning.pytorch.callbacks import Checkpoint
+
+        for spec in self.adapter:
+            for class_path in getattr(spec, "training_callbacks", ()):  # class paths: adapters never import Lightning
+                module_name, _, class_name = class_path.rpartition(".")
+                cls = getattr(importlib.import_module(module_name), class_name)
+                if any(isinstance(c, cls) for c in trainer.callbacks):
+                    continue
+                callback = cls()
+                position = next((i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)), len(trainer.callbacks))
+                trainer.callbacks.insert(position, callback)
+                callback.setup(trainer, pl_module, stage)
+                rank_zero_info(f"lightning-peft: added {class_name} for {type(spec).__name__}")
+
     def _inject(self, pl_module: pl.LightningModule) -> None:
         self.report = apply_adapter(pl_module, self.adapter, self.trainable_modules)
+        self._base_fingerprint = self._fingerprint(pl_module)
         rank_zero_info(f"lightning-peft: adapters injected\n{self.report}")
+
+    @staticmethod
+    def _fingerprint(pl_module: pl.LightningModule) -> str | None:
+        """One hash of the base weights under every adapter layer (computed at injection)."""
+        per_layer = {n: m.base_fingerprint for n, m in pl_module.named_modules() if isinstance(m, AdapterLayer) and hasattr(m, "base_fingerprint")}
+        return combine_fingerprints(per_layer) if per_layer else None
+
+    def _check_before_loading(self, pl_module: pl.LightningModule) -> None:
+        """Check a resumed checkpoint *before* Lightning loads its tensors (whose own error would
+        be a bare size mismatch): wrap the module's ``on_load_checkpoint``, which Lightning calls
+        right before ``load_state_dict``."""
+        pl_module.on_load_checkpoint = _CheckedLoadHook(self, pl_module)  # type: ignore[method-assign]
+
+    def _check_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None:
+            self.load_state_dict(state)
+        saved = checkpoint.get("state_dict", {})
+        current = pl_module.state_dict(keep_vars=True)
+        keys = self._trainable_keys(pl_module)
+        missing = sorted(keys - set(saved))
+        wrong = [
+            f"{k}: checkpoint {tuple(saved[k].shape)} != model {tuple(current[k].shape)}"
+            for k in sorted(keys & set(saved))
+            if k in current and tuple(saved[k].shape) != tuple(current[k].shape)
+        ]
+        if missing or wrong:
+            raise ValueError(
+                "checkpoint does not fit this adapter: it was written with a different adapter configuration "
+                f"({len(missing)} trainable tensors missing {missing[:4]}; {len(wrong)} of another shape {wrong[:3]}). "
+                "Resume with the configuration it was trained with."
+            )
 
     # --- loud failures -----------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
@@ -161,7 +230,11 @@ class AdapterCallback(Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"adapter": [s.to_config() for s in self.adapter], "trainable_modules": self.trainable_modules}
+        return {
+            "adapter": [s.to_config() for s in self.adapter],
+            "trainable_modules": self.trainable_modules,
+            "base_fingerprint": self._base_fingerprint,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         ours = self.state_dict()
@@ -169,6 +242,12 @@ class AdapterCallback(Callback):
             raise ValueError(
                 f"checkpoint was trained with adapter {state_dict.get('adapter')} / trainable_modules "
                 f"{state_dict.get('trainable_modules')}, but this run uses {ours['adapter']} / {ours['trainable_modules']}"
+            )
+        theirs = state_dict.get("base_fingerprint")
+        if theirs is not None and ours["base_fingerprint"] is not None and theirs != ours["base_fingerprint"]:
+            raise ValueError(
+                f"checkpoint was trained on a different base model (base fingerprint {theirs}, this model's "
+                f"{ours['base_fingerprint']}): load the base weights it was trained on before resuming"
             )
 
     # --- end of fit --------------------------------------------------------------------------
@@ -178,10 +257,14 @@ class AdapterCallback(Callback):
             if not export.is_absolute():
                 export = Path(trainer.log_dir or trainer.default_root_dir) / export
             self.export_path = export
-            if trainer.is_global_zero:
-                save_adapter(pl_module, export)
-                size = sum(f.stat().st_size for f in export.iterdir())
-                rank_zero_info(f"lightning-peft: adapter exported to {export} ({size / 2**20:.2f} MiB)")
+            # a sharding strategy (AdapterFSDP2Strategy) gathers the trainable tensors on every
+            # rank first (a collective), so rank 0 can write full tensors
+            gather = getattr(trainer.strategy, "gathered_trainable_parameters", None)
+            with gather(pl_module) if callable(gather) else contextlib.nullcontext():
+                if trainer.is_global_zero:
+                    save_adapter(pl_module, export)
+                    size = sum(f.stat().st_size for f in export.iterdir())
+                    rank_zero_info(f"lightning-peft: adapter exported to {export} ({size / 2**20:.2f} MiB)")
             trainer.strategy.barrier("lightning_peft_export")
         if self.merge_on_fit_end:
             merge_adapter(pl_module)

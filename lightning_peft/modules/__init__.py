@@ -1,0 +1,168 @@
+"""Ready LightningModules: image classifier (timm), text classifier and causal LM (transformers).
+
+The modules build a plain model and never inject adapters themselves: add
+``lightning_peft.AdapterCallback`` to the Trainer, which freezes the base and injects adapters
+at ``setup`` (before optimizers are built, so ``configure_optimizers`` sees only what trains).
+
+Classes are imported lazily (timm and transformers are slow to import).
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import import_module
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning as L
+
+_EXPORTS = {
+    "ImageClassifier": "lightning_peft.modules.image",
+    "TextClassifier": "lightning_peft.modules.text",
+    "CausalLM": "lightning_peft.modules.causal_lm",
+}
+
+__all__ = sorted([*_EXPORTS, "apply_base_state_dict", "configure_adamw", "load_base_state_dict"])
+
+Schedule = Literal["constant", "linear", "cosine"]
+
+
+def _check_optim_args(lr: float, weight_decay: float, warmup_steps: int) -> None:
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}.")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+
+
+def configure_adamw(
+    module: L.LightningModule,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int = 0,
+    schedule: Schedule = "constant",
+) -> Any:
+    """AdamW over the parameters that require grad, with an optional per-step LR schedule.
+
+    Weight decay applies to matrices only (``p.ndim >= 2``); biases and norm scales are not
+    decayed (decaying them hurts BitFit, whose only trainable tensors are biases).
+
+    The LR multiplier at optimizer step ``t`` (``W`` warmup steps, ``T`` total steps from
+    ``trainer.estimated_stepping_batches``) is ``(t + 1) / W`` for ``t < W``, then 1
+    (constant), ``1 - p`` (linear) or ``(1 + cos(pi p)) / 2`` (cosine), ``p = (t - W) / (T - W)``.
+    """
+    import torch
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            f"{type(module).__name__} has no parameter with requires_grad=True: the adapter "
+            "callback froze everything. Check its target_modules / trainable_modules."
+        )
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    if warmup_steps == 0 and schedule == "constant":
+        return optimizer
+
+    total = None
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None:
+        estimated = trainer.estimated_stepping_batches
+        if estimated is not None and math.isfinite(estimated):
+            total = int(estimated)
+    if schedule != "constant" and total is None:
+        raise ValueError(
+            f"schedule={schedule!r} needs a finite number of steps; set trainer.max_steps or "
+            "trainer.max_epochs, or use schedule='constant'."
+        )
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or total is None:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def load_base_state_dict(path: str, prefix: str = "model.") -> dict[str, Any]:
+    """Read a model state dict from ``path``: a plain ``torch.save(state_dict)`` file, a
+    ``.safetensors`` file, or a Lightning ``.ckpt`` (its ``state_dict``, with ``prefix``
+    stripped from keys that carry it)."""
+    from pathlib import Path
+
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(
+            f"base_checkpoint {path!r} does not exist. Train the base first (e.g. "
+            "`lightning-peft fit --config configs/vit_digits_pretrain.yaml`) or set it to null."
+        )
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(str(file))
+    else:
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - older Lightning checkpoints pickle extra objects
+            # Only reached for a local file the user named as their own base checkpoint.
+            obj = torch.load(file, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise ValueError(f"{path!r} holds no state dict (got {type(obj).__name__}).")
+    if prefix and any(k.startswith(prefix) for k in obj):
+        obj = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
+    # A base saved while wrapped by an adapter layer keeps its weights under `<name>.base_layer.`
+    return {k.replace(".base_layer.", "."): v for k, v in obj.items()}
+
+
+def apply_base_state_dict(model: Any, state_dict: dict[str, Any], source: str) -> list[str]:
+    """Load ``state_dict`` into ``model`` non-strictly, skipping tensors whose shape differs
+    (typically the classification head when the base was trained for other classes).
+
+    Returns the names that were *not* loaded from the file (mismatched or missing) and reports
+    them. Raises ``ValueError`` when nothing at all matches (wrong file for this model).
+    """
+    from lightning.pytorch.utilities import rank_zero_info
+
+    own = model.state_dict()
+    mismatched = sorted(
+        k for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
+    )
+    loadable = {k: v for k, v in state_dict.items() if k in own and k not in mismatched}
+    if not loadable:
+        raise ValueError(
+            f"base_checkpoint {source!r} shares no tensor (same name and shape) with "
+            f"{type(model).__name__}; was it saved from a different architecture / model_kwargs?"
+        )
+    result = model.load_state_dict(loadable, strict=False)
+    unexpected = sorted(k for k in state_dict if k not in own)
+    missing = sorted(result.missing_keys)
+    rank_zero_info(
+        f"Loaded {len(loadable)}/{len(own)} tensors of the base from {source!r}."
+        + (f" Skipped (shape mismatch, re-initialised): {mismatched}." if mismatched else "")
+        + (f" Not in the file (kept initialisation): {[k for k in missing if k not in mismatched]}." if len(missing) > len(mismatched) else "")
+        + (f" Ignored (not in the model): {unexpected}." if unexpected else "")
+    )
+    return missing
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_peft.modules' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,105 @@
+"""The ``lightning-peft`` command: LightningCLI in subclass mode, plus a test run after ``fit``.
+
+    lightning-peft fit --config configs/quickstart.yaml
+    lightning-peft fit --config configs/vit_digits.yaml --trainer.max_steps=20
+    lightning-peft fit --config configs/quickstart.yaml --test_after_fit false
+
+Any LightningModule / LightningDataModule can be named with ``class_path`` (``model:`` and
+``data:``); adapters come from ``lightning_peft.AdapterCallback`` in ``trainer.callbacks``.
+After ``fit``, when the datamodule has a test split and the model a ``test_step``, the CLI runs
+``trainer.test`` (on the best checkpoint when a ``ModelCheckpoint`` saved one) and prints every
+``test_*`` metric, the main one (``test_acc`` when logged) last, e.g. ``test_acc: 0.9641``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Nothing may download at run time; set before transformers / huggingface_hub are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from typing import Any  # noqa: E402
+
+from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
+from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
+
+
+class LightningPEFTCLI(LightningCLI):
+    """``LightningCLI`` with ``--test_after_fit`` (default true).
+
+    ``test_results`` holds what ``trainer.test`` returned after ``fit`` (a list with one dict
+    of metrics per test dataloader), or ``None`` when no test ran.
+    """
+
+    test_results: list[dict[str, float]] | None = None
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="After fit, evaluate on the datamodule's test split (best checkpoint if one was "
+            "saved) and print the test metrics.",
+        )
+
+    def after_fit(self) -> None:
+        if not self._get(self.config, "test_after_fit", True):
+            return
+        trainer, model, datamodule = self.trainer, self.model, self.datamodule
+        if trainer.interrupted or trainer.sanity_checking:
+            return
+        if datamodule is None or not is_overridden("test_dataloader", datamodule, LightningDataModule):
+            rank_zero_info("No test split in the datamodule: skipping the test run after fit.")
+            return
+        if not is_overridden("test_step", model, LightningModule):
+            rank_zero_info(f"{type(model).__name__} has no test_step: skipping the test run after fit.")
+            return
+        checkpoint = trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        ckpt_path = "best" if best else None
+        rank_zero_info(f"Testing {'the best checkpoint ' + best if best else 'the final weights'}.")
+        self.test_results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        if trainer.is_global_zero:
+            print(format_test_results(self.test_results), flush=True)
+
+
+def format_test_results(results: list[dict[str, float]]) -> str:
+    """One ``name: value`` line per test metric, the main metric (``test_acc``) last."""
+    metrics: dict[str, float] = {}
+    for result in results:
+        metrics.update({k: float(v) for k, v in result.items()})
+    main_key = "test_acc" if "test_acc" in metrics else None
+    lines = [f"{k}: {v:.4f}" for k, v in sorted(metrics.items()) if k != main_key]
+    if main_key is not None:
+        lines.append(f"{main_key}: {metrics[main_key]:.4f}")
+    return "\n".join(lines)
+
+
+def cli_main(args: Any = None, run: bool = True) -> LightningPEFTCLI:
+    """Build (and by default run) the CLI; ``args`` as for ``LightningCLI`` (a list of strings,
+    or ``None`` for ``sys.argv``). Returns the CLI, whose ``trainer``, ``model``, ``datamodule``
+    and ``test_results`` tests can inspect."""
+    return LightningPEFTCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        # The modules build their own AdamW over trainable parameters only.
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )
+
+
+def main(args: Any = None) -> None:
+    """Console-script entry point (``lightning-peft``). Returns nothing so that the script's
+    ``sys.exit(main())`` exits with status 0."""
+    cli_main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,695 @@
+"""PPO as a LightningModule: an actor-critic MLP policy trained with the clipped objective.
+
+One Lightning *epoch* is one rollout: :class:`lightning_peft.datamodules.rl.RLDataModule`
+collects ``num_envs x rollout_steps`` transitions with the current policy, computes advantages
+with :meth:`PPO.compute_advantages` (GAE) and serves ``update_epochs`` shuffled passes of
+minibatches; each minibatch is one optimizer step here.
+
+Losses per minibatch of ``B`` transitions (``r = exp(log pi(a|s) - log pi_old(a|s))``,
+``A`` = GAE advantage standardised over the minibatch, ``R`` = GAE value target)::
+
+    L_clip    = -mean_B min(r A, clip(r, 1 - eps, 1 + eps) A)
+    L_value   = value_coef * mean_B (V(s) - R)^2
+    L_entropy = -entropy_coef * mean_B H[pi(.|s)]
+    loss      = L_clip + L_value + L_entropy
+
+The three terms come from TorchRL's ``ClipPPOLoss`` and the advantages from TorchRL's functional
+``generalized_advantage_estimate`` (see ``docs/rl.md`` for why those pieces and not TorchRL's
+collectors or environments). TorchRL and tensordict are imported lazily.
+
+Networks (attribute names are what adapter targets refer to)::
+
+    obs_norm  running mean/variance of observations (buffers), clips to +-obs_clip
+    policy    Sequential(Linear(obs, h1), act, Linear(h1, h2), act, Linear(h2, n_out))
+              n_out = number of discrete actions (logits) or the action dimension (Gaussian mean)
+    value     Sequential(Linear(obs, h1), act, Linear(h1, h2), act, Linear(h2, 1))
+    log_std   LogStd: ``log_std.weight [action_dim]`` (continuous actions only), the
+              state-independent log standard deviation; a module so that adapter configs can
+              name it in ``trainable_modules``
+
+``policy.0``, ``policy.2``, ``policy.4``, ``value.0``, ``value.2`` and ``value.4`` are the linear
+layers (``"all-linear"`` matches exactly these).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PPO", "LogStd", "RunningObsNorm", "gae", "policy_fingerprint"]
+
+POLICY_FORMAT = "lightning_peft.ppo_policy/1"
+
+
+class RunningObsNorm(nn.Module):
+    """Running observation normaliser: ``clamp((x - mean) / sqrt(var + eps), -clip, clip)``.
+
+    ``mean``/``var``/``count`` are buffers (saved with the policy, never trained) merged with each
+    new batch ``x [N, D]`` by the parallel-variance formula (Chan et al.). ``count`` starts at
+    ``eps`` so the first update dominates the initial ``mean=0, var=1``.
+    """
+
+    def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.clip = float(clip)
+        self.eps = float(eps)
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("count", torch.tensor(1e-4))
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        x = x.reshape(-1, self.mean.numel()).to(self.mean)
+        n = x.shape[0]
+        if n == 0:
+            return
+        batch_mean = x.mean(0)
+        batch_var = x.var(0, unbiased=False)
+        delta = batch_mean - self.mean
+        total = self.count + n
+        new_mean = self.mean + delta * n / total
+        m2 = self.var * self.count + batch_var * n + delta.pow(2) * self.count * n / total
+        self.mean.copy_(new_mean)
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.mean)
+        return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
+
+
+def _mlp(sizes: Sequence[int], activation: type[nn.Module], out_gain: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        linear = nn.Linear(d_in, d_out)
+        last = i == len(sizes) - 2
+        # Orthogonal init (gain sqrt(2) hidden, small for the output) is what makes PPO on
+        # classic control converge reliably (Engstrom et al., "Implementation Matters").
+        nn.init.orthogonal_(linear.weight, out_gain if last else math.sqrt(2))
+        nn.init.zeros_(linear.bias)
+        layers.append(linear)
+        if not last:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def gae(
+    reward: Tensor,
+    value: Tensor,
+    next_value: Tensor,
+    done: Tensor,
+    terminated: Tensor,
+    gamma: float,
+    lmbda: float,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over ``[T, E]`` tensors (time first, then envs).
+
+    ``delta_t = r_t + gamma * (1 - terminated_t) * V(s'_t) - V(s_t)`` and
+    ``A_t = delta_t + gamma * lmbda * (1 - done_t) * A_{t+1}``; returns ``(A, A + V)``.
+    ``next_value`` is ``V`` of the observation that followed step ``t`` -- for a truncated
+    episode, the final observation -- so truncation bootstraps while termination does not.
+
+    Delegates to ``torchrl.objectives.value.functional.generalized_advantage_estimate``, which
+    wants ``[E, T, 1]``.
+    """
+    from torchrl.objectives.value.functional import generalized_advantage_estimate
+
+    def to_etf(x: Tensor) -> Tensor:
+        return x.transpose(0, 1).unsqueeze(-1)
+
+    adv, target = generalized_advantage_estimate(
+        gamma,
+        lmbda,
+        to_etf(value.float()),
+        to_etf(next_value.float()),
+        to_etf(reward.float()),
+        to_etf(done.bool()),
+        to_etf(terminated.bool()),
+        time_dim=-2,
+    )
+    return adv.squeeze(-1).transpose(0, 1), target.squeeze(-1).transpose(0, 1)
+
+
+class LogStd(nn.Module):
+    """A state-independent log standard deviation ``weight [action_dim]``."""
+
+    def __init__(self, dim: int, init: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self) -> Tensor:
+        return self.weight
+
+
+class _IndependentNormal(torch.distributions.Independent):
+    """Diagonal Gaussian over the last dimension, built from keyword ``loc`` and ``scale``."""
+
+    def __init__(self, loc: Tensor, scale: Tensor) -> None:
+        super().__init__(torch.distributions.Normal(loc, scale), 1)
+
+    @property
+    def deterministic_sample(self) -> Tensor:
+        return self.mean
+
+
+class PPO(L.LightningModule):
+    """Proximal policy optimisation of a small actor-critic MLP on an RL task.
+
+    Args:
+        task: a task name from :mod:`lightning_peft.rl_tasks` (``"CartPole-v1"``,
+            ``"CartPole-v1/long-pole"``, ``"Pendulum-v1?gravity=12"``, ``"metaworld/reach-v3"``).
+            Only its observation and action spaces are used here; the datamodule runs the task.
+        hidden_sizes: widths of the hidden layers of both the policy and the value network.
+        activation: hidden non-linearity.
+        learning_rate: Adam learning rate.
+        lr_schedule: ``"linear"`` anneals the learning rate to 0 at ``trainer.max_steps``.
+        gamma: discount factor.
+        gae_lambda: GAE's lambda.
+        clip_epsilon: PPO's clip range ``eps``.
+        value_coef: weight of the value loss.
+        entropy_coef: weight of the entropy bonus.
+        normalize_advantage: standardise advantages per minibatch.
+        clip_value_loss: also clip the value update to ``+-clip_epsilon`` around the old value.
+        normalize_observations: normalise observations with running statistics (saved with the
+            policy as buffers).
+        update_obs_norm: keep updating those statistics during training. ``None`` means: yes
+            when training from scratch, no when adapting a ``base_checkpoint`` (the adapted
+            policy then sees inputs scaled exactly as its frozen base did, and an adapter file
+            needs no statistics of its own).
+        init_log_std: initial log standard deviation of Gaussian actions (continuous only).
+        max_grad_norm: clip the gradient norm to this (unless the Trainer's
+            ``gradient_clip_val`` is set); ``None`` disables.
+        base_checkpoint: a trained policy to start from, loaded at construction (before any
+            adapter is injected): a ``.safetensors`` file written by ``export_path`` or
+            :meth:`save_policy`, or a Lightning ``.ckpt`` of a ``PPO`` run.
+        export_path: after ``fit``, write the whole policy here (``.safetensors``); this is how
+            ``configs/rl_base.yaml`` hands its base to ``configs/rl_lora.yaml``.
+    """
+
+    def __init__(
+        self,
+        task: str = "CartPole-v1",
+        hidden_sizes: Sequence[int] = (64, 64),
+        activation: Literal["tanh", "relu"] = "tanh",
+        learning_rate: float = 3e-4,
+        lr_schedule: Literal["constant", "linear"] = "constant",
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        clip_epsilon: float = 0.2,
+        value_coef: float = 0.5,
+        entropy_coef: float = 0.0,
+        normalize_advantage: bool = True,
+        clip_value_loss: bool = False,
+        normalize_observations: bool = True,
+        update_obs_norm: bool | None = None,
+        init_log_std: float = 0.0,
+        max_grad_norm: float | None = 0.5,
+        base_checkpoint: str | None = None,
+        export_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        from lightning_peft.rl_tasks import get_task, task_spaces
+
+        hidden_sizes = [int(h) for h in hidden_sizes]
+        if not hidden_sizes or any(h < 1 for h in hidden_sizes):
+            raise ValueError(f"hidden_sizes must be positive widths, got {hidden_sizes}")
+        for name, value, low, high in (
+            ("gamma", gamma, 0.0, 1.0),
+            ("gae_lambda", gae_lambda, 0.0, 1.0),
+            ("clip_epsilon", clip_epsilon, 0.0, 1.0),
+        ):
+            if not low < value <= high:
+                raise ValueError(f"{name} must be in ({low}, {high}], got {value}")
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        spec = get_task(task)  # unknown task -> ValueError listing the registered ones
+        self.save_hyperparameters()
+        self.hparams["hidden_sizes"] = hidden_sizes
+        self.hparams["task"] = spec.name
+
+        obs_space, act_space = task_spaces(spec)
+        self.observation_shape, self.action_kind, self.action_dim, low, high = _describe_spaces(
+            spec.name, obs_space, act_space
+        )
+        obs_dim = int(np.prod(self.observation_shape))
+        act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
+
+        self.obs_norm = RunningObsNorm(obs_dim)
+        self.normalize_observations = normalize_observations
+        self.policy = _mlp([obs_dim, *hidden_sizes, self.action_dim], act, out_gain=0.01)
+        self.value = _mlp([obs_dim, *hidden_sizes, 1], act, out_gain=1.0)
+        if self.action_kind == "continuous":
+            self.log_std = LogStd(self.action_dim, init_log_std)
+            self.register_buffer("action_low", torch.as_tensor(low, dtype=torch.float32))
+            self.register_buffer("action_high", torch.as_tensor(high, dtype=torch.float32))
+        self.update_obs_norm = (
+            base_checkpoint is None if update_obs_norm is None else bool(update_obs_norm)
+        ) and normalize_observations
+        self._ppo_loss: Any = None
+        #: fingerprint and source of the base this policy started from (None: from scratch)
+        self.base_fingerprint: str | None = None
+        self.base_source: str | None = None
+        if base_checkpoint is not None:
+            self.load_policy_weights(base_checkpoint)
+
+    # ------------------------------------------------------------------ policy
+    @property
+    def observation_dim(self) -> int:
+        return int(np.prod(self.observation_shape))
+
+    def normalize(self, obs: Tensor, update: bool = False) -> Tensor:
+        """Flatten ``obs [N, *obs_shape]`` to ``[N, D]`` and normalise (optionally updating)."""
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=self.obs_norm.mean.device)
+        obs = obs.reshape(obs.shape[0], -1)
+        if obs.shape[-1] != self.observation_dim:
+            raise ValueError(
+                f"observation of shape {tuple(obs.shape[1:])} does not fit this policy, which "
+                f"expects {self.observation_shape} (task {self.hparams['task']!r})"
+            )
+        if not self.normalize_observations:
+            return obs
+        if update:
+            self.obs_norm.update(obs)
+        return self.obs_norm(obs)
+
+    def distribution_params(self, observation: Tensor) -> Any:
+        """Distribution parameters from normalised observations ``[B, D]``.
+
+        Discrete: logits ``[B, n]``. Continuous: ``(loc [B, A], scale [B, A])``.
+        """
+        out = self.policy(observation)
+        if self.action_kind == "discrete":
+            return out
+        return out, self.log_std().exp().expand_as(out)
+
+    def distribution(self, observation: Tensor) -> torch.distributions.Distribution:
+        """The action distribution ``pi(.|s)`` for normalised observations ``[B, D]``."""
+        params = self.distribution_params(observation)
+        if self.action_kind == "discrete":
+            return torch.distributions.Categorical(logits=params)
+        return _IndependentNormal(*params)
+
+    def state_value(self, observation: Tensor) -> Tensor:
+        """``V(s)`` ``[B]`` for normalised observations ``[B, D]``."""
+        return self.value(observation).squeeze(-1)
+
+    def forward(self, observation: Tensor) -> Tensor:
+        """Greedy action for raw observations ``[B, *obs_shape]`` (inference)."""
+        return self.predict(observation, deterministic=True)
+
+    @torch.no_grad()
+    def predict(self, observation: Any, deterministic: bool = True) -> Tensor:
+        """Actions for raw observations ``[B, *obs_shape]``, ready for ``env.step``.
+
+        Discrete: ``[B]`` int64. Continuous: ``[B, A]`` clipped to the action bounds.
+        """
+        dist = self.distribution(self.normalize(observation))
+        if deterministic:
+            action = dist.probs.argmax(-1) if self.action_kind == "discrete" else dist.mean
+        else:
+            action = dist.sample()
+        return self.env_action(action)
+
+    def env_action(self, action: Tensor) -> Tensor:
+        if self.action_kind == "continuous":
+            return torch.maximum(torch.minimum(action, self.action_high), self.action_low)
+        return action
+
+    @torch.no_grad()
+    def rollout_step(self, observation: Any) -> dict[str, Tensor]:
+        """One acting step while collecting: normalise (updating the statistics when training
+        does), sample ``a ~ pi(.|s)``. Returns ``observation`` (normalised ``[N, D]``),
+        ``action`` (as sampled: ``[N]`` or ``[N, A]``, unclipped so its log-prob is exact),
+        ``sample_log_prob [N]`` and ``env_action`` (clipped, for ``env.step``)."""
+        obs = self.normalize(observation, update=self.update_obs_norm and self.training)
+        dist = self.distribution(obs)
+        action = dist.sample()
+        return {
+            "observation": obs,
+            "action": action,
+            "sample_log_prob": dist.log_prob(action),
+            "env_action": self.env_action(action),
+        }
+
+    @torch.no_grad()
+    def compute_advantages(
+        self,
+        reward: Tensor,
+        value: Tensor,
+        next_value: Tensor,
+        done: Tensor,
+        terminated: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """GAE with this module's ``gamma`` and ``gae_lambda``; see :func:`gae`."""
+        return gae(
+            reward,
+            value,
+            next_value,
+            done,
+            terminated,
+            self.hparams["gamma"],
+            self.hparams["gae_lambda"],
+        )
+
+    # ------------------------------------------------------------------ loss
+    def _loss_module(self) -> Any:
+        """TorchRL's ``ClipPPOLoss`` over this module's networks.
+
+        Built lazily and kept out of the module tree (no second copy of the parameters in the
+        ``state_dict``, and adapter targeting such as ``"all-linear"`` does not walk into it).
+        ``functional=False``: the loss calls :meth:`distribution_params` / :meth:`state_value`
+        directly, so it always sees the current layers -- including adapter layers injected
+        after construction.
+        """
+        if self._ppo_loss is None:
+            from tensordict.nn import (
+                ProbabilisticTensorDictModule,
+                ProbabilisticTensorDictSequential,
+                TensorDictModule,
+            )
+            from torchrl.objectives import ClipPPOLoss
+
+            if self.action_kind == "discrete":
+                head = TensorDictModule(
+                    self.distribution_params, in_keys=["observation"], out_keys=["logits"]
+                )
+                dist_keys, dist_cls = ["logits"], torch.distributions.Categorical
+            else:
+                head = TensorDictModule(
+                    self.distribution_params, in_keys=["observation"], out_keys=["loc", "scale"]
+                )
+                dist_keys, dist_cls = ["loc", "scale"], _IndependentNormal
+            actor = ProbabilisticTensorDictSequential(
+                head,
+                ProbabilisticTensorDictModule(
+                    in_keys=dist_keys, out_keys=["action"], distribution_class=dist_cls
+                ),
+            )
+            critic = TensorDictModule(
+                self.value, in_keys=["observation"], out_keys=["state_value"]
+            )
+            hp = self.hparams
+            loss = ClipPPOLoss(
+                actor,
+                critic,
+                clip_epsilon=hp["clip_epsilon"],
+                entropy_bonus=True,
+                entropy_coeff=float(hp["entropy_coef"]),
+                critic_coeff=float(hp["value_coef"]),
+                loss_critic_type="l2",
+                normalize_advantage=hp["normalize_advantage"],
+                clip_value=bool(hp["clip_value_loss"]),
+                functional=False,
+            )
+            loss.set_keys(
+                action="action",
+                sample_log_prob="sample_log_prob",
+                value="state_value",
+                advantage="advantage",
+                value_target="value_target",
+            )
+            # ``critic`` was registered inside the loss; that is fine (the loss itself is not
+            # registered on self), but keep the reference out of nn.Module's __setattr__.
+            self.__dict__["_ppo_loss"] = loss
+        loss = self._ppo_loss
+        device = self.obs_norm.mean.device
+        if loss.clip_epsilon.device != device:
+            loss.to(device)
+        return loss
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "_ppo_loss":
+            self.__dict__[name] = value  # never registered as a submodule
+            return
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_ppo_loss"] = None  # rebuilt lazily; holds bound methods
+        return state
+
+    def ppo_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The PPO losses on a minibatch (keys as produced by the RL datamodule).
+
+        ``batch``: ``observation [B, D]`` (normalised), ``action [B]``/``[B, A]``,
+        ``sample_log_prob [B]``, ``advantage [B]``, ``value_target [B]``, ``state_value [B]``.
+        Returns ``loss`` (the total) and the terms ``loss_objective``, ``loss_critic``
+        (already times ``value_coef``), ``loss_entropy`` (already times ``-entropy_coef``) plus
+        diagnostics (``entropy``, ``clip_fraction``, ``kl_approx``, ``explained_variance``).
+        """
+        from tensordict import TensorDict
+
+        obs = batch["observation"]
+        n = obs.shape[0]
+        td = TensorDict(
+            {
+                "observation": obs,
+                "action": batch["action"],
+                "sample_log_prob": batch["sample_log_prob"],
+                "advantage": batch["advantage"].reshape(n, 1),
+                "value_target": batch["value_target"].reshape(n, 1),
+                "state_value": batch["state_value"].reshape(n, 1),
+            },
+            batch_size=[n],
+        )
+        out = self._loss_module()(td)
+        result = {
+            key: out.get(key).reshape(()) if out.get(key).numel() == 1 else out.get(key)
+            for key in out.keys()
+        }
+        result["loss"] = (
+            result["loss_objective"] + result["loss_critic"] + result["loss_entropy"]
+        )
+        return result
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses = self.ppo_loss(batch)
+        n = batch["observation"].shape[0]
+        self.log_dict(
+            {
+                "train/loss": losses["loss"].detach(),
+                "train/loss_policy": losses["loss_objective"].detach(),
+                "train/loss_value": losses["loss_critic"].detach(),
+                "train/entropy": losses["entropy"],
+                "train/clip_fraction": losses["clip_fraction"],
+                "train/kl_approx": losses["kl_approx"],
+            },
+            on_step=True,
+            on_epoch=False,
+            batch_size=n,
+        )
+        stats = batch.get("rollout_stats")
+        if stats:
+            # One set of rollout statistics per epoch (= per rollout), logged at epoch level so
+            # that EarlyStopping on "rollout/episode_return" and every logger see each rollout.
+            self.log_dict(
+                {f"rollout/{k}": float(v) for k, v in stats.items() if k != "episode_return"},
+                on_step=False,
+                on_epoch=True,
+                batch_size=1,
+            )
+            if "episode_return" in stats:
+                self.log("rollout/episode_return", float(stats["episode_return"]), on_step=False,
+                         on_epoch=True, prog_bar=True, batch_size=1)
+        return losses["loss"]
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(
+                "PPO has no trainable parameters: every parameter is frozen. Check the adapter's "
+                "target_modules / trainable_modules."
+            )
+        optimizer = torch.optim.Adam(params, lr=self.hparams["learning_rate"], eps=1e-5)
+        max_steps = getattr(self.trainer, "max_steps", -1) if self._trainer is not None else -1
+        if self.hparams["lr_schedule"] == "linear" and max_steps and max_steps > 0:
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: max(0.0, 1.0 - step / max_steps)
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return optimizer
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if gradient_clip_val is None and self.hparams["max_grad_norm"] is not None:
+            gradient_clip_val, gradient_clip_algorithm = self.hparams["max_grad_norm"], "norm"
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_fit_end(self) -> None:
+        path = self.hparams.get("export_path")
+        if path and (self._trainer is None or self.trainer.is_global_zero):
+            self.save_policy(path)
+
+    # ------------------------------------------------------------------ files
+    def policy_metadata(self) -> dict[str, str]:
+        hp = {k: v for k, v in self.hparams.items() if k not in ("base_checkpoint", "export_path")}
+        return {
+            "format": POLICY_FORMAT,
+            "task": str(self.hparams["task"]),
+            "hparams": json.dumps(hp, sort_keys=True, default=list),
+            "observation_shape": json.dumps(list(self.observation_shape)),
+            "action": json.dumps([self.action_kind, self.action_dim]),
+        }
+
+    def save_policy(self, path: str | os.PathLike) -> str:
+        """Write the whole policy (weights and observation statistics) to ``path``
+        (``.safetensors``, written atomically). Refuses a policy with adapter layers injected:
+        export those with ``save_adapter`` and keep the base file as it was."""
+        from safetensors.torch import save_file
+
+        state = self.state_dict()
+        base_keys = set(_plain_keys(self))
+        if set(state) != base_keys:
+            extra = sorted(set(state) - base_keys)[:4]
+            raise ValueError(
+                f"save_policy writes a plain (adapter-free) policy, but this one has adapter "
+                f"tensors ({extra} ...). Save the adapter with lightning_peft.save_adapter or "
+                "merge it first."
+            )
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp,
+                  metadata=self.policy_metadata())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_policy_file(cls, path: str | os.PathLike, task: str | None = None) -> PPO:
+        """Rebuild a policy saved by :meth:`save_policy` (optionally for another task of the same
+        family: same spaces, different physics)."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"policy file {path!r} does not exist")
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != POLICY_FORMAT:
+            raise ValueError(f"{path!r} is not a policy file written by PPO.save_policy")
+        hp = json.loads(meta["hparams"])
+        if task is not None:
+            hp["task"] = task
+        return cls(**hp, base_checkpoint=path)
+
+    def load_policy_weights(self, path: str | os.PathLike) -> None:
+        """Load a trained policy's weights (see ``base_checkpoint``) into this module.
+
+        Refuses, naming both sides, a file whose tensors do not fit (another environment's
+        observation/action shapes, other hidden sizes, or a file holding adapter tensors).
+        """
+        path = os.fspath(path)
+        state, source = _read_policy_state(path)
+        expected = {k: v for k, v in self.state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        bad = [
+            f"{k}: file {tuple(state[k].shape)} vs policy {tuple(expected[k].shape)}"
+            for k in expected
+            if k in state and state[k].shape != expected[k].shape
+        ]
+        if missing or unexpected or bad:
+            details = "; ".join(
+                part
+                for part in (
+                    f"shape mismatches: {', '.join(bad[:4])}" if bad else "",
+                    f"missing: {missing[:6]}" if missing else "",
+                    f"unexpected: {unexpected[:6]}" if unexpected else "",
+                )
+                if part
+            )
+            raise ValueError(
+                f"base checkpoint {path!r} (task {source!r}) does not fit this PPO policy "
+                f"(task {self.hparams['task']!r}, observation {self.observation_shape}, "
+                f"{self.action_kind} action dim {self.action_dim}, hidden sizes "
+                f"{self.hparams['hidden_sizes']}): {details}"
+            )
+        self.load_state_dict({k: state[k] for k in expected}, strict=True)
+        self.base_fingerprint = policy_fingerprint({k: state[k] for k in expected})
+        self.base_source = f"{path} (task {source})"
+
+
+def policy_fingerprint(state: dict[str, Tensor]) -> str:
+    """A short exact hash of a policy's tensors (names, shapes, dtypes and every byte)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _plain_keys(module: PPO) -> list[str]:
+    """State-dict keys of an adapter-free policy: Linear layers at even Sequential indices."""
+    keys = [f"obs_norm.{b}" for b in ("mean", "var", "count")]
+    depth = len(module.hparams["hidden_sizes"]) + 1
+    for net in ("policy", "value"):
+        for i in range(depth):
+            keys += [f"{net}.{2 * i}.weight", f"{net}.{2 * i}.bias"]
+    if module.action_kind == "continuous":
+        keys += ["log_std.weight", "action_low", "action_high"]
+    return keys
+
+
+def _read_policy_state(path: str) -> tuple[dict[str, Tensor], str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"base checkpoint {path!r} does not exist (train one with configs/rl_base.yaml, "
+            "which exports it via model.init_args.export_path)"
+        )
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        return state, meta.get("task", "unknown")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(
+            f"base checkpoint {path!r} is neither a .safetensors policy file nor a Lightning "
+            "checkpoint with a 'state_dict'"
+        )
+    hp = ckpt.get("hyper_parameters", {}) or {}
+    return dict(ckpt["state_dict"]), str(hp.get("task", "unknown"))
+
+
+def _describe_spaces(task: str, obs_space: Any, act_space: Any) -> tuple[
+    tuple[int, ...], str, int, Any, Any
+]:
+    """Observation shape, action kind, action dim (or number of actions) and bounds."""
+    from gymnasium import spaces
+
+    if not isinstance(obs_space, spaces.Box):
+        raise ValueError(
+            f"task {task!r}: PPO's MLP policy needs a Box observation space, got {obs_space}"
+        )
+    if isinstance(act_space, spaces.Discrete):
+        return tuple(obs_space.shape), "discrete", int(act_space.n), None, None
+    if isinstance(act_space, spaces.Box) and len(act_space.shape) == 1:
+        return (
+            tuple(obs_space.shape),
+            "continuous",
+            int(act_space.shape[0]),
+            np.asarray(act_space.low, dtype=np.float32),
+            np.asarray(act_space.high, dtype=np.float32),
+        )
+    raise ValueError(
+        f"task {task!r}: PPO supports Discrete or 1-D Box action spaces, got {act_space}"
+    )

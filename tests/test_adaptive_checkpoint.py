@@ -1,0 +1,587 @@
+"""AdaptiveCheckpointCallback, the switchable checkpoint wrapper and the planner.
+
+Everything here is deterministic: memory is measured with the saved-activation meter (exact on
+CPU), recompute cost in FLOPs, out-of-memory errors are injected by SimulatedMemorySource.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers.logger import Logger
+from torch import nn
+
+from lightning_peft import AdaptiveCheckpointCallback, LoRA, apply_adapter
+from lightning_peft.checkpointing import (
+    BlockProfile,
+    BudgetTooSmallError,
+    min_peak,
+    plan_blocks,
+    predict_peak,
+    recompute_cost,
+    static_modes,
+    unwrap_blocks,
+    wrap_blocks,
+)
+from lightning_peft.memory import BlockDiscoveryError, SavedTensorMeter, SimulatedMemorySource, find_blocks
+
+timm = pytest.importorskip("timm")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def tiny_vit(depth: int = 4, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=depth, num_heads=2,
+        num_classes=10, in_chans=1,
+    )
+    apply_adapter(model, LoRA(rank=4, alpha=8, target_modules=["qkv", "proj"]), trainable_modules=["head"])
+    # LoRA starts with B = 0 (so dA = 0): perturb every trainable tensor to make gradients informative
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def lora_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and "lora" in n.lower()}
+
+
+class ViTModule(L.LightningModule):
+    def __init__(self, depth: int = 4) -> None:
+        super().__init__()
+        self.model = tiny_vit(depth)
+        self.seen: list[int] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.seen.append(batch_idx)
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+def image_loader(n: int = 48, batch: int = 8) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
+
+
+def trainer(callbacks: list, max_steps: int = 4, **kwargs: Any) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **defaults)
+
+
+def no_checkpoint_peak(depth: int = 4) -> int:
+    cb = AdaptiveCheckpointCallback(mode="none", verbose=False)
+    trainer([cb], max_steps=1).fit(ViTModule(depth), image_loader())
+    return int(cb.history[-1]["measured_peak_bytes"])
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------------------------
+# planner
+# --------------------------------------------------------------------------------------------
+def brute_force(profiles, budget, pre, post, allowed):
+    best = None
+    for modes in itertools.product(allowed, repeat=len(profiles)):
+        if predict_peak(profiles, modes, pre, post) > budget:
+            continue
+        cost = sum(recompute_cost(p, m) for p, m in zip(profiles, modes))
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, modes)
+    return best
+
+
+@pytest.mark.parametrize("allowed", [("none", "checkpoint"), ("none", "checkpoint", "selective")])
+def test_planner_is_optimal_against_brute_force(allowed: tuple[str, ...]) -> None:
+    g = torch.Generator().manual_seed(0)
+    for trial in range(25):
+        n = int(torch.randint(2, 7, (1,), generator=g))
+        profiles = []
+        for _ in range(n):
+            c = int(torch.randint(1, 6, (1,), generator=g))
+            e = int(torch.randint(5, 40, (1,), generator=g))
+            flops = float(torch.randint(1, 10, (1,), generator=g))
+            sel = int(torch.randint(0, e, (1,), generator=g))
+            profiles.append(BlockProfile(c + e, c, e, flops, flops, sel, flops * 0.3, 0))
+        pre, post = int(torch.randint(0, 10, (1,), generator=g)), int(torch.randint(0, 20, (1,), generator=g))
+        none_peak = predict_peak(profiles, ["none"] * n, pre, post)
+        budget = int(none_peak * float(torch.rand(1, generator=g) * 0.8 + 0.2))
+        expected = brute_force(profiles, budget, pre, post, allowed)
+        lowest = min(predict_peak(profiles, m, pre, post) for m in itertools.product(allowed, repeat=n))
+        assert min_peak(profiles, pre, post, allowed, quantum_count=10**6) == lowest
+        if expected is None:
+            with pytest.raises(BudgetTooSmallError):
+                plan_blocks(profiles, budget, pre=pre, post=post, allowed=allowed, quantum_count=10**6)
+            continue
+        plan = plan_blocks(profiles, budget, pre=pre, post=post, allowed=allowed, quantum_count=10**6)
+        assert plan.predicted_peak <= budget
+        assert plan.cost == pytest.approx(expected[0]), (trial, plan, expected)
+
+
+def test_planner_picks_cheap_and_large_blocks() -> None:
+    # equal bytes, different recompute costs: checkpoint the two cheap ones
+    profiles = [BlockProfile(11, 1, 10, flops) for flops in (5.0, 1.0, 1.0, 5.0)]
+    none = predict_peak(profiles, ["none"] * 4)
+    plan = plan_blocks(profiles, none - 15, quantum_count=10**6)
+    assert plan.checkpointed == [1, 2]
+    # equal costs, one block with much larger activations: checkpointing it alone is enough
+    # (peak 52 = 11 + 1 + 40 while it is recomputed, vs 74 without checkpointing)
+    profiles = [BlockProfile(a + 1, 1, a, 1.0) for a in (10, 40, 10, 10)]
+    none = predict_peak(profiles, ["none"] * 4)
+    plan = plan_blocks(profiles, none - 20, quantum_count=10**6)
+    assert plan.checkpointed == [1]
+    assert plan.recompute_fraction == pytest.approx(0.25)
+
+
+def test_planner_accounts_for_the_recompute_transient() -> None:
+    # Two blocks of 10 bytes (input 1). Checkpointing the *last* block keeps 11 bytes at the end of
+    # forward, but recomputing it in backward while block 0's 10 bytes are alive peaks at 20.
+    profiles = [BlockProfile(10, 1, 9, 1.0), BlockProfile(10, 1, 9, 1.0)]
+    assert predict_peak(profiles, ["none", "checkpoint"]) == 20
+    assert predict_peak(profiles, ["checkpoint", "none"]) == 11
+    plan = plan_blocks(profiles, 15, quantum_count=10**6)
+    assert plan.modes == ("checkpoint", "none")
+
+
+def test_planner_budget_below_floor_names_the_floor() -> None:
+    profiles = BlockProfile.uniform(4, act_bytes=100, input_bytes=10)
+    # the last block gains nothing from checkpointing: recomputing it costs what keeping it does
+    floor = predict_peak(profiles, ["checkpoint"] * 3 + ["none"])
+    assert floor == predict_peak(profiles, ["checkpoint"] * 4) == min_peak(profiles)
+    with pytest.raises(BudgetTooSmallError, match="all-checkpointed floor") as info:
+        plan_blocks(profiles, floor - 1)
+    assert info.value.floor == floor
+    assert "smaller batch" in str(info.value)
+    plan = plan_blocks(profiles, floor)
+    assert plan.modes == ("checkpoint",) * 3 + ("none",) and plan.predicted_peak == floor
+
+
+def test_static_modes() -> None:
+    assert static_modes("first_k", 4, 2) == ("checkpoint", "checkpoint", "none", "none")
+    assert static_modes("every_k", 5, 2) == ("checkpoint", "none", "checkpoint", "none", "checkpoint")
+    assert static_modes("all", 2) == ("checkpoint", "checkpoint")
+    with pytest.raises(ValueError, match="unknown static plan"):
+        static_modes("last_k", 3, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# wrapper: numerics and the meter
+# --------------------------------------------------------------------------------------------
+def run_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> SavedTensorMeter:
+    model.zero_grad(set_to_none=True)
+    with SavedTensorMeter(model) as meter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    return meter
+
+
+def test_lora_gradients_equal_with_and_without_checkpointing() -> None:
+    model = tiny_vit(depth=4)
+    x, y = torch.randn(6, 1, 16, 16), torch.randint(0, 10, (6,))
+    [(_, blocks)] = find_blocks(model)
+    schedule = wrap_blocks(blocks)
+    results = {}
+    for kind, k in [("none", 0), ("all", 0), ("first_k", 2), ("every_k", 2)]:
+        schedule.set_modes(static_modes(kind, 4, k))
+        schedule.begin_step(profiling=kind == "all")
+        run_step(model, x, y)
+        results[kind] = lora_grads(model)
+        expected_recomputed = sum(m == "checkpoint" for m in schedule.modes)
+        assert sum(schedule.recomputed) == expected_recomputed
+    assert results["none"], "LoRA parameters must get gradients"
+    for kind in ("all", "first_k", "every_k"):
+        for name, grad in results["none"].items():
+            assert grad.abs().sum() > 0, name
+            torch.testing.assert_close(results[kind][name], grad, rtol=1e-5, atol=1e-7)
+    # names and state-dict keys are untouched by wrapping
+    assert all(".forward" not in k for k in model.state_dict())
+    unwrap_blocks(blocks)
+    assert "forward" not in blocks[0].__dict__
+
+
+def test_predicted_peak_equals_measured_peak() -> None:
+    model = tiny_vit(depth=4)
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    [(_, blocks)] = find_blocks(model)
+    schedule = wrap_blocks(blocks)
+    schedule.set_modes(static_modes("all", 4))
+    schedule.begin_step(profiling=True)
+    meter = run_step(model, x, y)
+    profiles = schedule.finish_profiles()
+    assert profiles is not None and all(p.act_bytes > p.input_bytes > 0 and p.flops > 0 for p in profiles)
+    pre, post = schedule.pre_bytes, meter.forward_peak_bytes - schedule.last_exit_live
+    assert predict_peak(profiles, schedule.modes, pre, post) == meter.peak_bytes
+    for modes in (static_modes("none", 4), static_modes("first_k", 4, 2), static_modes("every_k", 4, 2),
+                  ("none", "checkpoint", "none", "checkpoint")):
+        schedule.set_modes(modes)
+        schedule.begin_step(profiling=False)
+        meter = run_step(model, x, y)
+        assert predict_peak(profiles, modes, pre, post) == meter.peak_bytes, modes
+
+
+def test_wrapper_passes_keyword_arguments_and_skips_under_no_grad() -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    apply_adapter(model, LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 64, (2, 12))
+    [(_, blocks)] = find_blocks(model)
+    schedule = wrap_blocks(blocks)
+    grads = {}
+    for kind in ("none", "all"):
+        schedule.set_modes(static_modes(kind, 2))
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads[kind] = lora_grads(model)
+        assert sum(schedule.recomputed) == (2 if kind == "all" else 0)
+    for name in grads["none"]:
+        torch.testing.assert_close(grads["all"][name], grads["none"][name], rtol=1e-5, atol=1e-7)
+    schedule.begin_step(profiling=False)
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert sum(schedule.forward_calls) == 0  # no-grad forwards bypass the wrapper
+
+
+# --------------------------------------------------------------------------------------------
+# the callback
+# --------------------------------------------------------------------------------------------
+def test_callback_keeps_measured_peak_within_budget() -> None:
+    none = no_checkpoint_peak()
+    budget = int(0.5 * none)
+    cb = AdaptiveCheckpointCallback(budget=budget, headroom=0.0, verbose=False)
+    module = ViTModule()
+    trainer([cb], max_steps=4).fit(module, image_loader())
+    assert [h["events"] for h in cb.history][0] == ["profile"]
+    for h in cb.history:
+        assert h["measured_peak_bytes"] <= budget
+    steady = cb.history[1:]
+    assert all(h["predicted_peak_bytes"] == h["measured_peak_bytes"] for h in steady)
+    assert 0 < len(cb.plan.checkpointed) < 4
+    # at least as cheap as the cheapest static first-k plan that fits
+    profiles = next(iter(cb._buckets.values()))
+    fitting = [
+        k for k in range(5)
+        if predict_peak(profiles.profiles, static_modes("first_k", 4, k), profiles.pre, profiles.post) <= budget
+    ]
+    assert len(cb.plan.checkpointed) <= min(fitting)
+    assert module.seen == [0, 1, 2, 3]
+
+
+def test_callback_logs_through_the_lightning_logger() -> None:
+    class Collect(Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[tuple[int, dict]] = []
+
+        @property
+        def name(self) -> str:
+            return "collect"
+
+        @property
+        def version(self) -> int:
+            return 0
+
+        def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+            self.rows.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    logger = Collect()
+    cb = AdaptiveCheckpointCallback(budget="1GiB", verbose=False)
+    trainer([cb], max_steps=3, logger=logger).fit(ViTModule(), image_loader())
+    rows = [m for _, m in logger.rows if "adaptive_ckpt/measured_peak_bytes" in m]
+    assert len(rows) == 3
+    assert {"adaptive_ckpt/predicted_peak_bytes", "adaptive_ckpt/recompute_fraction",
+            "adaptive_ckpt/checkpointed_blocks", "adaptive_ckpt/budget_bytes"} <= set(rows[-1])
+    assert rows[-1]["adaptive_ckpt/checkpointed_blocks"] == 0  # 1 GiB: nothing to checkpoint
+
+
+def test_static_modes_in_the_callback() -> None:
+    cb = AdaptiveCheckpointCallback(mode="every_k", k=2, verbose=False)
+    trainer([cb], max_steps=2).fit(ViTModule(), image_loader())
+    assert cb.history[-1]["checkpointed"] == [0, 2]
+    assert cb.history[-1]["recomputed_blocks"] == 2
+
+
+def reference_weights(max_steps: int) -> dict[str, torch.Tensor]:
+    module = ViTModule()
+    trainer([AdaptiveCheckpointCallback(mode="none", verbose=False)], max_steps=max_steps).fit(module, image_loader())
+    return trainable_state(module)
+
+
+def test_out_of_memory_is_retried_on_the_same_batch() -> None:
+    none = no_checkpoint_peak()
+    # the device is smaller than the budget the user promised: the first planned step runs out
+    source = SimulatedMemorySource(capacity=int(0.45 * none))
+    cb = AdaptiveCheckpointCallback(budget=int(0.8 * none), headroom=0.0, memory_source=source, verbose=False)
+    module = ViTModule()
+    trainer([cb], max_steps=4).fit(module, image_loader())
+    assert source.ooms >= 1 and cb.counters["oom_retries"] >= 1
+    assert sorted(set(module.seen)) == [0, 1, 2, 3]  # no batch skipped
+    assert len(cb.history) == 4
+    assert any("oom-retry" in h["events"] for h in cb.history)
+    assert all(h["measured_peak_bytes"] <= source.capacity for h in cb.history)
+    # the retried run trains exactly like a run that never ran out of memory
+    expected = reference_weights(4)
+    for name, value in trainable_state(module).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_in_backward_restores_gradients_and_retries() -> None:
+    none = no_checkpoint_peak()
+    # step 2 (third start) runs out of memory while recomputing a block in backward
+    source = SimulatedMemorySource(oom_on_starts=[2], oom_phase="backward")
+    cb = AdaptiveCheckpointCallback(budget=int(0.6 * none), headroom=0.0, memory_source=source, verbose=False)
+    module = ViTModule()
+    trainer([cb], max_steps=4).fit(module, image_loader())
+    assert source.ooms == 1 and cb.counters["oom_retries"] == 1
+    assert sorted(set(module.seen)) == [0, 1, 2, 3]
+    expected = reference_weights(4)
+    for name, value in trainable_state(module).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_with_everything_checkpointed_is_a_clear_error() -> None:
+    source = SimulatedMemorySource(oom_on_starts=[0])  # the first (all-checkpointed profile) step
+    cb = AdaptiveCheckpointCallback(budget="1GiB", memory_source=source, verbose=False)
+    with pytest.raises(torch.OutOfMemoryError, match="every block already checkpointed.*smaller batch"):
+        trainer([cb], max_steps=2).fit(ViTModule(), image_loader())
+
+
+def test_state_is_saved_and_restored_on_resume(tmp_path: Path) -> None:
+    none = no_checkpoint_peak()
+    budget = int(0.5 * none)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
+    cb = AdaptiveCheckpointCallback(budget=budget, headroom=0.0, verbose=False)
+    trainer([cb, ckpt], max_steps=3, enable_checkpointing=True).fit(ViTModule(), image_loader())
+    state = cb.state_dict()
+    assert state["counters"]["profiles"] == 1
+
+    cb2 = AdaptiveCheckpointCallback(budget=budget, headroom=0.0, verbose=False)
+    ckpt2 = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
+    trainer([cb2, ckpt2], max_steps=5, enable_checkpointing=True).fit(
+        ViTModule(), image_loader(), ckpt_path=str(tmp_path / "last.ckpt")
+    )
+    assert len(cb2.history) == 2
+    assert all("profile" not in h["events"] for h in cb2.history)  # profile restored, not re-measured
+    assert cb2.history[0]["modes"] == list(cb.plan.modes)
+    assert cb2.counters["profiles"] == 1
+    assert json.dumps(cb2.state_dict())  # plain types only
+
+
+def test_budget_below_floor_is_a_clear_error() -> None:
+    cb = AdaptiveCheckpointCallback(budget=1000, headroom=0.0, verbose=False)
+    with pytest.raises(BudgetTooSmallError, match=r"below the all-checkpointed floor .* at batch size 8; about 0 would fit") as info:
+        trainer([cb], max_steps=2).fit(ViTModule(), image_loader())
+    assert "smaller batch" in str(info.value)
+
+
+def test_model_without_blocks_lists_candidates() -> None:
+    class Flat(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(256, 16), nn.ReLU(), nn.Linear(16, 10))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cb = AdaptiveCheckpointCallback(budget="1GiB", verbose=False)
+    with pytest.raises(BlockDiscoveryError, match=r"candidate module lists: 'net' \(Flatten, Linear, ReLU\)"):
+        trainer([cb], max_steps=1).fit(Flat(), image_loader())
+
+
+def test_reentrant_checkpointing_with_frozen_base_is_refused() -> None:
+    cb = AdaptiveCheckpointCallback(budget="1GiB", use_reentrant=True, verbose=False)
+    with pytest.raises(ValueError, match="frozen base.*no gradient.*use_reentrant=False"):
+        trainer([cb], max_steps=1).fit(ViTModule(), image_loader())
+
+
+def test_constructor_validates_input() -> None:
+    with pytest.raises(ValueError, match="needs a budget"):
+        AdaptiveCheckpointCallback()
+    with pytest.raises(ValueError, match=r"fraction .* \(0, 1\]"):
+        AdaptiveCheckpointCallback(budget=1.5)
+    with pytest.raises(ValueError, match="GiB"):
+        AdaptiveCheckpointCallback(budget="lots")
+    with pytest.raises(TypeError):
+        AdaptiveCheckpointCallback(budget=True)
+    with pytest.raises(ValueError, match="mode"):
+        AdaptiveCheckpointCallback(budget=1, mode="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="selective=True needs"):
+        cb = AdaptiveCheckpointCallback(budget="1GiB", selective=True, verbose=False)
+        trainer([cb], max_steps=1).fit(ViTModule(), image_loader())
+
+
+def test_fractional_budget_needs_a_device_total() -> None:
+    with pytest.raises(ValueError, match="knows no device total"):
+        trainer([AdaptiveCheckpointCallback(budget=0.5, verbose=False)], max_steps=1).fit(ViTModule(), image_loader())
+    source = SimulatedMemorySource(capacity=10 * 2**20)
+    cb = AdaptiveCheckpointCallback(budget="50%", memory_source=source, verbose=False)
+    trainer([cb], max_steps=1).fit(ViTModule(), image_loader())
+    assert cb.budget_bytes == 5 * 2**20
+
+
+class TinyLM(L.LightningModule):
+    def __init__(self, layers: int = 4) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                                       num_attention_heads=4, num_key_value_heads=2)
+        torch.manual_seed(0)
+        self.model = transformers.LlamaForCausalLM(cfg)
+        apply_adapter(self.model, LoRA(rank=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+def variable_length_batches(lengths: list[int], batch: int = 4) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 128, (batch, n), generator=g)} for n in lengths]
+    return torch.utils.data.DataLoader(batches, batch_size=None)  # one ready batch per item
+
+
+def test_per_shape_plans_for_variable_length_batches() -> None:
+    lengths = [96, 24, 96, 24, 48, 24]
+    cb_none = AdaptiveCheckpointCallback(mode="none", verbose=False)
+    trainer([cb_none], max_steps=1).fit(TinyLM(), variable_length_batches([96]))
+    budget = int(0.5 * cb_none.history[0]["measured_peak_bytes"])
+
+    cb = AdaptiveCheckpointCallback(budget=budget, headroom=0.0, verbose=False)
+    trainer([cb], max_steps=len(lengths)).fit(TinyLM(), variable_length_batches(lengths))
+    assert all(h["measured_peak_bytes"] <= budget for h in cb.history)
+    assert len(cb._buckets) == 3
+    by_len = {h["bucket"].split("x")[1]: len(h["checkpointed"]) for h in cb.history if not h["events"]}
+    assert by_len["24"] < by_len["96"]
+    # the short batch's profile step ran the long batch's (safe) plan, not all-checkpointed
+    first_short = cb.history[1]
+    assert first_short["events"] == ["profile"] and first_short["modes"] == cb.history[0 + 2]["modes"]
+
+
+def test_shape_bucket_rounds_keys() -> None:
+    cb = AdaptiveCheckpointCallback(budget="1GiB", shape_bucket=32, headroom=0.0, verbose=False)
+    trainer([cb], max_steps=3).fit(TinyLM(layers=2), variable_length_batches([20, 30, 50]))
+    assert sorted(cb._buckets) == ["4x32", "4x64"]
+
+
+def test_gradient_accumulation_and_manual_optimization_paths() -> None:
+    source = SimulatedMemorySource(oom_on_starts=[3])
+    cb = AdaptiveCheckpointCallback(budget="1GiB", memory_source=source, verbose=False)
+    module = ViTModule()
+    trainer([cb], max_steps=2, accumulate_grad_batches=2).fit(module, image_loader())
+    assert sorted(set(module.seen)) == [0, 1, 2, 3] and cb.counters["oom_retries"] == 1
+
+    class Manual(ViTModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            self.seen.append(batch_idx)
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self.model(batch[0]), batch[1]))
+            opt.step()
+
+    source = SimulatedMemorySource(oom_on_starts=[1])
+    cb = AdaptiveCheckpointCallback(budget="1GiB", memory_source=source, verbose=False)
+    module = Manual()
+    trainer([cb], max_steps=3).fit(module, image_loader())
+    assert sorted(set(module.seen)) == [0, 1, 2] and cb.counters["oom_retries"] == 1
+
+
+@pytest.mark.slow
+def test_qlora_gradients_equal_with_and_without_checkpointing() -> None:
+    pytest.importorskip("bitsandbytes")
+    from lightning_peft import QLoRA
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=64, depth=2,
+                              num_heads=2, num_classes=10, in_chans=1)
+    apply_adapter(model, QLoRA(rank=4, target_modules=["qkv", "fc1"]), trainable_modules=["head"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    [(_, blocks)] = find_blocks(model)
+    schedule = wrap_blocks(blocks)
+    grads = {}
+    for kind in ("none", "all"):
+        schedule.set_modes(static_modes(kind, 2))
+        run_step(model, x, y)
+        grads[kind] = lora_grads(model)
+    assert grads["none"]
+    for name in grads["none"]:
+        torch.testing.assert_close(grads["all"][name], grads["none"][name], rtol=1e-4, atol=1e-6)
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import lightning as L, torch
+    sys.path.insert(0, {tests!r})
+    from test_adaptive_checkpoint import ViTModule, image_loader, trainer, no_checkpoint_peak
+    from lightning_peft import AdaptiveCheckpointCallback
+
+    budget = int(sys.argv[1])
+    cb = AdaptiveCheckpointCallback(budget=budget, headroom=0.0, verbose=False)
+    module = ViTModule()
+    t = trainer([cb], max_steps=3, devices=2, strategy="ddp")
+    t.fit(module, image_loader(n=64))
+    out = dict(rank=t.global_rank, modes=[h["modes"] for h in cb.history],
+               grads=all(p.grad is not None for n, p in module.named_parameters() if "lora" in n))
+    with open(os.path.join({out!r}, f"rank{{t.global_rank}}.json"), "w") as f:
+        json.dump(out, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_plans_identical_on_every_rank(tmp_path: Path) -> None:
+    budget = int(0.5 * no_checkpoint_peak())
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(script), str(budget)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["modes"] == r1["modes"] and r0["grads"] and r1["grads"]
+    assert any(m == "checkpoint" for m in r0["modes"][-1])

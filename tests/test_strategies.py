@@ -1,0 +1,174 @@
+"""Strategies with adapters: plain DDP with only the callback, and AdapterFSDP2Strategy.
+
+The multi-process runs are scripts under ``tests/scripts/`` run in a subprocess (Lightning's
+``ddp`` launcher re-runs ``sys.argv``): 2 CPU processes, gloo. They write per-rank results that
+the tests check here, together with single-process references.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+from adapter_models import LORA_TARGETS, Classifier, make_loader, probe_input  # noqa: E402
+
+from lightning_peft import AdapterCallback, AdapterFSDP2Strategy, LoRA, apply_adapter, load_adapter  # noqa: E402
+from lightning_peft.strategies import trainable_state_keys  # noqa: E402
+
+
+def run_script(name: str, out: Path, timeout: float = 300) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK")}
+    env["OMP_NUM_THREADS"] = "1"  # two processes share two cores
+    proc = subprocess.run([sys.executable, str(SCRIPTS / name), str(out)], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def lora_model(seed: int = 0, **kwargs) -> Classifier:
+    torch.manual_seed(seed)
+    model = Classifier(**kwargs)
+    apply_adapter(model, LoRA(rank=4, alpha=8, target_modules=LORA_TARGETS), trainable_modules=["model.head"])
+    return model
+
+
+# ------------------------------------------------------------------------------------------
+# Fast checks
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"param_dtype": "fp8"}, ValueError),
+        ({"frozen_dtype": "int8"}, ValueError),
+        ({"data_parallel_size": 0}, ValueError),
+        ({"tensor_parallel_size": 0}, ValueError),
+        ({"block_paths": "model.blocks"}, TypeError),
+    ],
+)
+def test_fsdp2_strategy_rejects_bad_arguments(kwargs: dict, error: type) -> None:
+    with pytest.raises(error):
+        AdapterFSDP2Strategy(**kwargs)
+
+
+def test_fsdp2_strategy_is_configurable_from_yaml() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--strategy", type=AdapterFSDP2Strategy)
+    cfg = parser.parse_args(["--strategy", json.dumps({"class_path": "lightning_peft.AdapterFSDP2Strategy", "init_args": {"frozen_dtype": "bfloat16", "block_paths": ["model.blocks"]}})])
+    strategy = parser.instantiate_classes(cfg).strategy
+    assert isinstance(strategy, AdapterFSDP2Strategy)
+    assert strategy.frozen_dtype == "bfloat16" and strategy.block_paths == ["model.blocks"] and strategy.trainable_dtype == "float32"
+    with pytest.raises(Exception):  # typed: a wrong dtype is refused while parsing
+        parser.parse_args(["--strategy", json.dumps({"class_path": "lightning_peft.AdapterFSDP2Strategy", "init_args": {"param_dtype": "fp8"}})])
+
+
+def test_trainable_state_keys() -> None:
+    model = lora_model()
+    keys = trainable_state_keys(model)
+    assert keys == [k for k in model.state_dict() if ".lora_" in k or k.startswith("model.head.")]
+    assert keys and all(model.get_parameter(k).requires_grad for k in keys)
+
+
+# ------------------------------------------------------------------------------------------
+# DDP with only the callback
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ddp_lora_with_activation_checkpointing(tmp_path: Path) -> None:
+    rank0, rank1 = run_script("ddp_adapter.py", tmp_path)
+    for rank in (rank0, rank1):
+        assert rank["ddp_wrapped"] == "DistributedDataParallel" and rank["find_unused_parameters"] is False
+        assert rank["base_unchanged"]
+        assert rank["trainable_changed"] == rank["trainable"]  # every LoRA factor and the head trained
+    # the ranks saw different batches ...
+    assert rank0["losses"] != rank1["losses"]
+    # ... yet after every step their weights agree: the same probe batch gives the same loss
+    assert rank0["probe_losses"] == rank1["probe_losses"] and len(rank0["probe_losses"]) == 4
+    final0, final1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for name in final0:
+        assert torch.equal(final0[name], final1[name]), name
+
+    # checkpoints: written by rank 0 only, each file once, adapter-only
+    assert rank0["writes"] == ["last.ckpt"] and rank1["writes"] == []
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert set(checkpoint["state_dict"]) == set(rank0["trainable"])
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["last.ckpt"]
+
+    # the gradient was really averaged: equal to one process over both ranks' batches
+    torch.manual_seed(0)
+    reference = Classifier(activation_checkpointing=True, scheduler=False)
+    callback = AdapterCallback(LoRA(rank=4, alpha=8, target_modules=LORA_TARGETS), trainable_modules=["model.head"])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, callbacks=[callback], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / "ref")
+    trainer.fit(reference, make_loader(batch_size=16))  # DistributedSampler: rank r gets samples r, r+2, ...
+    for name, value in reference.named_parameters():
+        if value.requires_grad:
+            torch.testing.assert_close(final0[name], value.detach(), atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# FSDP2
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fsdp2_adapter_strategy(tmp_path: Path) -> None:
+    rank0, rank1 = run_script("fsdp2_adapter.py", tmp_path)
+    for rank in (rank0, rank1):
+        assert rank["units"] == ["model.blocks.0", "model.blocks.1", "model"]
+        # frozen and trainable parameters are both sharded DTensors; the base never changed
+        assert rank["frozen_all_dtensor"] and rank["trainable_all_dtensor"] and rank["frozen_sharded"]
+        assert rank["frozen_unchanged"]
+        assert rank["changed"] == rank["trainable_names"] and rank["n_trainable"] == 26
+        # the optimizer was built over every parameter; the strategy kept only trainable ones
+        assert rank["optimizer_params"] == rank["n_trainable"]
+        # resume with the same strategy continues where it stopped, to the same weights
+        assert rank["resumed_global_step"] == 8
+        assert rank["resumed_losses"] == rank["straight_losses"][4:]
+        assert rank["resume_max_diff"] == 0.0
+        # frozen base in bf16, adapter master weights and optimizer state in fp32
+        assert rank["mixed_frozen_dtypes"] == ["torch.bfloat16"]
+        assert rank["mixed_trainable_dtypes"] == ["torch.float32"] and rank["mixed_optimizer_dtypes"] == ["torch.float32"]
+        assert rank["mixed_changed"] == 26 and all(l == l and l < 10 for l in rank["mixed_losses"])
+    assert rank0["writes"] == ["last.ckpt"] and rank1["writes"] == []  # written once, by rank 0
+
+    sharded = torch.load(tmp_path / "sharded_A.pt")
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert set(checkpoint["state_dict"]) == set(rank0["trainable_names"])  # adapter-only
+    for name, value in checkpoint["state_dict"].items():
+        assert type(value) is torch.Tensor and torch.equal(value, sharded["trainable"][name]), name
+
+    # the adapter-only checkpoint loads into a single-process model: same outputs
+    single = lora_model()
+    result = single.load_state_dict(checkpoint["state_dict"], strict=False)
+    assert not result.unexpected_keys
+    assert all(not single.get_parameter(k).requires_grad for k in result.missing_keys)
+    single.eval()
+    x = probe_input()
+    with torch.no_grad():
+        torch.testing.assert_close(single(x), sharded["logits"], atol=1e-5, rtol=1e-5)
+    # so does the export written at fit end (gathered from the shards)
+    torch.manual_seed(0)
+    exported = load_adapter(Classifier().eval(), tmp_path / "export")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), sharded["logits"], atol=1e-5, rtol=1e-5)
+
+    # the optimizer state is a plain torch.optim state dict over the trainable parameters
+    optimizer = torch.optim.AdamW([p for p in single.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+    assert all(int(s["step"]) == 4 for s in optimizer.state.values()) and len(optimizer.state) == 26
+
+    # and a single-process run resumes from it
+    torch.manual_seed(0)
+    model = Classifier()
+    callback = AdapterCallback(LoRA(rank=4, alpha=8, target_modules=LORA_TARGETS), trainable_modules=["model.head"])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, callbacks=[callback], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / "single")
+    trainer.fit(model, make_loader(n=32), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 8
