@@ -25,11 +25,11 @@ adapter-aware:
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -47,9 +47,6 @@ from torch.optim import Optimizer
 
 from lightning_peft.adapters.base import AdapterLayer
 from lightning_peft.callbacks.adapter import AtomicCheckpointIO
-
-if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DType = Literal["float32", "bfloat16", "float16"]
@@ -459,7 +456,3 @@ class AdapterFSDP2Strategy(ModelParallelStrategy):
             for sub, name, original in reversed(swapped):
                 sub._parameters[name] = original
 
-
-def named_dtensors(module: nn.Module) -> Iterable[tuple[str, DTensor]]:
-    """``(name, parameter)`` for every sharded parameter of ``module``."""
-    return ((n, p) for n, p in module.named_parameters() if _is_dtensor(p))  # type: ignore[misc]

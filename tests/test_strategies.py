@@ -40,6 +40,17 @@ def lora_model(seed: int = 0, **kwargs) -> Classifier:
     return model
 
 
+def both_ranks_loader(n: int = 64, per_rank_batch: int = 8, epoch: int = 0) -> torch.utils.data.DataLoader:
+    """One process, batches of 16: step k holds rank 0's and rank 1's k-th batch. Lightning gives
+    each DDP rank a DistributedSampler(shuffle=True, seed=0): rank r gets perm[r::2]."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0 + epoch)).tolist()
+    per_rank = [perm[r::2] for r in range(2)]
+    batches = [
+        per_rank[0][k : k + per_rank_batch] + per_rank[1][k : k + per_rank_batch] for k in range(0, n // 2, per_rank_batch)
+    ]
+    return torch.utils.data.DataLoader(make_loader(n).dataset, batch_sampler=batches)
+
+
 # ------------------------------------------------------------------------------------------
 # Fast checks
 # ------------------------------------------------------------------------------------------
@@ -64,7 +75,7 @@ def test_fsdp2_strategy_is_configurable_from_yaml() -> None:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--strategy", type=AdapterFSDP2Strategy)
     cfg = parser.parse_args(["--strategy", json.dumps({"class_path": "lightning_peft.AdapterFSDP2Strategy", "init_args": {"frozen_dtype": "bfloat16", "block_paths": ["model.blocks"]}})])
-    strategy = parser.instantiate_classes(cfg).strategy
+    strategy = parser.instantiate(cfg).strategy
     assert isinstance(strategy, AdapterFSDP2Strategy)
     assert strategy.frozen_dtype == "bfloat16" and strategy.block_paths == ["model.blocks"] and strategy.trainable_dtype == "float32"
     with pytest.raises(Exception):  # typed: a wrong dtype is refused while parsing
@@ -76,6 +87,21 @@ def test_trainable_state_keys() -> None:
     keys = trainable_state_keys(model)
     assert keys == [k for k in model.state_dict() if ".lora_" in k or k.startswith("model.head.")]
     assert keys and all(model.get_parameter(k).requires_grad for k in keys)
+
+
+def test_fsdp2_block_discovery() -> None:
+    from torch import nn
+
+    from lightning_peft.memory import BlockDiscoveryError
+
+    strategy = AdapterFSDP2Strategy()
+    assert [name for name, _ in strategy._blocks(lora_model())] == ["model.blocks.0", "model.blocks.1"]
+    assert [name for name, _ in AdapterFSDP2Strategy(block_paths=["model.blocks"])._blocks(lora_model())] == ["model.blocks.0", "model.blocks.1"]
+    with pytest.raises(BlockDiscoveryError, match="model.layers"):
+        AdapterFSDP2Strategy(block_paths=["model.layers"])._blocks(lora_model())
+    flat = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="block_paths"):
+        assert strategy._blocks(flat) == []
 
 
 # ------------------------------------------------------------------------------------------
@@ -108,7 +134,7 @@ def test_ddp_lora_with_activation_checkpointing(tmp_path: Path) -> None:
     callback = AdapterCallback(LoRA(rank=4, alpha=8, target_modules=LORA_TARGETS), trainable_modules=["model.head"])
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, callbacks=[callback], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / "ref")
-    trainer.fit(reference, make_loader(batch_size=16))  # DistributedSampler: rank r gets samples r, r+2, ...
+    trainer.fit(reference, both_ranks_loader())
     for name, value in reference.named_parameters():
         if value.requires_grad:
             torch.testing.assert_close(final0[name], value.detach(), atol=2e-5, rtol=1e-4)
@@ -172,3 +198,25 @@ def test_fsdp2_adapter_strategy(tmp_path: Path) -> None:
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / "single")
     trainer.fit(model, make_loader(n=32), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 8
+
+
+@pytest.mark.slow
+def test_fsdp2_qlora_keeps_quantized_weights_whole(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from lightning_peft import QLoRA
+
+    rank0, rank1 = run_script("fsdp2_qlora.py", tmp_path)
+    expected_quantized = [f"model.blocks.{i}.{m}.base_layer.weight" for i in range(2) for m in ("fc1", "fc2")]
+    for rank in (rank0, rank1):
+        assert rank["quantized"] == expected_quantized and sorted(rank["unsharded"]) == expected_quantized
+        assert rank["quantized_whole"] and rank["others_sharded"]
+        assert rank["changed"] == rank["trainable"]  # the packed base never changed; LoRA and head trained
+
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert set(checkpoint["state_dict"]) == set(rank0["trainable"])  # no packed 4-bit weights
+    torch.manual_seed(0)
+    single = Classifier()
+    apply_adapter(single, QLoRA(rank=4, alpha=8, target_modules=["fc1", "fc2"], compute_dtype="float32"), trainable_modules=["model.head"])
+    single.load_state_dict(checkpoint["state_dict"], strict=False)
+    with torch.no_grad():  # train mode, as in the script (bitsandbytes' CPU eval path repacks weights)
+        torch.testing.assert_close(single(probe_input()), torch.load(tmp_path / "logits.pt"), atol=1e-5, rtol=1e-5)
