@@ -145,6 +145,7 @@ class Variant:
     optimizer: torch.optim.Optimizer | None
     times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)
+    host_times: list[float] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
     increments: list[int] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
@@ -196,15 +197,18 @@ def make_variant(
         # as it must for any adapter, but not through the patch-embedding conv / token lookup
         embed = model.patch_embed if vit else model.get_input_embeddings()
         embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    elif name in ("ours", "ours_proto"):
+    elif name in ("ours", "ours_proto", "ours_cat", "ours_cat_fold"):
         from lightning_peft import LoRA, apply_adapter
 
         targets = VIT_TARGETS if vit else LLAMA_TARGETS
         apply_adapter(model, LoRA(rank=RANK, alpha=ALPHA, target_modules=targets), trainable_modules=["head"] if vit else None)
-        if name == "ours_proto":
+        if name != "ours":
             from lora_proto import use_prototype  # benchmarks/lora_proto.py
 
-            use_prototype(model)
+            if name == "ours_proto":
+                use_prototype(model)
+            else:
+                use_prototype(model, layout="cat", fold=name == "ours_cat_fold")
     elif name == "plain":
         plain_lora(model, vit)
     elif name in ("peft", "peft_bf16"):
@@ -327,11 +331,14 @@ def check_same_init(variants: dict[str, Variant], device: torch.device) -> dict[
         v = variants[name]
         loss = v.loss_fn()
         loss.backward()
-        out[f"loss_{name}"] = float(loss)
+        out[f"loss_{name}"] = loss.item()
         pairs = lora_pairs(ours.model, v.model) if name != "ours" else [(n, p, p) for n, p, _ in ref_pairs]
         grads[name] = {n: p_var.grad.detach().float().clone() for n, _, p_var in pairs}
         v.optimizer.zero_grad(set_to_none=True)
         del loss
+    if len(peft_names) == 2:  # the noise floor: peft against itself in the other adapter dtype
+        a, b = grads[peft_names[0]], grads[peft_names[1]]
+        out["grad_rel_err_peft_bf16_vs_peft"] = max((a[n] - b[n]).norm().item() / max(b[n].norm().item(), 1e-30) for n in a)
     for name in peft_names:
         errs = [
             (grads["ours"][n] - grads[name][n]).norm().item() / max(grads[name][n].norm().item(), 1e-30)
@@ -375,22 +382,77 @@ def timed_step(v: Variant, device: torch.device, record: bool) -> None:
     sync(device)
     c0, t0 = time.process_time(), time.perf_counter()
     v.step()
+    host = time.perf_counter() - t0  # CUDA: time to enqueue the step (CPU-bound if ~ step time)
     sync(device)
     dt, dc = time.perf_counter() - t0, time.process_time() - c0
     if record:
         v.times.append(dt)
         v.cpu_times.append(dc)
+        v.host_times.append(host)
         if cuda:
             increment = torch.cuda.max_memory_allocated(device) - before
             v.increments.append(increment)
             v.peaks.append(own + increment)
 
 
+class _DetachingMeter(SavedTensorMeter):
+    """``SavedTensorMeter`` (same counting) that hands autograd *detached* tensors.
+
+    A pack hook that keeps a forward *output* with its ``grad_fn`` (the tensor itself, or an
+    object holding it) makes a reference cycle node -> packed -> tensor -> node that Python's
+    garbage collector cannot see, so the whole graph of the measured forward is never freed
+    (1.1B Llama: tens of GB per measurement). A detached tensor shares storage and version
+    counter, so counting and LoRA's reads of saved tensors are unchanged.
+    """
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        packed = super()._pack(tensor)
+        if isinstance(packed, torch.Tensor):
+            return packed.detach() if packed.grad_fn is not None else packed
+        inner = getattr(packed, "tensor", None)
+        if isinstance(inner, torch.Tensor) and inner.grad_fn is not None:
+            try:
+                packed.tensor = inner.detach()
+            except AttributeError:
+                pass
+        return packed
+
+    _pack._lightning_peft_transparent = True  # type: ignore[attr-defined]
+
+
 def saved_activation_bytes(v: Variant) -> int:
-    with SavedTensorMeter(v.model) as meter:
+    with _DetachingMeter(v.model) as meter:
         loss = v.loss_fn()
     del loss
     return meter.bytes
+
+
+def profile_variant(v: Variant, device: torch.device, steps: int = 2) -> dict[str, Any]:
+    """Top operators of ``steps`` steps by self device time (CUDA) or self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            v.step()
+        sync(device)
+    rows = []
+    for e in prof.key_averages():
+        if not (e.key.startswith("aten::") or "LoRA" in e.key or e.key.startswith("Optimizer")):
+            continue
+        dev = getattr(e, "self_device_time_total", None)
+        if dev is None:
+            dev = getattr(e, "self_cuda_time_total", 0)
+        t = dev if cuda else e.self_cpu_time_total
+        rows.append((e.key, t / steps / 1000, e.count / steps))  # ms per step, calls per step
+    rows.sort(key=lambda r: -r[1])
+    return {
+        "unit": "ms per step (self " + ("device" if cuda else "CPU") + " time)",
+        "total_ms": sum(r[1] for r in rows),
+        "top": [{"op": k, "ms": round(t, 4), "calls": c} for k, t, c in rows[:30]],
+    }
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -416,7 +478,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     gen = torch.Generator(device="cpu").manual_seed(0)
     if vit:
         batch = {
-            "x": torch.randn(spec["batch"], 3, spec["img"], spec["img"], generator=gen).to(device),
+            "x": torch.randn(spec["batch"], 3, spec["img"], spec["img"], generator=gen).to(device=device, dtype=dtype),
             "y": torch.randint(0, ref.num_classes, (spec["batch"],), generator=gen).to(device),
         }
         items, unit = spec["batch"], "img/s"
@@ -428,7 +490,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     if not vit and dtype == torch.bfloat16:
         names.append("peft_bf16")
     if args.variants:
-        wanted = args.variants.split(",")
+        wanted = [w for w in args.variants.split(",") if w != "peft_bf16" or "peft_bf16" in names]
         names = [n for n in names if n in wanted] + [n for n in wanted if n not in names]
     result: dict[str, Any] = {
         "spec": spec,
@@ -481,6 +543,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
                 "step_s_min": min(v.times),
                 "step_s_all": v.times,
                 "cpu_s_median": statistics.median(v.cpu_times),
+                "host_s_median": statistics.median(v.host_times),
                 "throughput": items / statistics.median(v.times),
                 "trainable_params": sum(p.numel() for p in trainable(v.model)),
                 "saved_activation_bytes": saved,
@@ -495,10 +558,14 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
             else:
                 res["peak_bytes"] = saved + r["params"] + r["grads"] + r["optimizer_state"]
                 res["peak_kind"] = "estimate: saved activations + params + grads + optimizer state"
+            if args.profile:
+                res["profile"] = profile_variant(v, device)
             result["variants"][n] = res
         except Exception as exc:
             result["errors"][n] = f"report: {exc!r}"
             traceback.print_exc()
+        del variants[n], v
+        free(device)
     del variants
     free(device)
 
@@ -541,16 +608,16 @@ def print_table(name: str, result: dict[str, Any]) -> None:
     unit, spec = result["unit"], result["spec"]
     print(f"\n== {name}: {spec}  weights {result['weights_dtype']}, autocast {result['autocast']}")
     header = (
-        f"{'variant':<11} {'step ms':>9} {unit:>10} {'x limit':>8} {'paired':>7} {'cpu-t':>6} "
-        f"{'saved MiB':>10} {'peak MiB':>10} {'x limit':>8} {'trainable':>13}"
+        f"{'variant':<11} {'step ms':>9} {'host ms':>8} {unit:>10} {'x limit':>8} {'paired':>7} {'cpu-t':>6} "
+        f"{'saved MiB':>10} {'x limit':>8} {'peak MiB':>10} {'x limit':>8} {'trainable':>13}"
     )
     print(header)
     print("-" * len(header))
     for n, v in result["variants"].items():
         print(
-            f"{n:<11} {1000 * v['step_s_median']:>9.2f} {v['throughput']:>10,.0f} {v.get('throughput_vs_frozen', float('nan')):>8.3f} "
+            f"{n:<11} {1000 * v['step_s_median']:>9.2f} {1000 * v['host_s_median']:>8.2f} {v['throughput']:>10,.0f} {v.get('throughput_vs_frozen', float('nan')):>8.3f} "
             f"{v.get('throughput_vs_frozen_paired', float('nan')):>7.3f} {v.get('throughput_vs_frozen_cpu_time', float('nan')):>6.3f} "
-            f"{fmt_bytes(v['saved_activation_bytes']):>10} {fmt_bytes(v['peak_bytes']):>10} {v.get('peak_vs_frozen', float('nan')):>8.3f} "
+            f"{fmt_bytes(v['saved_activation_bytes']):>10} {v.get('saved_vs_frozen', float('nan')):>8.3f} {fmt_bytes(v['peak_bytes']):>10} {v.get('peak_vs_frozen', float('nan')):>8.3f} "
             f"{v['trainable_params']:>13,}"
         )
     for n, e in result["errors"].items():
@@ -577,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", default="vit_s,vit_b,llama", help="comma-separated: vit_s, vit_b, llama")
-    p.add_argument("--variants", default=None, help="comma-separated subset/extra (full,frozen,ours,peft,peft_bf16,ours_proto)")
+    p.add_argument("--variants", default=None, help="comma-separated subset/extra (full,frozen,ours,peft,peft_bf16,plain,ours_proto,ours_cat,ours_cat_fold)")
     p.add_argument("--batch", type=int, default=None, help="override the batch size of every model")
     p.add_argument("--seq", type=int, default=None, help="Llama sequence length (default 2048, quick 128)")
     p.add_argument("--img", type=int, default=None, help="ViT image size (default 224, quick 64)")
@@ -587,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-dtype", choices=["fp32", "bf16"], default="fp32", help="CPU weight dtype (CUDA: ViT fp32, Llama bf16)")
     p.add_argument("--cpu-autocast", action="store_true", help="bf16 autocast on CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--profile", action="store_true", help="add each variant's top operators (torch.profiler, 2 steps) to the JSON")
     p.add_argument("--out", default="lora_step_results.json")
     args = p.parse_args(argv)
 

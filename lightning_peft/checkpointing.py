@@ -432,6 +432,23 @@ def expensive_ops() -> set:
     return _EXPENSIVE
 
 
+def _op_flops(registry: dict, func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    packet = func.overloadpacket
+    try:
+        if packet in registry:
+            return float(registry[packet](*args, **kwargs, out_val=out))
+        name = str(packet)
+        if name in ("aten.addmm_", "aten.baddbmm_") and len(args) >= 3:
+            a, b = args[1], args[2]
+            return 2.0 * a.numel() * b.shape[-1]
+        if name == "aten._scaled_dot_product_flash_attention_for_cpu":
+            q, k = args[0], args[1]  # [B, H, L, E], [B, H, S, E]
+            return 4.0 * q.numel() * k.shape[-2]
+    except Exception:  # a formula that does not accept these arguments: count nothing
+        return 0.0
+    return 0.0
+
+
 class _OpProfiler(TorchDispatchMode):
     """Counts forward FLOPs, per-op time (cheap vs expensive) and expensive-op output bytes."""
 
@@ -450,7 +467,8 @@ class _OpProfiler(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
-        expensive = func.overloadpacket in expensive_ops()
+        # what selective checkpointing keeps (not recomputed): see _selective_policy
+        expensive = func.overloadpacket in expensive_ops() or func._schema.is_mutable
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
@@ -465,12 +483,8 @@ class _OpProfiler(TorchDispatchMode):
             self.total_time += dt
             if not expensive:
                 self.cheap_time += dt
-        if func.overloadpacket in self.registry:
-            try:
-                self.flops += float(self.registry[func.overloadpacket](*args, **kwargs, out_val=out))
-            except Exception:  # a formula that does not accept these arguments: count nothing
-                pass
-        if expensive:
+        self.flops += _op_flops(self.registry, func, args, kwargs, out)
+        if func.overloadpacket in expensive_ops():
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, torch.Tensor):
                     try:
@@ -700,7 +714,7 @@ class BlockSchedule:
             input_keys[st.data_ptr()] = st.nbytes()
         fork_devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices, device_type=device.type if device.type == "cuda" else "cuda"):
-            meter = SavedTensorMeter(module)
+            meter = SavedTensorMeter(module, detach=True)  # the graph is discarded: no cycles
             profiler = _OpProfiler(device)
             with meter, profiler:
                 out = fwd(*args, **kwargs)
@@ -722,7 +736,9 @@ class BlockSchedule:
             if mode == "selective":
                 from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-                fwd_ctx, rec_ctx = create_selective_checkpoint_contexts(_selective_policy)
+                fwd_ctx, rec_ctx = create_selective_checkpoint_contexts(
+                    _selective_policy, allow_cache_entry_mutation=True
+                )
                 return fwd_ctx, _RecomputeObserver(self, index, None, rec_ctx)
             return contextlib.nullcontext(), _RecomputeObserver(self, index, meter)
 
@@ -730,9 +746,20 @@ class BlockSchedule:
 
 
 def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Keep matmul/attention/conv outputs; recompute the rest, except in-place ops.
+
+    In-place ops are "kept" too (their output is the mutated tensor itself, no extra memory
+    when it is already cached): replaying them in backward would mutate a cached tensor a
+    second time (LoRA's fused ``out.addmm_(u, B^T)`` right after the base matmul is the common
+    case). This assumes no op reads a tensor between its creation and a later in-place update
+    of it, which holds for the library's adapters and the usual transformer blocks.
+    """
     from torch.utils.checkpoint import CheckpointPolicy
 
     if op.overloadpacket in expensive_ops():
+        return CheckpointPolicy.MUST_SAVE
+    schema = getattr(op, "_schema", None)
+    if schema is not None and schema.is_mutable:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -94,6 +94,9 @@ class _Packed:
 class SavedTensorMeter:
     """Context manager: ``bytes`` = activation bytes saved for backward inside the context.
 
+    ``detach=True`` stores detached aliases (same storage): use it when the graph will be
+    discarded without a backward pass.
+
     Example::
 
         with SavedTensorMeter(model) as meter:
@@ -115,6 +118,7 @@ class SavedTensorMeter:
         model: nn.Module | None = None,
         *,
         on_alloc: Callable[[int, int], None] | None = None,
+        detach: bool = False,
     ) -> None:
         self._excluded: set[int] = set()
         if model is not None:
@@ -128,6 +132,13 @@ class SavedTensorMeter:
         self.unpacked = False
         # on_alloc(live_bytes_before, new_bytes) may raise (simulated out-of-memory)
         self.on_alloc = on_alloc
+        # Keep a detached alias instead of the tensor itself. Needed when the graph is thrown
+        # away without backward: a node that saves its own output would otherwise form a cycle
+        # (node -> saved object -> tensor -> grad_fn -> node) through C++ that the garbage
+        # collector cannot see, leaking the whole graph. Not the default because the unpacked
+        # tensor then carries no history (double backward through it would differentiate
+        # nothing).
+        self.detach = detach
         # Plain functions (not bound methods) so they can carry the marker below.
         def pack(tensor: torch.Tensor) -> Any:
             return self._pack(tensor)
@@ -156,7 +167,7 @@ class SavedTensorMeter:
             self.bytes += nbytes
         else:
             entry[0] += 1
-        return _Packed(tensor, key, self)
+        return _Packed(tensor.detach() if self.detach else tensor, key, self)
 
     def _unpack(self, packed: Any) -> torch.Tensor:
         if isinstance(packed, _Packed):

@@ -163,7 +163,9 @@ def test_bbc_max_per_class_and_bad_path():
     dm.setup()
     assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 100
     with pytest.raises(ValueError, match="does not exist"):
-        BBCNewsDataModule(tokenizer_path="/nonexistent/tokenizer", max_per_class=2).setup()
+        BBCNewsDataModule(tokenizer_path="/nonexistent/tokenizer", max_per_class=10).setup()
+    with pytest.raises(ValueError, match="fewer than one example per class"):
+        BBCNewsDataModule(max_per_class=4).setup()
 
 
 # --------------------------------------------------------------------------------------------

@@ -267,14 +267,45 @@ def test_works_with_router_logits_output_and_gradient_accumulation(tmp_path):
     assert epng.steps == 4 and [h["step"] for h in epng.history] == [0, 2]
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_take_identical_decisions(tmp_path):
+def _run_two_processes(tmp_path: Path, strategy: str) -> tuple[dict, dict]:
+    out = tmp_path / strategy
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "epng_ddp.py"), str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "epng_ddp.py"), str(out), strategy], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["world_size"] == 2
-    assert any(h["pruned"] or h["grown"] for h in r0["history"])
-    for key in ("history", "importance", "ranks", "digest"):
-        assert r0[key] == r1[key], key
+    return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp2_processes_take_identical_decisions(tmp_path):
+    """Each process routes different batches; the all-reduced importance makes every process take
+    the same prune/grow decisions (DDP: plain strategy="ddp"; FSDP2: expert factors sharded over
+    the expert dimension, growth written into the owning shard)."""
+    runs = {}
+    for strategy in ("ddp", "fsdp2"):
+        r0, r1 = _run_two_processes(tmp_path, strategy)
+        assert r0["world_size"] == 2 and r0["budget_ok"]
+        assert any(h["pruned"] or h["grown"] for h in r0["history"])
+        for key in ("history", "importance", "ranks", "digest"):
+            assert r0[key] == r1[key], (strategy, key)
+        runs[strategy] = r0
+    assert runs["fsdp2"]["sharded"] and not runs["ddp"]["sharded"]
+    # same data, same decisions, same weights: sharding changes nothing
+    assert runs["fsdp2"]["history"] == runs["ddp"]["history"]
+    assert runs["fsdp2"]["digest"] == runs["ddp"]["digest"]
+
+def test_config_runs_a_few_steps(tmp_path):
+    from lightning_peft.cli import cli_main
+
+    config = Path(__file__).parents[1] / "configs" / "moe_epng.yaml"
+    cli = cli_main([
+        "fit", "--config", str(config), "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false", "--data.init_args.max_articles=60",
+    ])
+    epng = next(c for c in cli.trainer.callbacks if isinstance(c, ExpertImportanceCallback))
+    assert epng.steps == 3 and epng.initial_budget > 0
+    assert len(expert_layers(cli.model)) == 4
+    log_dir = Path(cli.trainer.log_dir)
+    assert (log_dir / "epng_heatmap.png").is_file()
+    exported = json.loads((log_dir / "adapter" / "adapter_config.json").read_text())
+    assert exported["peft_type"] == "LORA" and len(exported["target_parameters"]) == 8

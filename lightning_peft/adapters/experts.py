@@ -44,7 +44,16 @@ from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, check_positive
 from lightning_peft.adapters.lora import _compute_dtype, _input_recipe, _replay, lora_forward
-from lightning_peft.adapters.rank_ops import effective_parameters, free_slots, masked, orthogonal_rows, slot_generator, zero_slots
+from lightning_peft.adapters.rank_ops import (
+    effective_parameters,
+    free_slots,
+    full_tensor,
+    masked,
+    orthogonal_rows,
+    slot_generator,
+    write_rows,
+    zero_slots,
+)
 
 # --------------------------------------------------------------------------------------------
 # Grouped matmuls over expert-sorted rows
@@ -55,43 +64,72 @@ _GMM_FAILED: set[tuple[str, str, torch.dtype]] = set()
 def _gmm_usable(kind: str, x: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or (kind, x.device.type, x.dtype) in _GMM_FAILED:
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # under torch.compile grouped_mm traces in bf16 only: use the opaque loop op
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16  # the CUDA kernels take bf16 only
     return x.device.type == "cpu"
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``out[rows of e] = x[rows of e] @ w[e]`` for ``x [S, k]`` sorted by expert, ``w [E, k, n]``
-    and ``offs [E]`` (int32 cumulative row counts, ``offs[-1] == S``) -> ``[S, n]``."""
-    if _gmm_usable("mm", x):
-        try:
-            return F.grouped_mm(x, w, offs=offs)
-        except RuntimeError:  # shape/alignment the kernel does not take: use the loop from now on
-            _GMM_FAILED.add(("mm", x.device.type, x.dtype))
+# The fallbacks loop over experts with one host sync (offs.tolist()). As custom ops they are
+# opaque to torch.compile (no graph break, no data-dependent guards); our autograd Function
+# calls them with gradients off, so they need no autograd formula of their own.
+@torch.library.custom_op("lightning_peft::grouped_mm_loop", mutates_args=())
+def _grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     out = x.new_zeros(x.shape[0], w.shape[-1])
     start = 0
-    for e, end in enumerate(offs.tolist()):  # one host sync for the whole loop
+    for e, end in enumerate(offs.tolist()):
         if end > start:
             torch.mm(x[start:end], w[e], out=out[start:end])
         start = end
     return out
 
 
-def grouped_outer(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """``out[e] = a[rows of e]^T @ b[rows of e]`` for ``a [S, m]``, ``b [S, n]`` -> ``[E, m, n]``
-    (the per-expert weight gradient)."""
-    if _gmm_usable("outer", a):
-        try:
-            return F.grouped_mm(a.t(), b, offs=offs)
-        except RuntimeError:
-            _GMM_FAILED.add(("outer", a.device.type, a.dtype))
-    out = a.new_zeros(num_groups, a.shape[1], b.shape[1])
+@_grouped_mm_loop.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("lightning_peft::grouped_outer_loop", mutates_args=())
+def _grouped_outer_loop(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    out = a.new_zeros(offs.shape[0], a.shape[1], b.shape[1])
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end > start:
             torch.mm(a[start:end].t(), b[start:end], out=out[e])
         start = end
     return out
+
+
+@_grouped_outer_loop.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(offs.shape[0], a.shape[1], b.shape[1])
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``out[rows of e] = x[rows of e] @ w[e]`` for ``x [S, k]`` sorted by expert, ``w [E, k, n]``
+    and ``offs [E]`` (int32 cumulative row counts, ``offs[-1] == S``) -> ``[S, n]``."""
+    if _gmm_usable("mm", x):
+        if torch.compiler.is_compiling():
+            return F.grouped_mm(x, w, offs=offs)
+        try:
+            return F.grouped_mm(x, w, offs=offs)
+        except RuntimeError:  # shape/alignment the kernel does not take: use the loop from now on
+            _GMM_FAILED.add(("mm", x.device.type, x.dtype))
+    return _grouped_mm_loop(x, w, offs)
+
+
+def grouped_outer(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``out[e] = a[rows of e]^T @ b[rows of e]`` for ``a [S, m]``, ``b [S, n]`` -> ``[E, m, n]``
+    (the per-expert weight gradient)."""
+    if _gmm_usable("outer", a):
+        if torch.compiler.is_compiling():
+            return F.grouped_mm(a.t(), b, offs=offs)
+        try:
+            return F.grouped_mm(a.t(), b, offs=offs)
+        except RuntimeError:
+            _GMM_FAILED.add(("outer", a.device.type, a.dtype))
+    return _grouped_outer_loop(a, b, offs)
 
 
 class _ExpertLoRAFunction(torch.autograd.Function):
@@ -132,7 +170,8 @@ class _ExpertLoRAFunction(torch.autograd.Function):
             else:
                 ac = bc = None
         needs_x_later = (a is not None and a.requires_grad) or w_io.requires_grad
-        recipe = _input_recipe(x) if recompute_input and needs_x_later else None
+        # (dynamo cannot trace grad_fn inspection: compiled graphs save x, their own memory planning applies)
+        recipe = _input_recipe(x) if recompute_input and needs_x_later and not torch.compiler.is_compiling() else None
         if not needs_x_later:
             ctx.recipe, inputs = None, ()
         elif recipe is None:
@@ -213,9 +252,10 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.T
     the sorted order is pair ``perm[i]`` (token ``perm[i] // K``)."""
     ids = top_k_index.reshape(-1)
     sorted_ids, perm = torch.sort(ids, stable=True)
-    counts = torch.bincount(sorted_ids, minlength=num_experts)
-    if counts.numel() > num_experts:
-        raise ValueError(f"router chose expert ids >= num_experts={num_experts} (expert parallelism is not supported)")
+    # histc, not bincount: no device sync (bincount sizes its output from the data); CPU histc
+    # takes floats only, CUDA integers (as transformers' grouped_mm path)
+    values = sorted_ids.float() if ids.device.type in ("cpu", "mps") else sorted_ids.int()
+    counts = torch.histc(values, bins=num_experts, min=0, max=num_experts - 1)
     return perm, sorted_ids, torch.cumsum(counts, 0).to(torch.int32)
 
 
@@ -323,11 +363,11 @@ class ExpertsLoRALayer(AdapterLayer):
         new = torch.zeros_like(self.rank_mask)
         new[expert, slots] = True
         zero_slots(self, new, optimizers)  # B columns and optimizer moments of the new slots
-        index = torch.tensor(slots, device=active.device)
         for proj in self.shapes:
             a = self.lora_A[proj]
-            rows = orthogonal_rows(a[expert][active], len(slots), generator, self._fresh_row_norm(proj, a[expert][active]))
-            a[expert].index_copy_(0, index, rows.to(a.device, a.dtype))
+            existing = full_tensor(a)[expert][active]  # all-gathered under FSDP2 (every process grows alike)
+            rows = orthogonal_rows(existing, len(slots), generator, self._fresh_row_norm(proj, existing))
+            write_rows(a, expert, 1, slots, rows)
         self.rank_mask[expert, slots] = True
         return slots
 

@@ -88,6 +88,40 @@ def _local(tensor: torch.Tensor, full_mask: torch.Tensor) -> tuple[torch.Tensor,
     return tensor.to_local(), sharded.to_local()
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor (FSDP2 shard) is all-gathered -- a collective, so every
+    process must call it for the same tensors in the same order -- anything else is returned."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return tensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def write_rows(param: torch.Tensor, group: int, rank_dim: int, slots: list[int], values: torch.Tensor) -> None:
+    """``param[group]`` at ``slots`` along ``rank_dim`` (counted in ``param``) := ``values``
+    (shaped like ``param[group]`` indexed at ``slots``). A DTensor sharded on dim 0 (FSDP2)
+    writes into its local shard when it holds ``group``; every process calls this."""
+    try:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # pragma: no cover
+        DTensor = None  # type: ignore[assignment,misc]  # noqa: N806
+    target, index = param, group
+    if DTensor is not None and isinstance(param, DTensor):
+        local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        if any(o != 0 for o in offset[1:]) or any(l != g for l, g in zip(local_shape[1:], param.shape[1:])):
+            raise NotImplementedError("rank changes support DTensors sharded on the expert dimension (dim 0) only")
+        index = group - offset[0]
+        if not 0 <= index < local_shape[0]:
+            return
+        target = param.to_local()
+    row = target[index]
+    idx = torch.tensor(slots, device=row.device)
+    row.index_copy_(rank_dim - 1, idx, values.to(row.device, row.dtype))
+
+
 @torch.no_grad()
 def zero_slots(
     layer: RankAdaptive,

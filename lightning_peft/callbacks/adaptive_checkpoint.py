@@ -51,6 +51,7 @@ from lightning_peft.checkpointing import (
 from lightning_peft.memory import (
     CudaMemorySource,
     MemorySource,
+    SavedTensorMeter,
     SavedTensorSource,
     find_blocks,
     format_bytes,
@@ -245,6 +246,7 @@ class AdaptiveCheckpointCallback(Callback):
         self._oom_in_step = False
         self._batch_size = 0
         self._step_t0 = 0.0
+        self._aux_meter: SavedTensorMeter | None = None
 
     @staticmethod
     def _check_budget_string(budget: str) -> None:
@@ -409,6 +411,7 @@ class AdaptiveCheckpointCallback(Callback):
             return
         if self._source is not None:
             self._source.stop()
+        self._stop_aux()
         for undo in reversed(self._retry_undo):
             undo()
         self._retry_undo = []
@@ -419,6 +422,7 @@ class AdaptiveCheckpointCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._source is not None:
             self._source.stop()
+        self._stop_aux()
 
     # ------------------------------------------------------------------------------------------
     # out-of-memory retry
@@ -499,6 +503,7 @@ class AdaptiveCheckpointCallback(Callback):
     def _recover(self, pl_module: pl.LightningModule, snapshot: list, message: str) -> None:
         assert self.schedule is not None and self._source is not None
         self._source.stop()
+        self._stop_aux()
         gc.collect()
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -538,7 +543,7 @@ class AdaptiveCheckpointCallback(Callback):
         self.schedule.set_modes(new)
         self._plan_used = new
         self.schedule.begin_step(self._profiling)
-        self._source.start(pl_module)
+        self._start_measuring(pl_module)
 
     def _saves_less(self, new: tuple[str, ...], current: tuple[str, ...]) -> bool:
         bucket = self._buckets.get(self._key or "")
@@ -600,15 +605,30 @@ class AdaptiveCheckpointCallback(Callback):
         self._oom_in_step = False
         self.schedule.begin_step(self._profiling)
         self._step_t0 = time.perf_counter()
+        self._start_measuring(pl_module)
+
+    def _start_measuring(self, pl_module: nn.Module) -> None:
+        assert self._source is not None
+        self._stop_aux()
         self._source.start(pl_module)
+        if self._profiling and self._source.meter() is None:
+            # profile steps on a whole-device source (CUDA) also run the saved-activation meter:
+            # it measures the bytes saved before/after the blocks and recomputation transients
+            self._aux_meter = SavedTensorMeter(pl_module).__enter__()
+
+    def _stop_aux(self) -> None:
+        if self._aux_meter is not None:
+            self._aux_meter.__exit__(None, None, None)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         assert self.schedule is not None and self._source is not None and self._key is not None
         source = self._source
-        meter = source.meter()
+        meter = source.meter() or self._aux_meter
         source.stop()
+        self._stop_aux()
+        self._aux_meter = None
         bucket = self._buckets[self._key]
         measured = float(source.peak_bytes())
         oom = float(self._oom_in_step)

@@ -319,9 +319,10 @@ class ExpertImportanceCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._collecting = False
         self._remove_hooks()
+        # trainer.log_dir is a collective under DDP: every process asks, only rank 0 writes
+        out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir or ".")
         if not trainer.is_global_zero or not self.layer_names:
             return
-        out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir or ".")
         out.mkdir(parents=True, exist_ok=True)
         (out / "epng_state.json").write_text(json.dumps(self.state_dict(), indent=1))
         if self.heatmap:
@@ -347,7 +348,15 @@ def write_heatmap(importance: list[torch.Tensor], ranks: list[list[int]], histor
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
         ax.set_title(title)
+        ax.set_yticks(range(len(ranks)))
+        if width <= 16:
+            ax.set_xticks(range(width))
         fig.colorbar(im, ax=ax)
+    if len(ranks) * width <= 256:  # small enough to print every rank
+        top = max(max(r) for r in ranks)
+        for i, r in enumerate(ranks):
+            for e, value in enumerate(r):
+                axes[1].text(e, i, str(value), ha="center", va="center", color="white" if value <= top / 2 else "black", fontsize=7)
     steps = [h["step"] for h in history]
     for i in range(len(ranks)):
         axes[2].plot(steps, [sum(h["ranks"][i]) for h in history], marker="o", label=f"layer {i}")

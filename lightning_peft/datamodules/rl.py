@@ -103,13 +103,23 @@ class _EpisodeTracker:
         self.finished_success: deque[float] = deque(maxlen=window)
         self.episodes = 0
 
+    def _success(self, info: dict[str, Any], n: int) -> np.ndarray | None:
+        if "success" not in info:
+            return None
+        self.reports_success = True
+        mask = np.asarray(info.get("_success", np.ones(n, dtype=bool)), dtype=bool)
+        return np.asarray(info["success"]).astype(bool) & mask
+
     def step(self, reward: np.ndarray, done: np.ndarray, info: dict[str, Any]) -> None:
         self.returns += reward
         self.lengths += 1
-        if "success" in info:
-            self.reports_success = True
-            mask = info.get("_success", np.ones_like(done))
-            self.success |= np.asarray(info["success"], dtype=bool) & np.asarray(mask, bool)
+        n = len(done)
+        # With SAME_STEP autoreset a finished environment's step info is in info["final_info"]
+        # (info itself then holds the next episode's reset info).
+        for source, mask in ((info, ~done), (info.get("final_info", {}), done)):
+            flags = self._success(source, n) if isinstance(source, dict) else None
+            if flags is not None:
+                self.success |= flags & mask
         for i in np.flatnonzero(done):
             self.finished_returns.append(float(self.returns[i]))
             self.finished_lengths.append(int(self.lengths[i]))
@@ -343,6 +353,14 @@ class RLDataModule(L.LightningDataModule):
         """Use ``module``'s policy for collection (done by ``setup`` under a Trainer)."""
         check_policy_fits_task(module, self.task)
         self.dataset.module = module
+
+    def prepare_data(self) -> None:
+        # Lightning calls this before loggers create their directories and before callbacks'
+        # setup (SaveConfigCallback writes config.yaml there): a policy that does not fit the
+        # task is refused here with nothing written.
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.lightning_module is not None:
+            check_policy_fits_task(trainer.lightning_module, self.task)
 
     def setup(self, stage: str) -> None:
         if stage != "fit":

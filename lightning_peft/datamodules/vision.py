@@ -37,6 +37,13 @@ def stratified_split(
     held_out = val_fraction + test_fraction
     if held_out <= 0:
         return indices, [], []
+    n_classes = len(set(labels))
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if 0 < fraction and int(fraction * len(labels)) < n_classes:
+            raise ValueError(
+                f"{name}={fraction} of {len(labels)} examples leaves fewer than one example per "
+                f"class ({n_classes} classes) in a stratified split; use more data or a larger fraction."
+            )
     train_idx, rest_idx = train_test_split(
         indices, test_size=held_out, stratify=labels, random_state=seed
     )

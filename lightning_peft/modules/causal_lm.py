@@ -11,13 +11,13 @@ import torch
 from lightning_peft.modules import Schedule, _check_optim_args, configure_adamw
 from lightning_peft.modules.text import build_transformers_model
 
-#: A small Llama (about 0.5M parameters) whose vocabulary matches the byte-level
+#: A small Llama (about 0.5M parameters; sizes are multiples of 64 as bitsandbytes 4-bit packing on CPU requires) whose vocabulary matches the byte-level
 #: ``BBCLanguageModelingDataModule`` (256 bytes + BOS + EOS).
 DEFAULT_LLAMA_CONFIG: dict[str, Any] = {
     "model_type": "llama",
     "vocab_size": 258,
     "hidden_size": 128,
-    "intermediate_size": 344,
+    "intermediate_size": 384,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 4,

@@ -297,6 +297,9 @@ class PPO(L.LightningModule):
             return torch.distributions.Categorical(logits=params)
         return _IndependentNormal(*params)
 
+    def _value_column(self, observation: Tensor) -> Tensor:
+        return self.value(observation)  # [B, 1], the layout TorchRL's loss expects
+
     def state_value(self, observation: Tensor) -> Tensor:
         """``V(s)`` ``[B]`` for normalised observations ``[B, D]``."""
         return self.value(observation).squeeze(-1)
@@ -394,7 +397,7 @@ class PPO(L.LightningModule):
                 ),
             )
             critic = TensorDictModule(
-                self.value, in_keys=["observation"], out_keys=["state_value"]
+                self._value_column, in_keys=["observation"], out_keys=["state_value"]
             )
             hp = self.hparams
             loss = ClipPPOLoss(
@@ -416,8 +419,6 @@ class PPO(L.LightningModule):
                 advantage="advantage",
                 value_target="value_target",
             )
-            # ``critic`` was registered inside the loss; that is fine (the loss itself is not
-            # registered on self), but keep the reference out of nn.Module's __setattr__.
             self.__dict__["_ppo_loss"] = loss
         loss = self._ppo_loss
         device = self.obs_norm.mean.device
@@ -466,6 +467,9 @@ class PPO(L.LightningModule):
             key: out.get(key).reshape(()) if out.get(key).numel() == 1 else out.get(key)
             for key in out.keys()
         }
+        zero = result["loss_objective"].new_zeros(())
+        result.setdefault("loss_critic", zero)  # absent when value_coef == 0
+        result.setdefault("loss_entropy", zero)
         result["loss"] = (
             result["loss_objective"] + result["loss_critic"] + result["loss_entropy"]
         )
@@ -531,12 +535,24 @@ class PPO(L.LightningModule):
 
     def on_fit_end(self) -> None:
         path = self.hparams.get("export_path")
-        if path and (self._trainer is None or self.trainer.is_global_zero):
-            self.save_policy(path)
+        if not path or (self._trainer is not None and not self.trainer.is_global_zero):
+            return
+        if set(self.state_dict()) != set(_plain_keys(self)):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"PPO: export_path={path!r} writes plain policies; this one carries adapters, "
+                "which AdapterCallback(export_dir=...) exports. Nothing written to export_path."
+            )
+            return
+        self.save_policy(path)
 
     # ------------------------------------------------------------------ files
     def policy_metadata(self) -> dict[str, str]:
-        hp = {k: v for k, v in self.hparams.items() if k not in ("base_checkpoint", "export_path")}
+        import inspect
+
+        allowed = set(inspect.signature(PPO.__init__).parameters) - {"self", "base_checkpoint", "export_path"}
+        hp = {k: v for k, v in self.hparams.items() if k in allowed}
         return {
             "format": POLICY_FORMAT,
             "task": str(self.hparams["task"]),
@@ -549,7 +565,7 @@ class PPO(L.LightningModule):
         """Write the whole policy (weights and observation statistics) to ``path``
         (``.safetensors``, written atomically). Refuses a policy with adapter layers injected:
         export those with ``save_adapter`` and keep the base file as it was."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         state = self.state_dict()
         base_keys = set(_plain_keys(self))
@@ -560,12 +576,22 @@ class PPO(L.LightningModule):
                 f"tensors ({extra} ...). Save the adapter with lightning_peft.save_adapter or "
                 "merge it first."
             )
+        data = save(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()},
+            metadata=self.policy_metadata(),
+        )
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp,
-                  metadata=self.policy_metadata())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return path
 
     @classmethod
@@ -581,7 +607,10 @@ class PPO(L.LightningModule):
             meta = f.metadata() or {}
         if meta.get("format") != POLICY_FORMAT:
             raise ValueError(f"{path!r} is not a policy file written by PPO.save_policy")
-        hp = json.loads(meta["hparams"])
+        import inspect
+
+        allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "base_checkpoint", "export_path"}
+        hp = {k: v for k, v in json.loads(meta["hparams"]).items() if k in allowed}
         if task is not None:
             hp["task"] = task
         return cls(**hp, base_checkpoint=path)
@@ -593,7 +622,15 @@ class PPO(L.LightningModule):
         observation/action shapes, other hidden sizes, or a file holding adapter tensors).
         """
         path = os.fspath(path)
-        state, source = _read_policy_state(path)
+        state, source, saved_hp = _read_policy_state(path)
+        # Settings that change the function without changing any tensor shape.
+        for key in ("activation", "normalize_observations"):
+            if key in saved_hp and saved_hp[key] != self.hparams[key]:
+                raise ValueError(
+                    f"base checkpoint {path!r} (task {source!r}) was trained with {key}="
+                    f"{saved_hp[key]!r}, but this PPO policy (task {self.hparams['task']!r}) has "
+                    f"{key}={self.hparams[key]!r}; set model.init_args.{key} to match the base"
+                )
         expected = {k: v for k, v in self.state_dict().items()}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -647,7 +684,8 @@ def _plain_keys(module: PPO) -> list[str]:
     return keys
 
 
-def _read_policy_state(path: str) -> tuple[dict[str, Tensor], str]:
+def _read_policy_state(path: str) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
+    """``(state, task, hyper-parameters)`` of a policy file or a Lightning checkpoint."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"base checkpoint {path!r} does not exist (train one with configs/rl_base.yaml, "
@@ -659,15 +697,19 @@ def _read_policy_state(path: str) -> tuple[dict[str, Tensor], str]:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
-        return state, meta.get("task", "unknown")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        return state, meta.get("task", "unknown"), json.loads(meta.get("hparams", "{}"))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - Lightning checkpoints may pickle more than tensors
+        # Only reached for a local file the user named as their own base checkpoint.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(
             f"base checkpoint {path!r} is neither a .safetensors policy file nor a Lightning "
             "checkpoint with a 'state_dict'"
         )
-    hp = ckpt.get("hyper_parameters", {}) or {}
-    return dict(ckpt["state_dict"]), str(hp.get("task", "unknown"))
+    hp = dict(ckpt.get("hyper_parameters", {}) or {})
+    return dict(ckpt["state_dict"]), str(hp.get("task", "unknown")), hp
 
 
 def _describe_spaces(task: str, obs_space: Any, act_space: Any) -> tuple[

@@ -1,4 +1,6 @@
-"""EPnG on 2 CPU processes (gloo, plain ``strategy="ddp"``): ``python epng_ddp.py OUT_DIR``.
+"""EPnG on 2 CPU processes (gloo): ``python epng_ddp.py OUT_DIR [ddp|fsdp2]`` -- plain
+``strategy="ddp"`` (default) or ``AdapterFSDP2Strategy`` (FSDP2: expert factors sharded over the
+expert dimension, rank changes written shard-locally).
 
 Lightning's launcher re-runs this script for rank 1. Each process sees different batches
 (DistributedSampler), so its local router statistics differ; the callback all-reduces them, so
@@ -63,7 +65,7 @@ def make_module(seed: int = 0, lr: float = 1e-2, schedule: str = "constant", war
 
     torch.manual_seed(seed)
     module = CausalLM(config=dict(TINY_OLMOE), lr=lr, schedule=schedule, warmup_steps=warmup)  # type: ignore[arg-type]
-    # transformers' from_config leaves routers at 0 (uniform routing): give them a real init
+    # sharper routers than the 0.02 default init, so that experts' router probabilities differ clearly
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("mlp.gate.weight"):
@@ -72,15 +74,17 @@ def make_module(seed: int = 0, lr: float = 1e-2, schedule: str = "constant", war
 
 
 def digest(module: torch.nn.Module) -> str:
+    from lightning_peft.adapters.rank_ops import full_tensor
+
     h = hashlib.sha256()
     for name, p in sorted(module.named_parameters()):
-        if p.requires_grad:
+        if p.requires_grad:  # full_tensor: all-gathers FSDP2 shards (every rank calls it)
             h.update(name.encode())
-            h.update(p.detach().cpu().double().numpy().tobytes())
+            h.update(full_tensor(p.detach()).cpu().double().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def main(out: Path) -> None:
+def main(out: Path, strategy_name: str = "ddp") -> None:
     import lightning.pytorch as pl
 
     from lightning_peft import AdapterCallback, ExpertImportanceCallback, ExpertLoRA, LoRA
@@ -90,8 +94,13 @@ def main(out: Path) -> None:
     module = make_module()
     epng = ExpertImportanceCallback(prune_fraction=0.25, grow_fraction=0.25, warmup_steps=2, interval=2, heatmap=False)
     adapter = AdapterCallback([ExpertLoRA(rank=2, max_rank=4), LoRA(rank=2, target_modules=["q_proj"])])
+    strategy: Any = "ddp"
+    if strategy_name == "fsdp2":
+        from lightning_peft import AdapterFSDP2Strategy
+
+        strategy = AdapterFSDP2Strategy(process_group_backend="gloo")
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=8, logger=False, enable_progress_bar=False,
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=8, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(out), callbacks=[adapter, epng],
     )
     trainer.fit(module, train_dataloaders=loader(n=64))
@@ -103,6 +112,8 @@ def main(out: Path) -> None:
         "ranks": [l.ranks for l in expert_layers(module).values()],
         "digest": digest(module),
         "world_size": trainer.world_size,
+        "sharded": any(type(p).__name__ == "DTensor" for p in module.parameters()),
+        "budget_ok": all(h["trainable"] <= epng.initial_budget for h in epng.history),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
@@ -110,4 +121,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "ddp")
