@@ -153,15 +153,28 @@ def finetune(method: str, base: dict[str, torch.Tensor], train: torch.Tensor, va
     model = new_model(0)
     model.load_state_dict(base)
     pl.seed_everything(seed, verbose=False)
-    if method == "uniform":
-        spec = ExpertLoRA(rank=args.rank, alpha=2.0 * args.rank)
+    class RandomImportance(ExpertImportanceCallback):
+        """Control: the same prune/grow mechanics and budget, but random 'importance'."""
+
+        def plan(self) -> list[list[int]]:
+            real, g = self.importance, torch.Generator().manual_seed(1000 * seed + len(self.history))
+            self.importance = [torch.rand(len(t), generator=g, dtype=torch.float64) for t in real]
+            try:
+                return super().plan()
+            finally:
+                self.importance = real
+
+    if method in ("uniform", "uniform_2x"):
+        rank = args.rank * (2 if method == "uniform_2x" else 1)
+        spec = ExpertLoRA(rank=rank, alpha=2.0 * rank)
         callbacks: list[Any] = [AdapterCallback(spec)]
         epng = None
     else:
         spec = ExpertLoRA(rank=args.rank, alpha=2.0 * args.rank, max_rank=2 * args.rank)
-        epng = ExpertImportanceCallback(prune_fraction=0.2, grow_fraction=0.2, warmup_steps=args.warmup,
-                                        interval=args.interval, decay=0.9, scope="global", seed=seed, heatmap=False,
-                                        output_dir=str(args.tmp / f"epng_seed{seed}"))
+        cls = RandomImportance if method == "epng_random" else ExpertImportanceCallback
+        epng = cls(prune_fraction=0.2, grow_fraction=0.2, warmup_steps=args.warmup, interval=args.interval, decay=0.9,
+                   scope="global", seed=seed, heatmap=(seed == args.seeds[0] and method == "epng"),
+                   output_dir=str(args.out_dir / "epng_quality_heatmap" if args.out_dir else args.tmp / f"epng_seed{seed}"))
         callbacks = [AdapterCallback(spec), epng]
     module = LM(model)
     data = DataLoader(Windows(train, args.seq, args.steps * args.batch, seed=1000 + seed), batch_size=args.batch)
@@ -205,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=None, help="EPnG warm-up steps")
     parser.add_argument("--interval", type=int, default=None, help="EPnG steps between cycles")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--controls", action="store_true",
+                        help="also run epng_random (same mechanics, random importance) and uniform_2x (twice the budget)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
@@ -231,25 +246,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference = {"pydoc_val_loss": evaluate(base_model, val_blocks(py_val, args.seq, 64)), "bbc_val_loss_before": evaluate(base_model, val)}
     print(f"pretrained base: pydoc val loss {reference['pydoc_val_loss']:.3f}, BBC val loss {reference['bbc_val_loss_before']:.3f}", flush=True)
 
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"epng_quality{'_quick' if args.quick else ''}.json"
+    args.out_dir = out.parent
+    methods = ["uniform", "epng", *(["epng_random", "uniform_2x"] if args.controls else [])]
     runs = []
     for seed in args.seeds:
-        for method in ("uniform", "epng"):
+        for method in methods:
             r = finetune(method, base, bbc_train, val, seed, args)
             runs.append(r)
             print(f"  seed {seed} {method:<8} val loss {r['val_loss']:.4f}  trainable {r['trainable']:,}  "
                   f"({r['train_cpu_s']:.0f} s CPU)", flush=True)
 
     summary: dict[str, Any] = {}
-    for method in ("uniform", "epng"):
-        values = [r["val_loss"] for r in runs if r["method"] == method]
-        m, s = mean_std(values)
-        summary[method] = {"val_loss_mean": m, "val_loss_std": s, "per_seed": values}
-    diffs = [e["val_loss"] - u["val_loss"] for u, e in zip(runs[0::2], runs[1::2])]
-    dm, ds = mean_std(diffs)
-    summary["epng_minus_uniform"] = {"mean": dm, "std": ds, "per_seed": diffs}
+    by = {(r["method"], r["seed"]): r["val_loss"] for r in runs}
+    for method in methods:
+        values = [by[method, s] for s in args.seeds]
+        m, sd = mean_std(values)
+        summary[method] = {"val_loss_mean": m, "val_loss_std": sd, "per_seed": values}
+        if method != "uniform":
+            diffs = [by[method, s] - by["uniform", s] for s in args.seeds]
+            dm, ds = mean_std(diffs)
+            summary[f"{method}_minus_uniform"] = {"mean": dm, "std": ds, "per_seed": diffs}
     budgets = {r["trainable"] for r in runs if r["method"] == "uniform"}
-    summary["budget_identical"] = all(r.get("budget") in budgets for r in runs if r["method"] == "epng") and all(
-        all(c["trainable"] <= r["budget"] for c in r["cycles"]) for r in runs if r["method"] == "epng"
+    summary["budget_identical"] = all(
+        r.get("budget") in budgets and all(c["trainable"] <= r["budget"] for c in r["cycles"])
+        for r in runs if r["method"] in ("epng", "epng_random")
     )
     output = {
         "benchmark": "epng_quality", "model": MODEL, "rank": args.rank, "seeds": args.seeds, "pretrain_steps": args.pretrain_steps,
@@ -258,12 +279,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0, "torch": torch.__version__,
     }
     print("\nBBC validation loss (nats/token), mean +- std over seeds", args.seeds)
-    for method in ("uniform", "epng"):
-        s = summary[method]
-        print(f"  {method:<8} {s['val_loss_mean']:.4f} +- {s['val_loss_std']:.4f}   per seed {[round(v, 4) for v in s['per_seed']]}")
-    print(f"  epng - uniform (paired by seed): {dm:+.4f} +- {ds:.4f}; same budget at every step: {summary['budget_identical']}")
+    for method in methods:
+        st = summary[method]
+        diff = summary.get(f"{method}_minus_uniform")
+        paired = f"   vs uniform {diff['mean']:+.4f} +- {diff['std']:.4f}" if diff else ""
+        print(f"  {method:<12} {st['val_loss_mean']:.4f} +- {st['val_loss_std']:.4f}{paired}   per seed {[round(v, 4) for v in st['per_seed']]}")
+    print(f"  same budget at every step (epng vs uniform): {summary['budget_identical']}")
     print(f"  before fine-tuning: {reference['bbc_val_loss_before']:.4f}; total {output['cpu_s']:.0f} s CPU, {output['wall_s']:.0f} s wall")
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"epng_quality{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(output, indent=1))
     print(f"wrote {out}")

@@ -96,11 +96,28 @@ def _replay(kind: str, tensors: tuple[torch.Tensor, ...], extra: Any) -> torch.T
     return tensors[0] * tensors[1]  # mul
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+def _layer_norm_grad_a(g: torch.Tensor, tensors: tuple[torch.Tensor, ...], extra: Any) -> torch.Tensor:
+    """``g^T LN(h)`` without materialising ``LN(h)``: with ``LN(h) = (h - mu) r w + b`` row-wise,
+
+        g^T LN(h) = w * ((g r)^T h - (g r)^T mu) + (sum_n g_n) b^T        ([r_lora, d])
+
+    one GEMM over the saved LayerNorm input instead of an elementwise replay of ``[N, d]``."""
+    inp, mean, rstd, *affine = tensors
+    has_weight, has_bias = extra
+    d = inp.shape[-1]
+    h = inp.reshape(-1, d)
+    g = g.to(h.dtype)
+    gr = g * rstd.reshape(-1, 1)  # [N, r]
+    out = (gr.t() @ h).sub_((gr * mean.reshape(-1, 1)).sum(0).unsqueeze(1))
+    if has_weight:
+        out.mul_(affine.pop(0).reshape(1, d))
+    if has_bias:
+        out.addr_(g.sum(0), affine.pop(0).reshape(d).to(out.dtype))
+    return out
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +127,9 @@ class _LoRAFunction(torch.autograd.Function):
     """``y = [x W^T + b] + s * drop(x) A^T B^T`` on ``x [..., d_in]`` (flattened to ``[N, d_in]``).
 
     With ``weight=None`` only the update is returned (the caller adds a base it cannot fuse,
-    e.g. a bitsandbytes 4-bit layer).
+    e.g. a bitsandbytes 4-bit layer). Every operand is cast to one compute dtype (autocast's
+    when autocast is on) so the matmuls below are unaffected by autocast; few host-side ops,
+    because small layers are bound by launch overhead.
     """
 
     @staticmethod
@@ -125,24 +144,24 @@ class _LoRAFunction(torch.autograd.Function):
         dropout: float,
         recompute_input: bool,
     ) -> torch.Tensor:
-        dtype = _compute_dtype(x)
-        ctx.x_shape = x.shape
-        with torch.autocast(x.device.type, enabled=False):
-            xc = x.reshape(-1, x.shape[-1]).to(dtype)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            mask = None
-            xd = xc
-            if dropout > 0.0:
-                mask = torch.empty_like(xc, dtype=torch.bool).bernoulli_(1.0 - dropout)
-                xd = xc * mask / (1.0 - dropout)
-            u = xd @ a.t()  # [N, r]
-            if weight is not None:
-                w = weight.to(dtype)
-                out = F.linear(xc, w, None if bias is None else bias.to(dtype))
-                out.addmm_(u, b.t(), alpha=scale)
-            else:
-                w = None
-                out = (u @ b.t()).mul_(scale)
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        xc = _cast(x2, dtype)
+        a, b = _cast(lora_a, dtype), _cast(lora_b, dtype)
+        mask = None
+        xd = xc
+        if dropout > 0.0:
+            mask = torch.empty_like(xc, dtype=torch.bool).bernoulli_(1.0 - dropout)
+            xd = xc * mask / (1.0 - dropout)
+        u = xd @ a.t()  # [N, r]
+        w = None
+        if weight is not None:
+            w = _cast(weight, dtype)
+            out = torch.addmm(_cast(bias, dtype), xc, w.t()) if bias is not None else xc @ w.t()
+            out.addmm_(u, b.t(), alpha=scale)
+        else:
+            out = (u @ b.t()).mul_(scale)
 
         base_trains = weight is not None and (weight.requires_grad or (bias is not None and bias.requires_grad))
         recipe = _input_recipe(x) if recompute_input and not base_trains else None
@@ -150,46 +169,54 @@ class _LoRAFunction(torch.autograd.Function):
             ctx.recipe = None
             input_tensors: tuple[torch.Tensor, ...] = (x,)
         else:
-            ctx.recipe = (recipe[0], recipe[2], len(recipe[1]))
-            input_tensors = recipe[1]
+            kind, tensors, extra = recipe
+            # a LayerNorm input in fp32 folds into dA's GEMM (no replay); else replay in backward
+            if kind == "layer_norm" and mask is None and tensors[0].dtype == torch.float32:
+                kind = "layer_norm_fold"
+            ctx.recipe = (kind, extra)
+            input_tensors = tensors
         ctx.has_weight, ctx.has_mask = w is not None, mask is not None
-        ctx.scale, ctx.dropout, ctx.dtype, ctx.x_dtype = scale, dropout, dtype, x.dtype
+        ctx.scale, ctx.dropout, ctx.dtype, ctx.x_dtype, ctx.x_shape = scale, dropout, dtype, x.dtype, x.shape
         ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(u, a, b, *((w,) if w is not None else ()), *((mask,) if mask is not None else ()), *input_tensors)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        saved = list(ctx.saved_tensors)
-        u, a, b = saved[:3]
-        rest = saved[3:]
+        u, a, b, *rest = ctx.saved_tensors
         w = rest.pop(0) if ctx.has_weight else None
         mask = rest.pop(0) if ctx.has_mask else None
-        if ctx.recipe is None:
-            x = rest[0]
-        else:
-            kind, extra, _ = ctx.recipe
-            x = _replay(kind, tuple(rest), extra)
-        dtype, scale = ctx.dtype, ctx.scale
+        dtype, scale, recipe = ctx.dtype, ctx.scale, ctx.recipe
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
-        with torch.autocast(grad_out.device.type, enabled=False):
-            dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-            g = (dy @ b).mul_(scale)  # [N, r]: gradient w.r.t. u, scaled
-            xc = x.reshape(-1, x.shape[-1]).to(dtype)
-            xd = xc if mask is None else xc * mask / (1.0 - ctx.dropout)
-            grad_x = grad_w = grad_bias = None
-            if need_x:
-                lora_dx = g @ a  # [N, d_in]
+        dy = grad_out if grad_out.dim() == 2 else grad_out.reshape(-1, grad_out.shape[-1])
+        dy = _cast(dy, dtype)
+        g = dy @ b  # [N, r]: gradient w.r.t. u, before the scale
+        grad_x = grad_w = grad_bias = grad_a = grad_lb = None
+        if need_x:
+            if mask is None and w is not None:
+                grad_x = (dy @ w).addmm_(g, a, alpha=scale)
+            else:
+                grad_x = (g @ a).mul_(scale)
                 if mask is not None:
-                    lora_dx.mul_(mask).div_(1.0 - ctx.dropout)
-                grad_x = lora_dx if w is None else lora_dx.addmm_(dy, w)
-                grad_x = grad_x.to(ctx.x_dtype).reshape(ctx.x_shape)
-            if need_w:
-                grad_w = dy.t() @ xc
-            if need_b:
-                grad_bias = dy.sum(0)
-            grad_a = (g.t() @ xd).to(ctx.param_dtypes[0]) if need_a else None
-            grad_lb = (dy.t() @ u).mul_(scale).to(ctx.param_dtypes[1]) if need_lb else None
+                    grad_x.mul_(mask).div_(1.0 - ctx.dropout)
+                if w is not None:
+                    grad_x.addmm_(dy, w)
+            grad_x = _cast(grad_x, ctx.x_dtype).view(ctx.x_shape)
+        if need_a or need_w:
+            if recipe is not None and recipe[0] == "layer_norm_fold":
+                grad_a = _layer_norm_grad_a(g, tuple(rest), recipe[1])
+            else:
+                x = rest[0] if recipe is None else _replay(recipe[0], tuple(rest), recipe[1])
+                xc = _cast(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), dtype)
+                if need_w:
+                    grad_w = dy.t() @ xc
+                xd = xc if mask is None else xc * mask / (1.0 - ctx.dropout)
+                grad_a = g.t() @ xd
+            grad_a = _cast(grad_a.mul_(scale), ctx.param_dtypes[0]) if need_a else None
+        if need_b:
+            grad_bias = dy.sum(0)
+        if need_lb:
+            grad_lb = _cast((dy.t() @ u).mul_(scale), ctx.param_dtypes[1])
         return grad_x, grad_w, grad_bias, grad_a, grad_lb, None, None, None
 
 
