@@ -73,6 +73,7 @@ class _Bucket:
     offset: float = 0.0
     oom_scale: float = 1.0
     plan: Plan | None = None
+    calibrating: bool = False  # one all-checkpointed step without profiling to measure the offset
     calm: int = 0
     pending_relax: bool = False
     recent_offsets: deque = field(default_factory=lambda: deque(maxlen=64))
@@ -247,6 +248,7 @@ class AdaptiveCheckpointCallback(Callback):
         self._batch_size = 0
         self._step_t0 = 0.0
         self._aux_meter: SavedTensorMeter | None = None
+        self._warned_floor = False
 
     @staticmethod
     def _check_budget_string(budget: str) -> None:
@@ -315,7 +317,10 @@ class AdaptiveCheckpointCallback(Callback):
         allowed = ["none", "checkpoint"]
         selective = self.selective
         if selective == "auto":
-            selective = not self._source.activation_only
+            # Measured on an H200 (docs/adaptive_checkpointing.md): selective checkpointing's
+            # per-op dispatch overhead outweighs its savings on LoRA models, whose saved
+            # activations are already mostly matmul outputs. Opt in with selective=True.
+            selective = False
         elif selective and self._source.activation_only:
             raise ValueError(
                 "selective=True needs a memory source that measures the whole device (CUDA): the saved-activation "
@@ -420,9 +425,8 @@ class AdaptiveCheckpointCallback(Callback):
         self._blocks = []
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._source is not None:
-            self._source.stop()
-        self._stop_aux()
+        # Lightning does not call callback teardown after an exception: leave the model as we found it
+        self.teardown(trainer, pl_module, "fit")
 
     # ------------------------------------------------------------------------------------------
     # out-of-memory retry
@@ -614,7 +618,8 @@ class AdaptiveCheckpointCallback(Callback):
         if self._profiling and self._source.meter() is None:
             # profile steps on a whole-device source (CUDA) also run the saved-activation meter:
             # it measures the bytes saved before/after the blocks and recomputation transients
-            self._aux_meter = SavedTensorMeter(pl_module).__enter__()
+            # detached aliases: a graph abandoned by an out-of-memory error must not leak
+            self._aux_meter = SavedTensorMeter(pl_module, detach=True).__enter__()
 
     def _stop_aux(self) -> None:
         if self._aux_meter is not None:
@@ -645,6 +650,8 @@ class AdaptiveCheckpointCallback(Callback):
                 if meter is not None:
                     post = max(meter.forward_peak_bytes - self.schedule.last_exit_live, 0)
                 profiles, pre, post = self._reduce_profiles(trainer, profiles, pre, post)
+                for p in profiles:
+                    p.offload_bandwidth = self._bandwidth
                 if bucket.scale != 1.0:
                     profiles = [self._scaled(p, bucket.scale) for p in profiles]
                     pre, post = int(pre * bucket.scale), int(post * bucket.scale)
@@ -716,11 +723,30 @@ class AdaptiveCheckpointCallback(Callback):
         events: list[str] = []
         limit = self.budget_bytes * (1 - self.headroom) * bucket.oom_scale
         old = bucket.plan.modes if bucket.plan is not None else None
-        if first:
+        if first or bucket.calibrating:
             # activation-only meters are exact up to recomputation temporaries: never go below 0
             bucket.offset = max(observed_offset, 0.0)
-            bucket.plan = self._plan_for(bucket, first=True)
+            calibrate = first and not self._source_activation_only()
+            try:
+                bucket.plan = self._plan_for(bucket, strict=True)
+                bucket.calibrating = False
+            except BudgetTooSmallError:
+                if not calibrate:
+                    raise
+                # A whole-device source measured the profile step, whose side forwards and
+                # meters may cost a little extra: confirm with one plain all-checkpointed step
+                # before declaring the budget infeasible.
+                bucket.calibrating = True
+                bucket.plan = self._make_plan(bucket, ("checkpoint",) * len(bucket.profiles or []))
+                events.append("calibrate")
         elif measured > limit:
+            floor_plan = bucket.plan is not None and all(m == "checkpoint" for m in bucket.plan.modes)
+            if floor_plan and not self._warned_floor:
+                self._warned_floor = True
+                rank_zero_warn(
+                    f"AdaptiveCheckpointCallback[{self._key}]: measured peak {format_bytes(measured)} exceeds the "
+                    f"budget's limit {format_bytes(limit)} with every block checkpointed; use a smaller batch."
+                )
             bucket.offset = max(bucket.offset, observed_offset) + 0.01 * self.budget_bytes
             bucket.plan = self._plan_for(bucket)
             bucket.calm = 0
@@ -735,6 +761,9 @@ class AdaptiveCheckpointCallback(Callback):
         if bucket.plan is not None and old != bucket.plan.modes and self.verbose:
             rank_zero_info(f"AdaptiveCheckpointCallback[{self._key}]: {bucket.plan.describe()}")
         return events
+
+    def _source_activation_only(self) -> bool:
+        return self._source is not None and self._source.activation_only
 
     def _relax(self, bucket: _Bucket) -> None:
         bucket.pending_relax = False
@@ -753,7 +782,10 @@ class AdaptiveCheckpointCallback(Callback):
             if self.verbose:
                 rank_zero_info(f"AdaptiveCheckpointCallback[{self._key}] relaxed: {bucket.plan.describe()}")
 
-    def _plan_for(self, bucket: _Bucket, first: bool = False) -> Plan:
+    def _plan_for(self, bucket: _Bucket, strict: bool = False) -> Plan:
+        """The cheapest plan under the bucket's usable budget. Infeasible: ``strict`` raises
+        :class:`BudgetTooSmallError` (with the floor in the budget's units), otherwise the
+        all-checkpointed plan is returned (after an overshoot or an out-of-memory error)."""
         assert bucket.profiles is not None and self.budget_bytes is not None
         usable = self.budget_bytes * (1 - self.headroom) * bucket.oom_scale - bucket.offset
         try:
@@ -768,7 +800,7 @@ class AdaptiveCheckpointCallback(Callback):
             )
         except BudgetTooSmallError:
             floor_act = min_peak(bucket.profiles, bucket.pre, bucket.post, self._allowed)
-            if first and bucket.oom_scale == 1.0:
+            if strict:
                 needed = int((floor_act + bucket.offset) / (1 - self.headroom)) + 1
                 detail = ""
                 if self._batch_size:
@@ -794,7 +826,7 @@ class AdaptiveCheckpointCallback(Callback):
         return BlockProfile(
             act_bytes=int(p.act_bytes * s), input_bytes=int(p.input_bytes * s), extra_bytes=int(p.extra_bytes * s),
             flops=p.flops * s, time=p.time * s, sel_bytes=int(p.sel_bytes * s), sel_time=p.sel_time * s,
-            recompute_peak=int(p.recompute_peak * s),
+            recompute_peak=int(p.recompute_peak * s), offload_bandwidth=p.offload_bandwidth,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -836,6 +868,7 @@ class AdaptiveCheckpointCallback(Callback):
                 "oom_scale": b.oom_scale,
                 "plan": None if b.plan is None else list(b.plan.modes),
                 "calm": b.calm,
+                "calibrating": b.calibrating,
                 "recent_offsets": list(b.recent_offsets),
             }
         return {
@@ -870,6 +903,7 @@ class AdaptiveCheckpointCallback(Callback):
             b.offset = float(d.get("offset", 0.0))
             b.oom_scale = float(d.get("oom_scale", 1.0))
             b.calm = int(d.get("calm", 0))
+            b.calibrating = bool(d.get("calibrating", False))
             b.recent_offsets.extend(d.get("recent_offsets", []))
             if d.get("plan") is not None and b.profiles is not None:
                 modes = tuple(d["plan"])
