@@ -379,7 +379,8 @@ def study_returns(work: Path, args: argparse.Namespace, results: dict[str, Any],
     for source in dict.fromkeys(s for s, _ in PAIRS):
         path = work / f"trained_base_{source}.safetensors"
         info = train_base(source, path, args.base_rollouts, seed=0)
-        print(f"[base] {source}: solved={info['solved']} mean100={info['final_mean_return_100_episodes']:.1f} "
+        mean100 = info["final_mean_return_100_episodes"]
+        print(f"[base] {source}: solved={info['solved']} mean100={'n/a' if mean100 is None else f'{mean100:.1f}'} "
               f"env_steps={info['env_steps']} wall={info['wall_s']:.0f}s cpu={info['cpu_s']:.0f}s", flush=True)
         results["base_training"].append(info)
         bases[source] = path

@@ -297,7 +297,8 @@ class RLDataModule(L.LightningDataModule):
         rollout_steps: steps per environment per rollout (``T``).
         minibatch_size: transitions per optimizer step.
         update_epochs: passes over each rollout.
-        seed: environment seed (env ``i`` gets ``seed + i``) and minibatch shuffling seed.
+        seed: environment seed (env ``i`` gets ``seed + i``; rank ``k`` of a multi-process run
+            adds ``10_000 k``) and minibatch shuffling seed.
         episode_window: finished episodes averaged in ``rollout/episode_return``.
         normalize_rewards: scale rewards by the running std of the discounted return (helps
             Pendulum and MountainCarContinuous; logged returns stay raw).
@@ -368,6 +369,10 @@ class RLDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None or trainer.lightning_module is None:
             raise RuntimeError("RLDataModule.setup needs a Trainer with a LightningModule")
+        if self.dataset.env is None and trainer.global_rank:
+            # under DDP each rank collects different episodes
+            self.dataset.seed = self.hparams["seed"] + 10_000 * trainer.global_rank
+            self.dataset._rng.manual_seed(self.dataset.seed)
         self.attach(trainer.lightning_module)
 
     def train_dataloader(self) -> DataLoader:
