@@ -128,7 +128,7 @@ def pretrain(stream: torch.Tensor, steps: int, batch: int, seq: int, lr: float) 
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
-            print(f"  pretrain step {step:4d}  loss {float(loss):.3f}", flush=True)
+            print(f"  pretrain step {step:4d}  loss {float(loss.detach()):.3f}", flush=True)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -174,7 +174,7 @@ def finetune(method: str, base: dict[str, torch.Tensor], train: torch.Tensor, va
         cls = RandomImportance if method == "epng_random" else ExpertImportanceCallback
         epng = cls(prune_fraction=0.2, grow_fraction=0.2, warmup_steps=args.warmup, interval=args.interval, decay=0.9,
                    scope="global", seed=seed, heatmap=(seed == args.seeds[0] and method == "epng"),
-                   output_dir=str(args.out_dir / "epng_quality_heatmap" if args.out_dir else args.tmp / f"epng_seed{seed}"))
+                   output_dir=str(args.heatmap_dir if seed == args.seeds[0] and method == "epng" else args.tmp / f"epng_seed{seed}"))
         callbacks = [AdapterCallback(spec), epng]
     module = LM(model)
     data = DataLoader(Windows(train, args.seq, args.steps * args.batch, seed=1000 + seed), batch_size=args.batch)
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"pretrained base: pydoc val loss {reference['pydoc_val_loss']:.3f}, BBC val loss {reference['bbc_val_loss_before']:.3f}", flush=True)
 
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"epng_quality{'_quick' if args.quick else ''}.json"
-    args.out_dir = out.parent
+    args.heatmap_dir = out.parent / f"{out.stem}_heatmap"  # EPnG's heatmap and state of the first seed
     methods = ["uniform", "epng", *(["epng_random", "uniform_2x"] if args.controls else [])]
     runs = []
     for seed in args.seeds:

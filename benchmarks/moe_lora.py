@@ -138,7 +138,7 @@ def verify(device: torch.device) -> dict[str, Any]:
         want = torch.autograd.grad(ref, [h32, *a32.values(), *b32.values()], grad.float())
 
         def rel(x: torch.Tensor, y: torch.Tensor) -> float:
-            return float((x.float() - y).norm() / y.norm().clamp_min(1e-12))
+            return float((x.detach().float() - y.detach()).norm() / y.detach().norm().clamp_min(1e-12))
 
         report[str(dtype).replace("torch.", "")] = {
             "output_rel_err": rel(out, ref),
@@ -202,7 +202,7 @@ def run_method(method: str, args: argparse.Namespace, device: torch.device, dtyp
     result["tokens_per_s"] = args.batch * args.seq / result["step_s"]
     if device.type == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-    del model, optimizer, params
+    model = optimizer = params = None  # free before the next method (the step closure holds them)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

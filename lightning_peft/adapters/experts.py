@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, check_positive
-from lightning_peft.adapters.lora import _compute_dtype, _input_recipe, _replay, lora_forward
+from lightning_peft.adapters.lora import _input_recipe, _replay, lora_forward
 from lightning_peft.adapters.rank_ops import (
     effective_parameters,
     free_slots,
@@ -54,6 +54,12 @@ from lightning_peft.adapters.rank_ops import (
     write_rows,
     zero_slots,
 )
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """autocast's dtype when autocast is on, else the activation's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
 
 # --------------------------------------------------------------------------------------------
 # Grouped matmuls over expert-sorted rows
@@ -119,7 +125,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return _grouped_mm_loop(x, w, offs)
 
 
-def grouped_outer(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, num_groups: int) -> torch.Tensor:
+def grouped_outer(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """``out[e] = a[rows of e]^T @ b[rows of e]`` for ``a [S, m]``, ``b [S, n]`` -> ``[E, m, n]``
     (the per-expert weight gradient)."""
     if _gmm_usable("outer", a):
@@ -181,7 +187,6 @@ class _ExpertLoRAFunction(torch.autograd.Function):
         ctx.has_x = needs_x_later
         ctx.has_gather, ctx.has_lora = gather is not None, u is not None
         ctx.scale, ctx.dtype, ctx.x_dtype, ctx.x_shape = scale, dtype, x.dtype, x.shape
-        ctx.num_experts = w_io.shape[0]
         ctx.param_dtypes = (None if a is None else a.dtype, None if b is None else b.dtype, w_io.dtype)
         tensors = [offs, w_io]
         if gather is not None:
@@ -225,11 +230,11 @@ class _ExpertLoRAFunction(torch.autograd.Function):
                     xc = x.to(dtype)
                     xg = xc[gather] if gather is not None else xc
                 if need_a and g is not None:
-                    grad_a = grouped_outer(g, xg, offs, ctx.num_experts).to(ctx.param_dtypes[0])
+                    grad_a = grouped_outer(g, xg, offs).to(ctx.param_dtypes[0])
                 if need_b and u is not None:
-                    grad_b = grouped_outer(dy, u, offs, ctx.num_experts).mul_(scale).to(ctx.param_dtypes[1])
+                    grad_b = grouped_outer(dy, u, offs).mul_(scale).to(ctx.param_dtypes[1])
                 if need_w:
-                    grad_w = grouped_outer(xg, dy, offs, ctx.num_experts).to(ctx.param_dtypes[2])
+                    grad_w = grouped_outer(xg, dy, offs).to(ctx.param_dtypes[2])
         return grad_x, None, None, grad_w, grad_a, grad_b, None, None
 
 

@@ -164,7 +164,8 @@ class _LoRAFunction(torch.autograd.Function):
             out = (u @ b.t()).mul_(scale)
 
         base_trains = weight is not None and (weight.requires_grad or (bias is not None and bias.requires_grad))
-        recipe = _input_recipe(x) if recompute_input and not base_trains else None
+        # under torch.compile reading grad_fn would break the graph: save the input instead
+        recipe = _input_recipe(x) if recompute_input and not base_trains and not torch.compiler.is_compiling() else None
         if recipe is None:
             ctx.recipe = None
             input_tensors: tuple[torch.Tensor, ...] = (x,)

@@ -21,7 +21,7 @@ rank_dim)`` triples saying which dimension of ``param`` indexes the group (``Non
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -186,11 +186,6 @@ def slot_generator(seed: int, *keys: int) -> torch.Generator:
     for key in keys:
         value = (value * 1_000_003 + int(key) + 0x9E3779B9) % (2**63 - 1)
     return torch.Generator().manual_seed(value)
-
-
-def iter_active(mask: torch.Tensor) -> Iterator[tuple[int, list[int]]]:
-    for g in range(mask.shape[0]):
-        yield g, mask[g].nonzero().flatten().tolist()
 
 
 def free_slots(mask_row: torch.Tensor, n: int) -> list[int]:
