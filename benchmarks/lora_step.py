@@ -11,7 +11,7 @@ model copy), interleaving the variants round by round so that drift and noise hi
 * ``peft``       ``peft.get_peft_model`` with the same rank, alpha and targets (+ ``modules_to_save``
                  head for ViT);
 * ``peft_bf16``  (Llama with bf16 weights only) peft with ``autocast_adapter_dtype=False``;
-* ``ours_proto`` (opt-in) ours with the prototype node of ``benchmarks/lora_proto.py``.
+* ``plain``      (opt-in) the textbook ``base(x) + B(A(x)) * s`` modules.
 
 A step is forward + loss + backward + AdamW step + ``zero_grad(set_to_none=True)``.
 Reported per variant: median step time, throughput, trainable parameters, and memory:
@@ -197,18 +197,11 @@ def make_variant(
         # as it must for any adapter, but not through the patch-embedding conv / token lookup
         embed = model.patch_embed if vit else model.get_input_embeddings()
         embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    elif name in ("ours", "ours_proto", "ours_cat", "ours_cat_fold"):
+    elif name == "ours":
         from lightning_peft import LoRA, apply_adapter
 
         targets = VIT_TARGETS if vit else LLAMA_TARGETS
         apply_adapter(model, LoRA(rank=RANK, alpha=ALPHA, target_modules=targets), trainable_modules=["head"] if vit else None)
-        if name != "ours":
-            from lora_proto import use_prototype  # benchmarks/lora_proto.py
-
-            if name == "ours_proto":
-                use_prototype(model)
-            else:
-                use_prototype(model, layout="cat", fold=name == "ours_cat_fold")
     elif name == "plain":
         plain_lora(model, vit)
     elif name in ("peft", "peft_bf16"):
@@ -644,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", default="vit_s,vit_b,llama", help="comma-separated: vit_s, vit_b, llama")
-    p.add_argument("--variants", default=None, help="comma-separated subset/extra (full,frozen,ours,peft,peft_bf16,plain,ours_proto,ours_cat,ours_cat_fold)")
+    p.add_argument("--variants", default=None, help="comma-separated subset/extra (full,frozen,ours,peft,peft_bf16,plain)")
     p.add_argument("--batch", type=int, default=None, help="override the batch size of every model")
     p.add_argument("--seq", type=int, default=None, help="Llama sequence length (default 2048, quick 128)")
     p.add_argument("--img", type=int, default=None, help="ViT image size (default 224, quick 64)")
@@ -663,7 +656,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda but CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # lora_proto for ours_proto
 
     results: dict[str, Any] = {
         "benchmark": "lora_step",

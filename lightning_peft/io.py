@@ -18,7 +18,6 @@ leaves a half-written adapter.
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
 import re
@@ -62,10 +61,7 @@ def merge_adapter(model: nn.Module, keep_original: bool = True) -> int:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no adapter layers to merge")
     for layer in layers.values():
-        if isinstance(layer, LoRALinear) or "keep_original" in inspect.signature(layer.merge).parameters:
-            layer.merge(keep_original=keep_original)
-        else:
-            layer.merge()
+        layer.merge(keep_original=keep_original)
     return len(layers)
 
 
@@ -154,6 +150,24 @@ def _base_name(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
     return str(name) if name else type(model).__name__
+
+
+def atomic_write_file(path: str | os.PathLike[str], write: Any) -> Path:
+    """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then rename it over
+    ``path``: a crash mid-write never leaves a truncated file (the old one stays)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def _atomic_write_dir(path: Path, write: Any) -> None:

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_peft.io import atomic_write_file
+
 __all__ = ["PolicyLibrary"]
 
 FORMAT = "lightning_peft.policy_library/1"
@@ -58,17 +60,7 @@ def _slug(task: str) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_file(path, lambda f: f.write(data))
 
 
 def _atomic_save_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:

@@ -110,7 +110,9 @@ class AdapterLayer(nn.Module):
     base_layer: nn.Module
     merged: bool = False
 
-    def merge(self) -> None:
+    def merge(self, keep_original: bool = True) -> None:
+        """Fold the adapter into the base weights; ``keep_original`` keeps what ``unmerge``
+        needs to restore them exactly."""
         raise NotImplementedError
 
     def unmerge(self) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
-from lightning_peft.io import merge_adapter, save_adapter
+from lightning_peft.io import atomic_write_file, merge_adapter, save_adapter
 from lightning_peft.targeting import AdapterReport, adapter_record, apply_adapter, combine_fingerprints
 
 
@@ -33,18 +32,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     so a crash mid-save never leaves a truncated checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write_file(path, lambda f: torch.save(checkpoint, f))
 
 
 class _CheckedLoadHook:

@@ -11,8 +11,9 @@ import torch
 from lightning_peft.modules import Schedule, _check_optim_args, configure_adamw
 from lightning_peft.modules.text import build_transformers_model
 
-#: A small Llama (about 0.5M parameters; sizes are multiples of 64 as bitsandbytes 4-bit packing on CPU requires) whose vocabulary matches the byte-level
-#: ``BBCLanguageModelingDataModule`` (256 bytes + BOS + EOS).
+#: A small Llama (about 0.5M parameters) whose vocabulary matches the byte-level
+#: ``BBCLanguageModelingDataModule`` (256 bytes + BOS + EOS). Layer widths are multiples of 32,
+#: as bitsandbytes' 4-bit packing on CPU requires (for QLoRA).
 DEFAULT_LLAMA_CONFIG: dict[str, Any] = {
     "model_type": "llama",
     "vocab_size": 258,

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_peft.io import atomic_write_file
+
 __all__ = ["PPO", "LogStd", "RunningObsNorm", "gae", "policy_fingerprint"]
 
 POLICY_FORMAT = "lightning_peft.ppo_policy/1"
@@ -600,17 +602,7 @@ class PPO(L.LightningModule):
             metadata=self.policy_metadata(),
         )
         path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_file(path, lambda f: f.write(data))
         return path
 
     @classmethod
