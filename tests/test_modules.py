@@ -155,6 +155,18 @@ def test_text_mean_pooling_ignores_padding():
     torch.testing.assert_close(model(ids), model(padded, mask), atol=1e-5, rtol=1e-5)
 
 
+def test_text_encoder_dropout_override():
+    model = TextClassifier(config=TINY_BERT, encoder_dropout=0.0)
+    probs = {m.p for m in model.encoder.modules() if isinstance(m, torch.nn.Dropout)}
+    assert probs == {0.0}
+    # with no dropout left, train mode is deterministic
+    ids = torch.randint(1000, 2000, (2, 8))
+    model.train()
+    torch.testing.assert_close(model(ids), model(ids))
+    default = TextClassifier(config=TINY_BERT)
+    assert {m.p for m in default.encoder.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+
+
 def test_text_pretrained_default_is_minilm():
     model = TextClassifier(num_classes=5)
     assert model.encoder.config.hidden_size == 384
@@ -180,6 +192,8 @@ def test_text_bad_arguments(tmp_path):
         TextClassifier(config={"hidden_size": 32})
     with pytest.raises(ValueError, match="does not exist"):
         TextClassifier(model_path=str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="encoder_dropout"):
+        TextClassifier(config=TINY_BERT, encoder_dropout=1.5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,3 +273,41 @@ def test_warmup_and_schedule(tmp_path, schedule):
         assert lrs[2:] == pytest.approx([1.0, 0.75, 0.5, 0.25])
     else:
         assert lrs[2:] == pytest.approx([1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2])
+
+
+# --------------------------------------------------------------------------------------------
+# With the adapter callback (the modules never inject adapters themselves)
+# --------------------------------------------------------------------------------------------
+def _lora_callback(targets, trainable):
+    from lightning_peft import AdapterCallback, LoRA
+
+    return AdapterCallback(adapter=LoRA(rank=2, alpha=4, target_modules=targets), trainable_modules=trainable)
+
+
+@pytest.mark.parametrize(
+    "make_model, make_data, targets, trainable",
+    [
+        (lambda: ImageClassifier(num_classes=10, model_kwargs=VIT_KWARGS), lambda: DigitsDataModule(batch_size=16),
+         "all-linear", ["head"]),
+        (lambda: TextClassifier(config=TINY_BERT), lambda: BBCNewsDataModule(max_per_class=10, batch_size=4, max_length=32),
+         ["query", "value"], ["classifier"]),
+        (lambda: CausalLM(config=TINY_LLAMA), lambda: BBCLanguageModelingDataModule(seq_len=32, batch_size=4, max_articles=20),
+         "all-linear", None),
+    ],
+    ids=["image", "text", "causal_lm"],
+)
+def test_fast_dev_run_with_lora_callback(tmp_path, make_model, make_data, targets, trainable):
+    model = make_model()
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = _trainer(tmp_path, callbacks=[_lora_callback(targets, trainable)])
+    trainer.fit(model, make_data())
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or any(f".{t}." in f".{n}" for t in (trainable or [])) for n in trained)
+    # the optimizer holds exactly the trainable parameters
+    in_optimizer = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+    # frozen base weights did not move
+    for name, p in model.named_parameters():
+        base_name = name.replace(".base_layer.", ".")
+        if not p.requires_grad and base_name in frozen_before:
+            assert torch.equal(p, frozen_before[base_name]), name
