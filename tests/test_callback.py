@@ -230,6 +230,35 @@ def test_export_at_fit_end_reloads_to_the_same_outputs(tmp_path: Path) -> None:
         load_adapter(fresh_model(seed=1), callback.export_path)  # an export made for another base
 
 
+class ScoreBestAtFirstEpoch(Callback):
+    """Logs a score that is best after epoch 0 and remembers the trainable weights then."""
+
+    def on_train_epoch_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        pl_module.log("score", -float(trainer.current_epoch))
+        if trainer.current_epoch == 0:
+            self.weights = trainable_state(pl_module)
+
+
+@pytest.mark.parametrize("export_weights", ["best", "last"])
+def test_export_holds_the_best_checkpoint_weights_and_merge_survives_testing_best(tmp_path: Path, export_weights: str) -> None:
+    model = fresh_model()
+    callback = lora_callback(export_dir="adapter", export_weights=export_weights, merge_on_fit_end=True)
+    best = ScoreBestAtFirstEpoch()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="score", mode="max")
+    trainer = make_trainer(tmp_path, [callback, best, checkpoint], epochs=2)
+    trainer.fit(model, loader())
+    assert "epoch=0" in checkpoint.best_model_path
+    final = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n or n.startswith("model.head.")}
+    assert all(m.merged for m in model.modules() if hasattr(m, "merged") and hasattr(m, "base_layer"))
+    exported = load_adapter(fresh_model(), callback.export_path)
+    expected = best.weights if export_weights == "best" else final
+    for name, value in trainable_state(exported).items():
+        torch.testing.assert_close(value, expected[name], atol=0, rtol=0)
+    # loading an (unmerged) checkpoint into the merged model unmerges first instead of corrupting it
+    model.on_load_checkpoint(torch.load(checkpoint.best_model_path, weights_only=False))
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+
+
 def test_export_into_another_adapter_config_fails(tmp_path: Path) -> None:
     callback = lora_callback(export_dir="adapter")
     make_trainer(tmp_path, [callback], max_steps=1).fit(fresh_model(), loader())

@@ -191,3 +191,16 @@ def test_qlora_trains_merges_and_round_trips(tmp_path):
         apply_adapter(other, QLoRA(rank=4, target_modules=["0"], quant_type=quant_type, compute_dtype="float32"))
         out = other(x)
         assert out.shape == (16, 8) and torch.isfinite(out).all()
+
+
+def test_qlora_eval_without_grad_on_widths_the_cpu_kernel_cannot_run():
+    pytest.importorskip("bitsandbytes")
+    for d_in, d_out in [(64, 40), (40, 64), (96, 32)]:
+        model = nn.Sequential(nn.Linear(d_in, d_out))
+        apply_adapter(model, QLoRA(rank=2, target_modules=["0"], compute_dtype="float32"))
+        assert model[0].dequantize_without_grad
+        x = torch.randn(3, d_in)
+        expected = model(x)
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected)

@@ -276,6 +276,7 @@ class LoRALinear(AdapterLayer):
         nn.init.zeros_(self.lora_B.weight)
         self.spec = spec if spec is not None else LoRA(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
         self._fused = type(base_layer).forward is nn.Linear.forward
+        self.dequantize_without_grad = False  # set by QLoRA for widths its CPU kernel cannot run
         self._original_weight: torch.Tensor | None = None
         self._merged_module: nn.Module | None = None
 
@@ -294,7 +295,11 @@ class LoRALinear(AdapterLayer):
         if self._fused:
             base = self.base_layer
             return lora_forward(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scale, dropout, self.recompute_input)
-        base_out = self.base_layer(x)
+        if self.dequantize_without_grad and not torch.is_grad_enabled() and x.device.type == "cpu":
+            base = self.base_layer
+            base_out = F.linear(x, dequantized_weight(base).to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
+        else:
+            base_out = self.base_layer(x)
         delta = lora_forward(x, None, None, self.lora_A.weight, self.lora_B.weight, self.scale, dropout, self.recompute_input)
         return base_out + delta.to(base_out.dtype)
 

@@ -112,4 +112,8 @@ class QLoRA(LoRA):
         layer = LoRALinear(
             self.quantize(module), self.rank_for(name), self.alpha_for(name), self.dropout, self.use_rslora, self.init, self.recompute_input, spec=self
         )
+        # bitsandbytes' CPU 4-bit inference kernel (taken under no_grad, e.g. in validation) only
+        # handles in_features % 64 == 0 and out_features % 32 == 0 and fails with a bare assertion
+        # otherwise: such layers run a dequantized matmul there instead
+        layer.dequantize_without_grad = self.quant_type != "int8" and (module.in_features % 64 != 0 or module.out_features % 32 != 0)
         return layer

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
-from lightning_peft.io import atomic_write_file, merge_adapter, save_adapter
+from lightning_peft.io import atomic_write_file, merge_adapter, save_adapter, unmerge_adapter
 from lightning_peft.targeting import AdapterReport, adapter_record, apply_adapter, combine_fingerprints
 
 
@@ -56,6 +56,10 @@ class AdapterCallback(Callback):
         trainable_modules: module-name patterns that train fully (e.g. a new head).
         export_dir: where ``fit`` writes the adapter export at its end; relative paths are
             under ``trainer.log_dir`` (or ``default_root_dir``). ``None``: no export.
+        export_weights: ``"best"``: at the end of fit, load the trainable tensors of the best
+            checkpoint (when a ``ModelCheckpoint`` saved one) before exporting, so the export is
+            the model that ``trainer.test(ckpt_path="best")`` evaluates; ``"last"``: export the
+            final weights as they are.
         merge_on_fit_end: merge the adapter into the base weights after the export.
         check_gradients: after the first backward, warn about adapter parameters whose
             gradient is missing (not connected to the loss).
@@ -68,6 +72,7 @@ class AdapterCallback(Callback):
         adapter: AdapterSpec | list[AdapterSpec],
         trainable_modules: list[str] | None = None,
         export_dir: str | None = None,
+        export_weights: Literal["best", "last"] = "best",
         merge_on_fit_end: bool = False,
         check_gradients: bool = True,
         adapter_only_checkpoints: bool = True,
@@ -79,6 +84,9 @@ class AdapterCallback(Callback):
         self.adapter = list(specs)
         self.trainable_modules = list(trainable_modules or [])
         self.export_dir = export_dir
+        if export_weights not in ("best", "last"):
+            raise ValueError(f"export_weights must be 'best' or 'last', got {export_weights!r}")
+        self.export_weights = export_weights
         self.merge_on_fit_end = merge_on_fit_end
         self.check_gradients = check_gradients
         self.adapter_only_checkpoints = adapter_only_checkpoints
@@ -147,6 +155,8 @@ class AdapterCallback(Callback):
         pl_module.on_load_checkpoint = _CheckedLoadHook(self, pl_module)  # type: ignore[method-assign]
 
     def _check_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if any(isinstance(m, AdapterLayer) and m.merged for m in pl_module.modules()):
+            unmerge_adapter(pl_module)  # checkpoints hold unmerged tensors (e.g. testing "best" after merge_on_fit_end)
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if state is not None:
             self.load_state_dict(state)
@@ -240,6 +250,12 @@ class AdapterCallback(Callback):
 
     # --- end of fit --------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        if self.export_weights == "best" and best and Path(best).is_file():
+            # export what ModelCheckpoint judged best (what `trainer.test(ckpt_path="best")` evaluates)
+            checkpoint = trainer.strategy.load_checkpoint(best)
+            trainer.strategy.load_model_state_dict(checkpoint, strict=False)
+            rank_zero_info(f"lightning-peft: adapter weights of the best checkpoint loaded for export: {best}")
         if self.export_dir is not None:
             export = Path(self.export_dir)
             if not export.is_absolute():
