@@ -43,7 +43,7 @@ from lightning_peft.memory import (
     find_blocks,
 )
 
-timm = pytest.importorskip("timm")
+import timm
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def test_predicted_peak_equals_measured_peak() -> None:
 
 
 def test_wrapper_passes_keyword_arguments_and_skips_under_no_grad() -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=2)
     torch.manual_seed(0)
@@ -464,7 +464,7 @@ def test_fractional_budget_needs_a_device_total() -> None:
 class TinyLM(L.LightningModule):
     def __init__(self, layers: int = 4) -> None:
         super().__init__()
-        transformers = pytest.importorskip("transformers")
+        import transformers
         cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
                                        num_attention_heads=4, num_key_value_heads=2)
         torch.manual_seed(0)
@@ -535,7 +535,7 @@ def test_gradient_accumulation_and_manual_optimization_paths() -> None:
 
 @pytest.mark.slow
 def test_qlora_gradients_equal_with_and_without_checkpointing() -> None:
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401  (a test dependency: fail loudly if missing)
     from lightning_peft import QLoRA
 
     torch.manual_seed(0)

@@ -53,7 +53,7 @@ def _export_files(cli) -> dict[str, int]:
 @pytest.mark.parametrize("config", sorted(SMALL_DATA))
 def test_config_runs_a_few_steps(config, tmp_path, monkeypatch, capsys):
     if config == "qlora_lm.yaml":
-        pytest.importorskip("bitsandbytes")
+        import bitsandbytes  # noqa: F401  (a test dependency: fail loudly if missing)
     monkeypatch.chdir(tmp_path)
     cli = cli_main(["fit", "--config", str(CONFIGS / config), *FAST, *SMALL_DATA[config]])
     assert cli.trainer.global_step == 2

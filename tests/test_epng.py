@@ -23,7 +23,7 @@ SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from epng_ddp import TINY_OLMOE, loader, make_module  # noqa: E402
 
-pytest.importorskip("transformers")
+import transformers  # noqa: F401  (a test dependency: fail loudly if missing)
 
 
 # --------------------------------------------------------------------------------------------

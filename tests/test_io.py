@@ -10,8 +10,8 @@ from torch import nn
 from lightning_peft import BitFit, LoRA, QLoRA, apply_adapter, load_adapter, merge_adapter, save_adapter, unmerge_adapter
 from lightning_peft.io import CONFIG_NAME, EXTRA_NAME, WEIGHTS_NAME
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import transformers
+import peft
 
 
 def tiny_bert():
@@ -166,7 +166,7 @@ def test_merge_unmerge_whole_model_and_refuse_saving_merged(tmp_path):
 
 
 def test_qlora_trains_merges_and_round_trips(tmp_path):
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401  (a test dependency: fail loudly if missing)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
     dense = {k: v.clone() for k, v in model.state_dict().items()}
@@ -194,7 +194,7 @@ def test_qlora_trains_merges_and_round_trips(tmp_path):
 
 
 def test_qlora_eval_without_grad_on_widths_the_cpu_kernel_cannot_run():
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401  (a test dependency: fail loudly if missing)
     for d_in, d_out in [(64, 40), (40, 64), (96, 32)]:
         model = nn.Sequential(nn.Linear(d_in, d_out))
         apply_adapter(model, QLoRA(rank=2, target_modules=["0"], compute_dtype="float32"))

@@ -153,14 +153,14 @@ def test_find_blocks_errors_list_candidates() -> None:
 
 
 def test_find_blocks_timm_vit() -> None:
-    timm = pytest.importorskip("timm")
+    import timm
     vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2)
     [(path, blocks)] = find_blocks(vit)
     assert path == "blocks" and len(blocks) == 3
 
 
 def test_find_blocks_transformers_llama_and_encoder_decoder() -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
         num_key_value_heads=2,

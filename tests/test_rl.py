@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("gymnasium")
-pytest.importorskip("torchrl")
+import gymnasium  # noqa: F401  (a test dependency: fail loudly if missing)
+import torchrl  # noqa: F401  (a test dependency: fail loudly if missing)
 
 from lightning_peft.datamodules.rl import RLDataModule, evaluate_policy  # noqa: E402
 from lightning_peft.modules.ppo import PPO, gae  # noqa: E402

@@ -202,7 +202,7 @@ def test_fsdp2_adapter_strategy(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_fsdp2_qlora_keeps_quantized_weights_whole(tmp_path: Path) -> None:
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401  (a test dependency: fail loudly if missing)
     from lightning_peft import QLoRA
 
     rank0, rank1 = run_script("fsdp2_qlora.py", tmp_path)
