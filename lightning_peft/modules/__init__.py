@@ -22,7 +22,7 @@ _EXPORTS = {
     "CausalLM": "lightning_peft.modules.causal_lm",
 }
 
-__all__ = sorted([*_EXPORTS, "apply_base_state_dict", "configure_adamw", "load_base_state_dict"])
+__all__ = sorted([*_EXPORTS, "apply_base_state_dict", "check_datamodule_fits", "configure_adamw", "load_base_state_dict"])
 
 Schedule = Literal["constant", "linear", "cosine"]
 
@@ -156,6 +156,15 @@ def apply_base_state_dict(model: Any, state_dict: dict[str, Any], source: str) -
         + (f" Ignored (not in the model): {unexpected}." if unexpected else "")
     )
     return missing
+
+
+def check_datamodule_fits(module: L.LightningModule, attribute: str, capacity: int, message: str) -> None:
+    """Raise ``ValueError(message.format(needed=..., capacity=...))`` when the trainer's
+    datamodule needs more than the model has (``attribute``: e.g. ``num_classes``)."""
+    datamodule = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
+    needed = getattr(datamodule, attribute, None)
+    if isinstance(needed, int) and needed > capacity:
+        raise ValueError(message.format(needed=needed, capacity=capacity))
 
 
 def __getattr__(name: str) -> Any:

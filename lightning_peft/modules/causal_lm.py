@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_peft.modules import Schedule, _check_optim_args, configure_adamw
+from lightning_peft.modules import Schedule, _check_optim_args, check_datamodule_fits, configure_adamw
 from lightning_peft.modules.text import build_transformers_model
 
 #: A small Llama (about 0.5M parameters) whose vocabulary matches the byte-level
@@ -87,14 +87,11 @@ class CausalLM(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_vocab = getattr(datamodule, "vocab_size", None)
-        if isinstance(data_vocab, int) and data_vocab > self.vocab_size:
-            raise ValueError(
-                f"the datamodule's vocabulary has {data_vocab} tokens but the model embeds only "
-                f"{self.vocab_size}; set model config vocab_size: {data_vocab} (or use a "
-                "matching tokenizer_path)."
-            )
+        check_datamodule_fits(
+            self, "vocab_size", self.vocab_size,
+            "the datamodule's vocabulary has {needed} tokens but the model embeds only {capacity}; "
+            "set model config vocab_size: {needed} (or use a matching tokenizer_path).",
+        )
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         out = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"])

@@ -8,7 +8,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lightning_peft.modules import Schedule, _check_optim_args, apply_base_state_dict, configure_adamw, load_base_state_dict
+from lightning_peft.modules import (
+    Schedule,
+    _check_optim_args,
+    apply_base_state_dict,
+    check_datamodule_fits,
+    configure_adamw,
+    load_base_state_dict,
+)
 
 
 class ImageClassifier(L.LightningModule):
@@ -74,13 +81,10 @@ class ImageClassifier(L.LightningModule):
         return self.model(images)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_classes = getattr(datamodule, "num_classes", None)
-        if isinstance(data_classes, int) and data_classes > self.num_classes:
-            raise ValueError(
-                f"the datamodule has {data_classes} classes but the model's head has "
-                f"{self.num_classes}; set model num_classes: {data_classes}."
-            )
+        check_datamodule_fits(
+            self, "num_classes", self.num_classes,
+            "the datamodule has {needed} classes but the model's head has {capacity}; set model num_classes: {needed}.",
+        )
 
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
         images, labels = batch

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.modules import Schedule, _check_optim_args, configure_adamw
+from lightning_peft.modules import Schedule, _check_optim_args, check_datamodule_fits, configure_adamw
 
 
 def _offline() -> None:
@@ -143,13 +143,10 @@ class TextClassifier(L.LightningModule):
         return self.classifier(self.dropout(pooled))
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_classes = getattr(datamodule, "num_classes", None)
-        if isinstance(data_classes, int) and data_classes > self.num_classes:
-            raise ValueError(
-                f"the datamodule has {data_classes} classes but the model's head has "
-                f"{self.num_classes}; set model num_classes: {data_classes}."
-            )
+        check_datamodule_fits(
+            self, "num_classes", self.num_classes,
+            "the datamodule has {needed} classes but the model's head has {capacity}; set model num_classes: {needed}.",
+        )
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         labels = batch["labels"]
