@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_peft.datamodules.base import SplitDataModule
 from lightning_peft.datamodules.vision import _check_fractions, stratified_split
 
 
@@ -109,7 +109,7 @@ class _DictDataset(Dataset):
         return {key: t[index] for key, t in self.tensors.items()}
 
 
-class BBCNewsDataModule(L.LightningDataModule):
+class BBCNewsDataModule(SplitDataModule):
     """BBC News topic classification, tokenized once in ``setup``.
 
     Batches are dicts: ``input_ids [B, max_length]`` (int64), ``attention_mask [B, max_length]``
@@ -192,20 +192,6 @@ class BBCNewsDataModule(L.LightningDataModule):
         self.val_set = _DictDataset({k: v[val_idx] for k, v in tensors.items()})
         self.test_set = _DictDataset({k: v[test_idx] for k, v in tensors.items()})
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("Call setup() before requesting a dataloader.")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=self.num_workers
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True, self.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False, self.eval_batch_size)
-
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, False, self.eval_batch_size)
 
@@ -236,7 +222,7 @@ class _BlockDataset(Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-class BBCLanguageModelingDataModule(L.LightningDataModule):
+class BBCLanguageModelingDataModule(SplitDataModule):
     """BBC News as a causal language-modelling corpus of fixed-length blocks.
 
     Articles are split into train/val *by article* (seeded shuffle), each split's articles are
@@ -348,16 +334,3 @@ class BBCLanguageModelingDataModule(L.LightningDataModule):
                 "use more articles or a shorter seq_len."
             )
 
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            raise RuntimeError("Call setup() before requesting a dataloader.")
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator,
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            raise RuntimeError("Call setup() before requesting a dataloader.")
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, num_workers=self.num_workers)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_peft.datamodules.base import SplitDataModule
 
 # Statistics of ``load_digits().images / 16`` over all 1,797 images. They are fixed constants
 # (not recomputed per split or per class filter) so that a base pretrained on digits 0-4 and an
@@ -72,7 +73,7 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """scikit-learn digits as ``[B, 1, S, S]`` float images with integer labels ``[B]``.
 
     Pixels ``x in {0..16}`` become ``(x / 16 - DIGITS_MEAN) / DIGITS_STD`` on the 8x8 grid, then
@@ -163,24 +164,6 @@ class DigitsDataModule(L.LightningDataModule):
         self.train_set = TensorDataset(x[train_idx], y[train_idx])
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
         self.test_set = TensorDataset(x[test_idx], y[test_idx])
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool, batch_size: int) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("Call setup() before requesting a dataloader.")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True, self.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, False, self.eval_batch_size)
