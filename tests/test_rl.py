@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
+import gymnasium  # noqa: F401  (a test dependency: fail loudly if missing)
 import pytest
 import torch
-
-import gymnasium  # noqa: F401  (a test dependency: fail loudly if missing)
 import torchrl  # noqa: F401  (a test dependency: fail loudly if missing)
 
 from lightning_peft.datamodules.rl import RLDataModule, evaluate_policy  # noqa: E402
@@ -202,15 +201,13 @@ def test_unknown_task_lists_registered_ones():
         assert all(n in message for n in ("CartPole-v1", "Acrobot-v1", "Pendulum-v1/heavy", "metaworld/push-v3"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("metaworld") is not None, reason="metaworld is installed")
-def test_metaworld_task_without_metaworld_is_a_clear_error():
+def test_metaworld_task_without_metaworld_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "metaworld", None)  # as if the optional package were not installed
     with pytest.raises(ImportError, match=r"needs the optional package 'metaworld'.*lightning-peft\[rl\]"):
         make_env("metaworld/reach-v3")
 
 
 def test_metaworld_reach_rollout():
-    if importlib.util.find_spec("metaworld") is None:
-        pytest.skip("metaworld not installed")
     model = PPO("metaworld/reach-v3")
     dm = RLDataModule("metaworld/reach-v3", num_envs=2, rollout_steps=8, minibatch_size=8, update_epochs=1)
     dm.attach(model)
