@@ -7,6 +7,7 @@ attention + MLP) -> norm -> mean over T -> ``head`` -> logits ``[B, classes]``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -118,3 +119,19 @@ def probe_input(seed: int = 123) -> torch.Tensor:
 def base_name(name: str) -> str:
     """The pre-injection name of a (frozen) parameter: drop ``base_layer.``."""
     return name.replace(".base_layer.", ".")
+
+
+def count_checkpoint_writes() -> list[str]:
+    """Patch ``AtomicCheckpointIO.save_checkpoint`` to record the file names this process writes;
+    returns the (live) list."""
+    from lightning_peft.callbacks.adapter import AtomicCheckpointIO
+
+    writes: list[str] = []
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def counting_save(self, checkpoint, path, storage_options=None):  # type: ignore[no-untyped-def]
+        writes.append(Path(path).name)
+        return save(self, checkpoint, path, storage_options)
+
+    AtomicCheckpointIO.save_checkpoint = counting_save  # type: ignore[method-assign]
+    return writes

@@ -25,26 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lightning.pytorch as pl  # noqa: E402
-from adapter_models import LORA_TARGETS, Classifier, base_name, make_loader, probe_input  # noqa: E402
+from adapter_models import LORA_TARGETS, Classifier, base_name, count_checkpoint_writes, make_loader, probe_input  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from lightning_peft import AdapterCallback, AdapterFSDP2Strategy, LoRA  # noqa: E402
-from lightning_peft.callbacks.adapter import AtomicCheckpointIO  # noqa: E402
 
 OUT = Path(sys.argv[1])
 RANK = int(os.environ.get("LOCAL_RANK", "0"))
-WRITES: list[str] = []
-
-_save = AtomicCheckpointIO.save_checkpoint
-
-
-def counting_save(self, checkpoint, path, storage_options=None):  # type: ignore[no-untyped-def]
-    WRITES.append(Path(path).name)
-    return _save(self, checkpoint, path, storage_options)
-
-
-AtomicCheckpointIO.save_checkpoint = counting_save  # type: ignore[method-assign]
+WRITES = count_checkpoint_writes()
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
