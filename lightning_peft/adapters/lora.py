@@ -19,10 +19,7 @@ Speed and memory. ``LoRALinear`` runs base and update in one autograd node
   activation memory down to the frozen-base floor.
 
 All matmuls run in the activation dtype (autocast's dtype when autocast is on), the update is
-accumulated into the base output in place, and no fp32 copies of activations are made. With
-exact matmuls (fp32 at "highest" precision, fp64) and many more rows than features
-(``N >= 2 (d_in + d_out)``), the update is instead added to the weight, ``W0 + s B A``, in
-forward and again in backward: two weight-sized passes replace two passes over ``[N, d]``.
+accumulated into the base output in place, and no fp32 copies of activations are made.
 """
 
 from __future__ import annotations
@@ -123,11 +120,6 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _exact_matmul(dtype: torch.dtype) -> bool:
-    """Whether matmuls in ``dtype`` keep a full-precision weight (no bf16/fp16/tf32 rounding)."""
-    return dtype == torch.float64 or (dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest")
-
-
 # --------------------------------------------------------------------------------------------
 # The fused autograd node
 # --------------------------------------------------------------------------------------------
@@ -164,21 +156,10 @@ class _LoRAFunction(torch.autograd.Function):
             xd = xc * mask / (1.0 - dropout)
         u = xd @ a.t()  # [N, r]
         w = None
-        merge_weight = False
         if weight is not None:
             w = _cast(weight, dtype)
-            if mask is None and _exact_matmul(dtype) and xc.shape[0] >= 2 * (w.shape[0] + w.shape[1]):
-                # With many more rows than features, building W + s B A (a few weight-sized
-                # passes) is cheaper than the extra pass over the activations it replaces, in
-                # forward ([N, d_out]) and backward ([N, d_in]). Only with exact matmuls: a
-                # bf16/tf32 weight would round small updates away.
-                merge_weight = True
-            if merge_weight:
-                w_eff = torch.addmm(w, b, a, alpha=scale)  # W + s B A
-                out = torch.addmm(_cast(bias, dtype), xc, w_eff.t()) if bias is not None else xc @ w_eff.t()
-            else:
-                out = torch.addmm(_cast(bias, dtype), xc, w.t()) if bias is not None else xc @ w.t()
-                out.addmm_(u, b.t(), alpha=scale)
+            out = torch.addmm(_cast(bias, dtype), xc, w.t()) if bias is not None else xc @ w.t()
+            out.addmm_(u, b.t(), alpha=scale)
         else:
             out = (u @ b.t()).mul_(scale)
 
@@ -195,7 +176,7 @@ class _LoRAFunction(torch.autograd.Function):
                 kind = "layer_norm_fold"
             ctx.recipe = (kind, extra)
             input_tensors = tensors
-        ctx.has_weight, ctx.has_mask, ctx.merge_weight = w is not None, mask is not None, merge_weight
+        ctx.has_weight, ctx.has_mask = w is not None, mask is not None
         ctx.scale, ctx.dropout, ctx.dtype, ctx.x_dtype, ctx.x_shape = scale, dropout, dtype, x.dtype, x.shape
         ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(u, a, b, *((w,) if w is not None else ()), *((mask,) if mask is not None else ()), *input_tensors)
@@ -213,9 +194,7 @@ class _LoRAFunction(torch.autograd.Function):
         g = dy @ b  # [N, r]: gradient w.r.t. u, before the scale
         grad_x = grad_w = grad_bias = grad_a = grad_lb = None
         if need_x:
-            if ctx.merge_weight:
-                grad_x = dy @ torch.addmm(w, b, a, alpha=scale)  # dy (W + s B A)
-            elif mask is None and w is not None:
+            if mask is None and w is not None:
                 grad_x = (dy @ w).addmm_(g, a, alpha=scale)
             else:
                 grad_x = (g @ a).mul_(scale)
