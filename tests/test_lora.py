@@ -158,3 +158,24 @@ def test_merge_unmerge_exact_and_without_copy():
 def test_bad_spec_arguments_are_rejected(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         LoRA(**kwargs)
+
+
+def test_compiles_in_one_graph_with_the_same_gradients():
+    """``torch.compile(fullgraph=True)`` traces the node (the input recipe is skipped under
+    compile, where reading ``grad_fn`` would break the graph) and gives eager's gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).double().requires_grad_(False)
+    layers = [LoRALinear(model[1], 4, 8.0), LoRALinear(model[3], 4, 8.0)]  # fp64: eager and compiled round alike
+    model[1], model[3] = layers
+    for layer in layers:
+        nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    params = [x] + [p for p in model.parameters() if p.requires_grad]
+
+    def grads(fn):
+        return torch.autograd.grad(fn(x).square().sum(), params)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for got, want in zip(grads(compiled), grads(model)):
+        torch.testing.assert_close(got, want)
