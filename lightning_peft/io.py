@@ -24,6 +24,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], strict_base: bo
     modules = dict(model.named_modules())
     # the model may be the saved top-level module or the export root itself (e.g. a bare HF model)
     offset = "" if not export_root or export_root in modules else export_root
+
     def local(name: str) -> str:
         return name[len(offset) + 1 :] if offset else name
 
@@ -361,8 +363,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], strict_base: bo
     if not offset:
         state.update(extra)
     elif extra:
-        import warnings
-
         warnings.warn(
             f"{len(extra)} trained tensors outside {export_root!r} ({sorted(extra)[:3]}...) were not loaded: "
             "this model has no such modules", stacklevel=2

@@ -56,7 +56,7 @@ class AdapterReport:
 # Matching
 # --------------------------------------------------------------------------------------------
 def _nearest_names(entry: str, names: Sequence[str], n: int = 5) -> list[str]:
-    key = entry[3:] if entry.startswith("re:") else entry
+    key = entry.removeprefix("re:")
     leaves = sorted({name.rsplit(".", 1)[-1] for name in names if name})
     close = difflib.get_close_matches(key, leaves, n=n, cutoff=0.5)
     close += difflib.get_close_matches(key, [x for x in names if x], n=n, cutoff=0.5)
@@ -94,29 +94,28 @@ def resolve_targets(model: nn.Module, spec: AdapterSpec, protected: Sequence[str
         modules = {n: m for n, m in modules.items() if n == spec.module_path or n.startswith(prefix)}
     targets = spec.target_modules if spec.target_modules is not None else spec.default_targets()
     generic = targets == "all-linear" or spec.target_modules is None
-    heads = output_head_names(model) if targets == "all-linear" else set()
+    adapters = [n for n, m in modules.items() if isinstance(m, AdapterLayer)]
 
     def excluded(name: str) -> bool:
-        if any(name_matches(name, e) for e in spec.exclude_modules) or isinstance(modules[name], AdapterLayer):
+        if any(name_matches(name, e) for e in spec.exclude_modules):
             return True
-        inside_adapter = any(name.startswith(n + ".") for n, m in modules.items() if isinstance(m, AdapterLayer))
-        return inside_adapter or (generic and any(name == p or name.startswith(p + ".") for p in protected))
+        if any(name == n or name.startswith(n + ".") for n in adapters):  # an adapter or inside one
+            return True
+        return generic and any(name == p or name.startswith(p + ".") for p in protected)
 
     if targets == "all-linear":
+        heads = output_head_names(model)
         chosen = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in heads]
-        entries: list[str] = ["all-linear"]
     elif isinstance(targets, str):
-        pattern = re.compile(targets[3:] if targets.startswith("re:") else targets)
+        pattern = re.compile(targets.removeprefix("re:"))
         chosen = [n for n in modules if pattern.fullmatch(n)]
-        entries = [targets]
     else:
         chosen = [n for n in modules if any(name_matches(n, e) for e in targets)]
-        entries = list(targets)
     chosen = [n for n in chosen if not excluded(n)]
     supported = [n for n in chosen if spec.supports(modules[n])]
 
     # every explicit entry must match something adaptable
-    for entry in entries if isinstance(targets, list) else []:
+    for entry in targets if isinstance(targets, list) else []:
         hits = [n for n in chosen if name_matches(n, entry)]
         if not any(n in supported for n in hits):
             if hits:
@@ -225,17 +224,13 @@ def apply_adapter(
     rows: list[tuple[str, str, str, int]] = []
     for name, spec in claimed.items():
         module = model.get_submodule(name)
-        params = list(module.adapter_parameters()) if isinstance(module, AdapterLayer) else []
-        for pname in spec.base_parameters_to_train(name, module):
-            params.append(getattr(module, pname))
-        for p in params:
+        is_layer = isinstance(module, AdapterLayer)
+        base_params = [getattr(module, pname) for pname in spec.base_parameters_to_train(name, module)]
+        for p in (module.adapter_parameters() if is_layer else []) + base_params:
             p.requires_grad_(True)
-        detail = ", ".join(
-            f"{k}={v}" for k, v in module.peft_metadata().items() if not isinstance(v, (list, dict))
-        ) if isinstance(module, AdapterLayer) else ""
-        count = sum(p.numel() for p in params)
-        if isinstance(module, AdapterLayer):  # effective count (rank-masked storage counts active slots only)
-            count += module.num_trainable() - sum(p.numel() for p in module.adapter_parameters())
+        detail = ", ".join(f"{k}={v}" for k, v in module.peft_metadata().items() if not isinstance(v, (list, dict))) if is_layer else ""
+        # effective count: rank-masked storage counts active slots only
+        count = (module.num_trainable() if is_layer else 0) + sum(p.numel() for p in base_params)
         rows.append((name, spec.kind, detail, count))
     for name in trainable:
         module = model.get_submodule(name)

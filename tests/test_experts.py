@@ -374,6 +374,23 @@ def _applied(kind: str) -> nn.Module:
     return model
 
 
+class _NestedExpert(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ffn = nn.ModuleDict({"w1": nn.Linear(8, 16), "w2": nn.Linear(16, 8)})
+
+
+def test_module_list_experts_take_a_nested_linear_by_path_or_key():
+    """A nested expert linear is listed as available by its key (``ffn_w1``) and by its path
+    (``ffn.w1``); either name adapts that linear only."""
+    for name in ("ffn.w1", "ffn_w1"):
+        model = nn.Module()
+        model.experts = nn.ModuleList([_NestedExpert() for _ in range(3)])
+        apply_adapter(model, ExpertLoRA(rank=2, projections=[name]))
+        layer = expert_layers(model)["experts"]
+        assert layer.paths == {"ffn_w1": "ffn.w1"} and list(layer.shapes) == ["ffn_w1"]
+
+
 def test_projection_subset_and_deepcopy():
     model = tiny_moe("olmoe")
     apply_adapter(model, ExpertLoRA(rank=2, projections=["down_proj"]))

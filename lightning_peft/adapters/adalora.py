@@ -34,9 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, check_positive
+from lightning_peft.adapters.base import (
+    AdapterLayer,
+    AdapterSpec,
+    add_to_weight,
+    check_positive,
+    restore_weight,
+)
 from lightning_peft.adapters.lora import lora_forward
-from lightning_peft.adapters.rank_ops import effective_parameters, zero_slots
+from lightning_peft.adapters.rank_ops import drop_slots, effective_parameters, masked
 
 #: training forwards without an allocator update before AdaLoRA warns that ranks never change
 UNDRIVEN_FORWARDS = 200
@@ -87,7 +93,7 @@ class AdaLoRALinear(AdapterLayer):
 
     def scaled_a(self) -> torch.Tensor:
         """``diag(lambda * m) Q`` ``[R, d_in]`` (differentiable)."""
-        return self.lora_A * (self.lora_E * self.rank_mask.t().to(self.lora_E.dtype))
+        return self.lora_A * masked(self.lora_E, self.rank_mask, None, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -113,20 +119,14 @@ class AdaLoRALinear(AdapterLayer):
     def merge(self, keep_original: bool = True) -> None:
         if self.merged:
             return
-        weight = self.base_layer.weight
-        self._original = weight.detach().to("cpu", copy=True) if keep_original else None
-        weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+        self._original = add_to_weight(self.base_layer.weight, self.delta_weight(), keep_original)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        weight = self.base_layer.weight
-        if self._original is not None:
-            weight.copy_(self._original.to(weight.device))
-        else:
-            weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
+        restore_weight(self.base_layer.weight, self._original, self.delta_weight)
         self._original = None
         self.merged = False
 
@@ -230,8 +230,9 @@ class AdaLoRAAllocator:
         optimizer.step(); optimizer.zero_grad()
         allocator.allocate(step + 1, [optimizer])   # prune to the scheduled budget
 
-    ``step()`` does ``accumulate`` then ``allocate`` for loops that call it after
-    ``optimizer.step()`` (before ``zero_grad``).
+    ``step()`` updates the importance (``accumulate`` without the regulariser, whose gradient
+    would come after the optimizer used the gradients) then ``allocate``s, for loops that call it
+    after ``optimizer.step()`` (before ``zero_grad``).
     """
 
     def __init__(self, model: nn.Module, total_steps: int | None = None) -> None:
@@ -297,7 +298,6 @@ class AdaLoRAAllocator:
         weight = self.spec.orth_reg_weight
         if weight == 0:
             return 0.0
-        total = torch.zeros(())
         params, terms = [], []
         with torch.enable_grad():
             for layer in self.layers.values():
@@ -318,8 +318,7 @@ class AdaLoRAAllocator:
             if grad is None:
                 continue
             param.grad = grad.to(param.dtype) if param.grad is None else param.grad.add_(grad.to(param.grad.dtype))
-        total = reg.detach()
-        return float(total)
+        return float(reg.detach())
 
     def accumulate(self) -> float:
         """After backward, before the optimizer step: update importance, add regulariser
@@ -352,16 +351,16 @@ class AdaLoRAAllocator:
             ((float(scores[name][k]), i, k) for i, (name, layer) in enumerate(self.layers.items())
              for k in layer.rank_mask[0].nonzero().flatten().tolist()),
         )
+        layers = list(self.layers.values())
+        pruned: dict[int, torch.Tensor] = {}  # layer index -> slots to prune, one zeroing pass per layer
         for _, i, k in candidates[: active - budget]:  # lowest scores first, ties by (layer, slot)
-            layer = list(self.layers.values())[i]
-            slots = torch.zeros_like(layer.rank_mask)
-            slots[0, k] = True
-            zero_slots(layer, slots, optimizers)
-            layer.rank_mask[0, k] = False
+            pruned.setdefault(i, torch.zeros_like(layers[i].rank_mask))[0, k] = True
+        for i, slots in pruned.items():
+            drop_slots(layers[i], slots, optimizers)
         return self.active_slots()
 
     def step(self, step: int, optimizers: Sequence[torch.optim.Optimizer] = ()) -> int:
-        """``accumulate`` + ``allocate`` for loops that call it after ``optimizer.step()``."""
+        """Importance update + ``allocate`` for loops that call it after ``optimizer.step()``."""
         self._update_importance()
         return self.allocate(step, optimizers)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -155,3 +155,23 @@ def check_positive(name: str, value: float, kind: type = int) -> None:
         raise TypeError(f"{name} must be a {kind.__name__}, got {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@torch.no_grad()
+def add_to_weight(weight: torch.Tensor, delta: torch.Tensor, keep_original: bool) -> torch.Tensor | None:
+    """``weight += delta``, summed in fp32 and rounded once to ``weight``'s dtype (merging).
+    Returns a host copy of the weight as it was when ``keep_original`` (what ``restore_weight``
+    needs to undo the merge bit for bit), else ``None``."""
+    original = weight.detach().to("cpu", copy=True) if keep_original else None
+    weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+    return original
+
+
+@torch.no_grad()
+def restore_weight(weight: torch.Tensor, original: torch.Tensor | None, delta: Callable[[], torch.Tensor]) -> None:
+    """Undo ``add_to_weight``: copy ``original`` back, or without one subtract ``delta()``
+    (exact up to rounding)."""
+    if original is not None:
+        weight.copy_(original.to(weight.device))
+    else:
+        weight.copy_((weight.float() - delta().to(weight.device)).to(weight.dtype))

@@ -35,16 +35,23 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, check_positive
+from lightning_peft.adapters.base import (
+    AdapterLayer,
+    AdapterSpec,
+    add_to_weight,
+    check_positive,
+    restore_weight,
+)
 from lightning_peft.adapters.lora import _input_recipe, _replay, lora_forward
 from lightning_peft.adapters.rank_ops import (
+    drop_slots,
     effective_parameters,
     free_slots,
     full_tensor,
@@ -54,6 +61,7 @@ from lightning_peft.adapters.rank_ops import (
     write_rows,
     zero_slots,
 )
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """autocast's dtype when autocast is on, else the activation's."""
@@ -347,10 +355,8 @@ class ExpertsLoRALayer(AdapterLayer):
         number of slots freed."""
         slots = torch.zeros_like(self.rank_mask)
         slots[expert] = self.rank_mask[expert]
-        freed = int(slots.sum())
-        zero_slots(self, slots, optimizers)
-        self.rank_mask[expert] = False
-        return freed
+        drop_slots(self, slots, optimizers)
+        return int(slots.sum())
 
     @torch.no_grad()
     def grow_expert(
@@ -396,8 +402,7 @@ class ExpertsLoRALayer(AdapterLayer):
             if r < len(active):
                 slots = torch.zeros_like(self.rank_mask)
                 slots[e, active[r:]] = True
-                zero_slots(self, slots, optimizers)
-                self.rank_mask[e, active[r:]] = False
+                drop_slots(self, slots, optimizers)
             elif r > len(active):
                 self.grow_expert(e, r - len(active), slot_generator(seed, e, r), optimizers)
 
@@ -407,6 +412,15 @@ class ExpertsLoRALayer(AdapterLayer):
         one ``[E, ...]`` tensor (fused) or one ``[d_out, d_in]`` tensor per expert."""
         raise NotImplementedError
 
+    def _weight_deltas(self) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor]]:
+        """``(projection, index, base weight, s B_e A_e laid out like that weight)`` for every
+        base weight tensor ``_weights`` lists."""
+        for proj, targets in self._weights().items():
+            delta = self.delta_weight(proj)  # [E, d_out, d_in]
+            for i, (weight, transposed) in enumerate(targets):
+                d = delta if len(targets) == 1 else delta[i]
+                yield proj, i, weight, (d.transpose(-2, -1) if transposed else d)
+
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> None:
         """Fold ``s B_e A_e`` into every expert's weight, for every expert with ``r_e > 0``.
@@ -415,25 +429,20 @@ class ExpertsLoRALayer(AdapterLayer):
         on bf16 weights) rather than silently dropping expert deltas."""
         if self.merged:
             return
-        lost: list[str] = []
-        for proj, targets in self._weights().items():
-            delta = self.delta_weight(proj)  # [E, d_out, d_in]
-            for i, (weight, transposed) in enumerate(targets):
-                d = delta if len(targets) == 1 else delta[i]
-                d = d.transpose(-2, -1) if transposed else d
-                if keep_original:
-                    self._original[f"{proj}.{i}"] = weight.detach().to("cpu", copy=True)
-                before = weight.detach().float().clone()
-                weight.copy_((before + d.to(weight.device)).to(weight.dtype))
-                norm = float(d.norm())
-                if norm > 0 and float((weight.float() - before).norm()) < 0.5 * norm:
-                    lost.append(f"{proj}[{i}]")
+        lost: list[tuple[str, torch.dtype]] = []
+        for proj, i, weight, d in self._weight_deltas():
+            before = weight.detach().float().clone()
+            original = add_to_weight(weight, d, keep_original)
+            if original is not None:
+                self._original[f"{proj}.{i}"] = original
+            norm = float(d.norm())
+            if norm > 0 and float((weight.float() - before).norm()) < 0.5 * norm:
+                lost.append((f"{proj}[{i}]", weight.dtype))
         self.merged = True
         if lost:
             warnings.warn(
-                f"merging expert LoRA into {lost[:4]}: more than half of the update's norm was lost to rounding in the "
-                f"weight dtype ({self._weights()[next(iter(self.shapes))][0][0].dtype}). Merge into float32 weights, or keep "
-                "the adapter unmerged.",
+                f"merging expert LoRA into {[n for n, _ in lost[:4]]}: more than half of the update's norm was lost to "
+                f"rounding in the weight dtype ({lost[0][1]}). Merge into float32 weights, or keep the adapter unmerged.",
                 stacklevel=2,
             )
 
@@ -441,16 +450,8 @@ class ExpertsLoRALayer(AdapterLayer):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        for proj, targets in self._weights().items():
-            delta = self.delta_weight(proj)
-            for i, (weight, transposed) in enumerate(targets):
-                original = self._original.pop(f"{proj}.{i}", None)
-                if original is not None:
-                    weight.copy_(original.to(weight.device))
-                else:
-                    d = delta if len(targets) == 1 else delta[i]
-                    d = d.transpose(-2, -1) if transposed else d
-                    weight.copy_((weight.float() - d.to(weight.device)).to(weight.dtype))
+        for proj, i, weight, d in self._weight_deltas():
+            restore_weight(weight, self._original.pop(f"{proj}.{i}", None), lambda d=d: d)
         self.merged = False
 
     # --- files ----------------------------------------------------------------------------------
@@ -506,15 +507,16 @@ class ExpertsLoRALayer(AdapterLayer):
 
 class FusedExpertsLoRA(ExpertsLoRALayer):
     """ExpertLoRA on a fused experts module (3-D ``gate_up_proj``/``up_proj`` and ``down_proj``),
-    called as ``(hidden [N, H], top_k_index [N, K], top_k_weights [N, K]) -> [N, H]``."""
+    called as ``(hidden [N, H], top_k_index [N, K], top_k_weights [N, K]) -> [N, H]``.
+    ``projections=None`` adapts every projection."""
 
-    def __init__(self, base_layer: nn.Module, projections: Sequence[str], rank: int, alpha: float, max_rank: int,
+    def __init__(self, base_layer: nn.Module, projections: Sequence[str] | None, rank: int, alpha: float, max_rank: int,
                  use_rslora: bool = False, init: str = "kaiming", recompute_input: bool = True, spec: AdapterSpec | None = None) -> None:
         layout = fused_layout(base_layer)
         if layout is None:
             raise TypeError(f"{type(base_layer).__name__} is not a fused experts module")
         self.layout = layout
-        shapes = {p: layout["shapes"][p] for p in layout["shapes"] if p in projections}
+        shapes = {p: s for p, s in layout["shapes"].items() if projections is None or p in projections}
         weight = getattr(base_layer, layout["up"])
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         super().__init__(base_layer, layout["num_experts"], shapes, rank, alpha, max_rank, use_rslora, init, recompute_input, spec, weight.device, dtype)
@@ -608,8 +610,9 @@ class _ExpertHook:
         if owner.merged or self.proj not in owner.shapes:
             return None
         e = self.expert
-        a = owner.lora_A[self.proj][e] * owner.rank_mask[e].unsqueeze(1).to(owner.lora_A[self.proj].dtype)
-        b = owner.lora_B[self.proj][e] * owner.rank_mask[e].unsqueeze(0).to(owner.lora_B[self.proj].dtype)
+        mask = owner.rank_mask[e : e + 1]  # [1, R]
+        a = masked(owner.lora_A[self.proj][e], mask, None, 0)  # [R, d_in]
+        b = masked(owner.lora_B[self.proj][e], mask, None, 1)  # [d_out, R]
         delta = lora_forward(args[0], None, None, a, b, owner.scale, 0.0, owner.recompute_input)
         return output + delta.to(output.dtype)
 
@@ -624,19 +627,16 @@ class ModuleListExpertsLoRA(ExpertsLoRALayer):
         linears = expert_linears(base_layer)
         if linears is None:
             raise TypeError("not a list of identically shaped experts with nn.Linear layers")
-        self.paths = {k: path for k, path in linears.items() if projections is None or k in projections or path in projections}
+        self.paths = _chosen_paths(linears, projections)
         first = base_layer[0]
-        shapes = {}
-        for key, path in self.paths.items():
-            lin = first.get_submodule(path) if path else first
-            shapes[key] = (lin.out_features, lin.in_features)
-        weight = (first.get_submodule(next(iter(self.paths.values()))) if next(iter(self.paths.values())) else first).weight
+        shapes = _linear_shapes(first, self.paths)
+        weight = first.get_submodule(next(iter(self.paths.values()))).weight
         super().__init__(base_layer, len(base_layer), shapes, rank, alpha, max_rank, use_rslora, init, recompute_input, spec, weight.device, weight.dtype)
-        self._handles = []
-        for e, expert in enumerate(base_layer):
-            for key, path in self.paths.items():
-                lin = expert.get_submodule(path) if path else expert
-                self._handles.append(lin.register_forward_hook(_ExpertHook(self, key, e)))
+        self._handles = [
+            expert.get_submodule(path).register_forward_hook(_ExpertHook(self, key, e))
+            for e, expert in enumerate(base_layer)
+            for key, path in self.paths.items()
+        ]
 
     def __getitem__(self, index: int) -> nn.Module:
         return self.base_layer[index]
@@ -650,12 +650,8 @@ class ModuleListExpertsLoRA(ExpertsLoRALayer):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError("an nn.ModuleList of experts is indexed, not called (index the experts as before)")
 
-    def _linear(self, e: int, key: str) -> nn.Linear:
-        path = self.paths[key]
-        return self.base_layer[e].get_submodule(path) if path else self.base_layer[e]
-
     def _weights(self) -> dict[str, list[tuple[torch.Tensor, bool]]]:
-        return {k: [(self._linear(e, k).weight, False) for e in range(self.num_experts)] for k in self.shapes}
+        return {k: [(expert.get_submodule(self.paths[k]).weight, False) for expert in self.base_layer] for k in self.shapes}
 
     # peft: plain LoRA on each expert's linears (pruned experts are left out), keys relative to the list
     def _peft_key(self, e: int, key: str) -> str:
@@ -663,12 +659,11 @@ class ModuleListExpertsLoRA(ExpertsLoRALayer):
         return f"{e}.{path}" if path else str(e)
 
     def peft_config_entry(self, name: str, use_rslora: bool = False) -> dict[str, Any] | None:
-        ranks = self.ranks
-        targets = [f"{name}.{self._peft_key(e, k)}" for e in range(self.num_experts) if ranks[e] > 0 for k in self.shapes]
+        targets = {f"{name}.{self._peft_key(e, k)}": r for e, r in enumerate(self.ranks) if r > 0 for k in self.shapes}
         return {
-            "target_modules": targets,
-            "rank_pattern": {t: ranks[int(t[len(name) + 1 :].split(".")[0])] for t in targets},
-            "alpha_pattern": {t: self._peft_alpha(ranks[int(t[len(name) + 1 :].split(".")[0])], use_rslora) for t in targets},
+            "target_modules": list(targets),
+            "rank_pattern": targets,
+            "alpha_pattern": {t: self._peft_alpha(r, use_rslora) for t, r in targets.items()},
         }
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
@@ -684,8 +679,8 @@ class ModuleListExpertsLoRA(ExpertsLoRALayer):
     def from_peft_state_dict(self, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> dict[str, torch.Tensor]:
         ranks = entry["ranks"]
         out = {"rank_mask": self._mask_from(ranks)}
+        r_max = max(1, max(ranks))
         for key in self.shapes:
-            r_max = max(1, max(ranks))
             d_out, d_in = self.shapes[key]
             ca = torch.zeros(self.num_experts, r_max, d_in)
             cb = torch.zeros(self.num_experts, d_out, r_max)
@@ -752,6 +747,17 @@ def expert_linears(module: nn.Module) -> dict[str, str] | None:
     if not first or any(signature(m) != first for m in module):
         return None
     return {(n.replace(".", "_") or "linear"): n for n, _, _ in first}
+
+
+def _chosen_paths(linears: dict[str, str], projections: Sequence[str] | None) -> dict[str, str]:
+    """The ``expert_linears`` entries that ``projections`` names by key or by path (all for ``None``)."""
+    return {k: path for k, path in linears.items() if projections is None or k in projections or path in projections}
+
+
+def _linear_shapes(expert: nn.Module, paths: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """``{key: (d_out, d_in)}`` of the linears at ``paths`` inside ``expert``."""
+    linears = {k: expert.get_submodule(path) for k, path in paths.items()}
+    return {k: (lin.out_features, lin.in_features) for k, lin in linears.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -826,6 +832,7 @@ class ExpertLoRA(AdapterSpec):
             if layout["expert_parallel"]:
                 raise ValueError(f"{name!r} runs with expert parallelism, which ExpertLoRA does not support")
             available = list(layout["shapes"])
+            chosen = [s for p, s in layout["shapes"].items() if self.projections is None or p in self.projections]
         else:
             linears = expert_linears(module)
             if linears is None:
@@ -835,13 +842,10 @@ class ExpertLoRA(AdapterSpec):
                     "built from nn.Linear"
                 )
             available = list(linears) + [p for p in linears.values() if p]
-            first = module[0]
-            shapes = [(m.out_features, m.in_features) for n, m in first.named_modules() if type(m) is nn.Linear]
-            layout = {"shapes": {k: s for k, s in zip(linears, shapes)}}
+            chosen = list(_linear_shapes(module[0], _chosen_paths(linears, self.projections)).values())
         unknown = [p for p in self.projections or [] if p not in available]
         if unknown:
             raise ValueError(f"projections {unknown} are not expert matrices of {name!r}; available: {available}")
-        chosen = [s for p, s in layout["shapes"].items() if self.projections is None or p in self.projections]
         if not chosen:
             raise ValueError(f"none of projections={self.projections} is adapted in {name!r}; available: {available}")
         limit = min(min(d_out, d_in) for d_out, d_in in chosen)
@@ -854,11 +858,9 @@ class ExpertLoRA(AdapterSpec):
 
     def wrap(self, name: str, module: nn.Module) -> nn.Module:
         self.check(name, module)
+        layer = FusedExpertsLoRA if fused_layout(module) is not None else ModuleListExpertsLoRA
         max_rank = self.max_rank or self.rank
-        if fused_layout(module) is not None:
-            projections = self.projections or list(fused_layout(module)["shapes"])  # type: ignore[index]
-            return FusedExpertsLoRA(module, projections, self.rank, self.alpha, max_rank, self.use_rslora, self.init, self.recompute_input, spec=self)
-        return ModuleListExpertsLoRA(module, self.projections, self.rank, self.alpha, max_rank, self.use_rslora, self.init, self.recompute_input, spec=self)  # type: ignore[arg-type]
+        return layer(module, self.projections, self.rank, self.alpha, max_rank, self.use_rslora, self.init, self.recompute_input, spec=self)  # type: ignore[arg-type]
 
 
 def expert_layers(model: nn.Module) -> dict[str, ExpertsLoRALayer]:

@@ -31,7 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, check_positive, first_match
+from lightning_peft.adapters.base import (
+    AdapterLayer,
+    AdapterSpec,
+    add_to_weight,
+    check_positive,
+    first_match,
+    restore_weight,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,9 +321,7 @@ class LoRALinear(AdapterLayer):
         if self.merged:
             return
         if self._fused:
-            weight = self.base_layer.weight
-            self._original_weight = weight.detach().to("cpu", copy=True) if keep_original else None
-            weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+            self._original_weight = add_to_weight(self.base_layer.weight, self.delta_weight(), keep_original)
         else:
             # quantized base: merge into a dense copy, leave the quantized weights untouched
             dense = dequantized_weight(self.base_layer)
@@ -333,11 +338,7 @@ class LoRALinear(AdapterLayer):
         if not self.merged:
             return
         if self._fused:
-            weight = self.base_layer.weight
-            if self._original_weight is not None:
-                weight.copy_(self._original_weight.to(weight.device))
-            else:
-                weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
+            restore_weight(self.base_layer.weight, self._original_weight, self.delta_weight)
         self._original_weight = self._merged_module = None
         self.merged = False
 

@@ -13,7 +13,7 @@ rank_dim)`` triples saying which dimension of ``param`` indexes the group (``Non
 ``G == 1``) and which the rank slot. The helpers below use them to
 
 * zero parameters *and* optimizer state (Adam's ``exp_avg``/``exp_avg_sq``, SGD momentum, ...)
-  of chosen slots (``zero_slots``),
+  of chosen slots (``zero_slots``), and switch them off as well (``drop_slots``),
 * count the effective trainable parameters, ``sum_g r_g * cost_g`` (``effective_parameters``),
 * draw new factor rows orthogonal to the active ones (``orthogonal_rows``).
 """
@@ -146,6 +146,14 @@ def zero_slots(
         for target in targets:
             local, local_mask = _local(target, full)
             local.masked_fill_(local_mask, 0)
+
+
+@torch.no_grad()
+def drop_slots(layer: RankAdaptive, slots: torch.Tensor, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+    """Deactivate the slots ``slots [G, R]`` (bool): zero them and their optimizer state
+    (``zero_slots``) and clear them in ``rank_mask``."""
+    zero_slots(layer, slots, optimizers)
+    layer.rank_mask.masked_fill_(slots.to(layer.rank_mask.device), False)
 
 
 # --------------------------------------------------------------------------------------------
