@@ -56,8 +56,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
-from lightning_peft.memory import SavedTensorMeter, current_meter, format_bytes
+from lightning_peft.memory import (
+    SavedTensorMeter,
+    tensor_leaves,
+    current_meter,
+    format_bytes,
+)
 
 __all__ = [
     "MODES",
@@ -445,6 +455,14 @@ def expensive_ops() -> set:
     return _EXPENSIVE
 
 
+def _kept_by_selective(op: Any) -> bool:
+    """Whether selective checkpointing keeps ``op``'s output (see :func:`_selective_policy`)."""
+    if op.overloadpacket in expensive_ops():
+        return True
+    schema = getattr(op, "_schema", None)
+    return schema is not None and schema.is_mutable
+
+
 def _op_flops(registry: dict, func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     packet = func.overloadpacket
     try:
@@ -480,8 +498,7 @@ class _OpProfiler(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
-        # what selective checkpointing keeps (not recomputed): see _selective_policy
-        expensive = func.overloadpacket in expensive_ops() or func._schema.is_mutable
+        expensive = _kept_by_selective(func)  # not recomputed by selective checkpointing
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
@@ -498,15 +515,14 @@ class _OpProfiler(TorchDispatchMode):
                 self.cheap_time += dt
         self.flops += _op_flops(self.registry, func, args, kwargs, out)
         if func.overloadpacket in expensive_ops():
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    try:
-                        st = t.untyped_storage()
-                    except (RuntimeError, NotImplementedError):
-                        continue
-                    if st.data_ptr() not in self._sel_keys:
-                        self._sel_keys.add(st.data_ptr())
-                        self.sel_bytes += st.nbytes()
+            for t in tensor_leaves(out):
+                try:
+                    st = t.untyped_storage()
+                except (RuntimeError, NotImplementedError):
+                    continue
+                if st.data_ptr() not in self._sel_keys:
+                    self._sel_keys.add(st.data_ptr())
+                    self.sel_bytes += st.nbytes()
         return out
 
     def finalize(self) -> None:
@@ -714,7 +730,7 @@ class BlockSchedule:
 
     # called by SwitchableBlock ---------------------------------------------------------------
     def _profile(self, index: int, module: nn.Module, fwd: Callable, args: tuple, kwargs: dict) -> None:
-        inputs = list(_tensor_leaves((args, kwargs)))
+        inputs = list(tensor_leaves((args, kwargs)))
         device = inputs[0].device if inputs else torch.device("cpu")
         input_keys: dict[int, int] = {}
         for t in inputs:
@@ -747,8 +763,6 @@ class BlockSchedule:
 
         def fn() -> tuple[Any, Any]:
             if mode == "selective":
-                from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
                 fwd_ctx, rec_ctx = create_selective_checkpoint_contexts(
                     _selective_policy, allow_cache_entry_mutation=True
                 )
@@ -767,25 +781,7 @@ def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     case). This assumes no op reads a tensor between its creation and a later in-place update
     of it, which holds for the library's adapters and the usual transformer blocks.
     """
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    if op.overloadpacket in expensive_ops():
-        return CheckpointPolicy.MUST_SAVE
-    schema = getattr(op, "_schema", None)
-    if schema is not None and schema.is_mutable:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _tensor_leaves(obj: Any):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensor_leaves(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensor_leaves(v)
+    return CheckpointPolicy.MUST_SAVE if _kept_by_selective(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class SwitchableBlock:
@@ -822,8 +818,6 @@ class SwitchableBlock:
         if mode == "none":
             out = fwd(*args, **kwargs)
         elif mode in ("checkpoint", "selective"):
-            from torch.utils.checkpoint import checkpoint
-
             if s.use_reentrant:
                 if kwargs:
                     raise ValueError(
@@ -834,7 +828,7 @@ class SwitchableBlock:
             else:
                 out = checkpoint(fwd, *args, use_reentrant=False, context_fn=s._context_fn(i, mode), **kwargs)
         elif mode == "offload":
-            if not any(t.is_cuda for t in _tensor_leaves((args, kwargs))):
+            if not any(t.is_cuda for t in tensor_leaves((args, kwargs))):
                 out = fwd(*args, **kwargs)  # offloading is a CUDA feature: plain forward elsewhere
             else:
                 with s._offloader.hooks(i):

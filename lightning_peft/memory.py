@@ -250,10 +250,10 @@ class _RecomputeTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
         out = func(*args, **(kwargs or {}))
-        inputs = {_storage_key(t) for t in _tensors(args) if t.device.type != "meta"}
+        inputs = {_storage_key(t) for t in tensor_leaves(args) if t.device.type != "meta"}
         if kwargs:
-            inputs |= {_storage_key(t) for t in _tensors(kwargs.values())}
-        for t in _tensors(out if isinstance(out, (tuple, list)) else (out,)):
+            inputs |= {_storage_key(t) for t in tensor_leaves(kwargs)}
+        for t in tensor_leaves(out):
             if t.device.type == "meta":
                 continue
             try:
@@ -269,12 +269,16 @@ class _RecomputeTracker(TorchDispatchMode):
         return out
 
 
-def _tensors(items: Iterable[Any]) -> Iterator[torch.Tensor]:
-    for item in items:
-        if isinstance(item, torch.Tensor):
-            yield item
-        elif isinstance(item, (tuple, list)):
-            yield from _tensors(item)
+def tensor_leaves(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors in ``obj`` (a tensor, or tensors nested in tuples, lists and dict values)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from tensor_leaves(value)
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from tensor_leaves(item)
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lightning_peft import AdaptiveCheckpointCallback, LoRA, apply_adapter
 from lightning_peft.checkpointing import (
     BlockProfile,
+    BlockSchedule,
     BudgetTooSmallError,
     min_peak,
     plan_blocks,
@@ -56,12 +57,24 @@ def tiny_vit(depth: int = 4, seed: int = 0) -> nn.Module:
         num_classes=10, in_chans=1,
     )
     apply_adapter(model, LoRA(rank=4, alpha=8, target_modules=["qkv", "proj"]), trainable_modules=["head"])
-    # LoRA starts with B = 0 (so dA = 0): perturb every trainable tensor to make gradients informative
+    perturb_trainable(model)
+    return model
+
+
+def perturb_trainable(model: nn.Module) -> None:
+    """LoRA starts with B = 0 (so dA = 0): perturb every trainable tensor to make gradients informative."""
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    return model
+
+
+def wrapped_vit(depth: int, batch: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, nn.ModuleList, BlockSchedule]:
+    """A tiny LoRA ViT with switchable blocks, and one batch: ``model, x, y, blocks, schedule``."""
+    model = tiny_vit(depth=depth)
+    x, y = torch.randn(batch, 1, 16, 16), torch.randint(0, 10, (batch,))
+    [(_, blocks)] = find_blocks(model)
+    return model, x, y, blocks, wrap_blocks(blocks)
 
 
 def lora_grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -206,10 +219,7 @@ def run_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> SavedTensorM
 
 
 def test_lora_gradients_equal_with_and_without_checkpointing() -> None:
-    model = tiny_vit(depth=4)
-    x, y = torch.randn(6, 1, 16, 16), torch.randint(0, 10, (6,))
-    [(_, blocks)] = find_blocks(model)
-    schedule = wrap_blocks(blocks)
+    model, x, y, blocks, schedule = wrapped_vit(depth=4, batch=6)
     results = {}
     for kind, k in [("none", 0), ("all", 0), ("first_k", 2), ("every_k", 2)]:
         schedule.set_modes(static_modes(kind, 4, k))
@@ -230,10 +240,7 @@ def test_lora_gradients_equal_with_and_without_checkpointing() -> None:
 
 
 def test_predicted_peak_equals_measured_peak() -> None:
-    model = tiny_vit(depth=4)
-    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
-    [(_, blocks)] = find_blocks(model)
-    schedule = wrap_blocks(blocks)
+    model, x, y, _, schedule = wrapped_vit(depth=4, batch=8)
     schedule.set_modes(static_modes("all", 4))
     schedule.begin_step(profiling=True)
     meter = run_step(model, x, y)
@@ -256,10 +263,7 @@ def test_wrapper_passes_keyword_arguments_and_skips_under_no_grad() -> None:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     apply_adapter(model, LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    perturb_trainable(model)
     ids = torch.randint(0, 64, (2, 12))
     [(_, blocks)] = find_blocks(model)
     schedule = wrap_blocks(blocks)
@@ -374,6 +378,24 @@ def test_out_of_memory_in_backward_restores_gradients_and_retries() -> None:
     assert source.ooms == 1 and cb.counters["oom_retries"] == 1
     assert sorted(set(module.seen)) == [0, 1, 2, 3]
     expected = reference_weights(4)
+    for name, value in trainable_state(module).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_in_backward_while_accumulating_restores_gradients() -> None:
+    none = no_checkpoint_peak()
+    # start 1 is batch 1, the second micro-batch of the first window: its failed backward has
+    # already added to the gradients of batch 0, which must be restored before the retry
+    source = SimulatedMemorySource(oom_on_starts=[1], oom_phase="backward")
+    cb = AdaptiveCheckpointCallback(budget=int(0.6 * none), headroom=0.0, memory_source=source, verbose=False)
+    module = ViTModule()
+    trainer([cb], max_steps=2, accumulate_grad_batches=2).fit(module, image_loader())
+    assert source.ooms == 1 and cb.counters["oom_retries"] == 1
+    reference = ViTModule()
+    trainer([AdaptiveCheckpointCallback(mode="none", verbose=False)], max_steps=2, accumulate_grad_batches=2).fit(
+        reference, image_loader()
+    )
+    expected = trainable_state(reference)
     for name, value in trainable_state(module).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
 
@@ -542,10 +564,7 @@ def test_qlora_gradients_equal_with_and_without_checkpointing() -> None:
     model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=64, depth=2,
                               num_heads=2, num_classes=10, in_chans=1)
     apply_adapter(model, QLoRA(rank=4, target_modules=["qkv", "fc1"]), trainable_modules=["head"])
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    perturb_trainable(model)
     x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
     [(_, blocks)] = find_blocks(model)
     schedule = wrap_blocks(blocks)
@@ -748,10 +767,7 @@ def test_profiling_frees_its_side_forward() -> None:
     # not form uncollectable cycles through the meter (this leaked ~a whole forward per step).
     import gc
 
-    model = tiny_vit(depth=3)
-    x, y = torch.randn(6, 1, 16, 16), torch.randint(0, 10, (6,))
-    [(_, blocks)] = find_blocks(model)
-    schedule = wrap_blocks(blocks)
+    model, x, y, _, schedule = wrapped_vit(depth=3, batch=6)
     schedule.set_modes(static_modes("all", 3))
     left = {}
     for profiling in (False, True):
@@ -776,10 +792,7 @@ def test_an_error_leaves_the_model_unwrapped() -> None:
 
 
 def test_selective_checkpointing_gives_equal_gradients() -> None:
-    model = tiny_vit(depth=3)
-    x, y = torch.randn(6, 1, 16, 16), torch.randint(0, 10, (6,))
-    [(_, blocks)] = find_blocks(model)
-    schedule = wrap_blocks(blocks)
+    model, x, y, _, schedule = wrapped_vit(depth=3, batch=6)
     grads = {}
     for modes in (("none",) * 3, ("selective",) * 3, ("selective", "checkpoint", "none")):
         schedule.set_modes(modes)

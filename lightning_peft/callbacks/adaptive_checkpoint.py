@@ -295,9 +295,7 @@ class AdaptiveCheckpointCallback(Callback):
         self._blocks = [block for _, container in found for block in container]
         self._prepare_models(pl_module)
         if self.use_reentrant:
-            frozen = [
-                name for i, b in enumerate(self._blocks) for name, p in b.named_parameters() if not p.requires_grad
-            ]
+            frozen = [name for b in self._blocks for name, p in b.named_parameters() if not p.requires_grad]
             if frozen:
                 raise ValueError(
                     "use_reentrant=True is refused with a frozen base: reentrant checkpointing only back-propagates "
@@ -444,8 +442,9 @@ class AdaptiveCheckpointCallback(Callback):
           ``_make_closure`` so each closure's body runs in a retry loop. A failed attempt never
           reached ``optimizer.step`` (the closure runs *before* the update), so a retry is exactly
           the step that should have happened: the partial graph is freed, the trainable
-          parameters' ``.grad`` are restored to what they were before the attempt (``None`` or
-          a copy kept only when gradients are being accumulated), the plan is tightened and the
+          parameters' ``.grad`` are restored to what they were before the attempt (a copy is kept
+          only when gradients are being accumulated, i.e. the closure has no ``zero_grad``: a
+          closure that zeroes them before its backward needs none), the plan is tightened and the
           closure runs again on the same batch. ``ClosureResult`` holds the successful attempt.
         * Manual optimization: the LightningModule's ``training_step`` (which calls
           ``manual_backward`` itself) is wrapped the same way. Keep ``optimizer.step()`` after the
@@ -463,7 +462,9 @@ class AdaptiveCheckpointCallback(Callback):
             if original is not None:
                 def make_closure(*args: Any, **kwargs: Any) -> Any:
                     closure = original(*args, **kwargs)
-                    closure.closure = self._retrying(closure.closure, pl_module)
+                    # a closure with a zero_grad clears the gradients before its backward anyway
+                    accumulating = getattr(closure, "_zero_grad_fn", None) is None
+                    closure.closure = self._retrying(closure.closure, pl_module, keep_grads=accumulating)
                     return closure
 
                 loop._make_closure = make_closure
@@ -473,20 +474,26 @@ class AdaptiveCheckpointCallback(Callback):
                            "out-of-memory retries cover only the forward pass (strategy.training_step).")
             strategy = trainer.strategy
             original_step = strategy.training_step
-            strategy.training_step = self._retrying(original_step, pl_module)
+            # forward only: an attempt never touches the gradients
+            strategy.training_step = self._retrying(original_step, pl_module, keep_grads=False)
             self._retry_undo.append(lambda: strategy.__dict__.pop("training_step", None))
         else:
             original_ts = pl_module.training_step
             pl_module.training_step = self._retrying(original_ts, pl_module)
             self._retry_undo.append(lambda: pl_module.__dict__.pop("training_step", None))
 
-    def _retrying(self, fn: Callable[..., Any], pl_module: pl.LightningModule) -> Callable[..., Any]:
+    def _retrying(
+        self, fn: Callable[..., Any], pl_module: pl.LightningModule, keep_grads: bool = True
+    ) -> Callable[..., Any]:
+        """``fn`` retried after an out-of-memory error; ``keep_grads``: restore the trainable
+        parameters' ``.grad`` to their values before the attempt (a copy taken at every call)."""
+
         def run(*args: Any, **kwargs: Any) -> Any:
             snapshot = [
                 (p, None if p.grad is None else p.grad.detach().clone())
                 for p in pl_module.parameters()
                 if p.requires_grad
-            ]
+            ] if keep_grads else []
             attempt = 0
             while True:
                 message = None
@@ -519,21 +526,22 @@ class AdaptiveCheckpointCallback(Callback):
         floor = ("checkpoint",) * len(current)
         new = current
         bucket = self._buckets.get(self._key) if self._key is not None else None
-        if self.mode == "adaptive" and bucket is not None:
-            bucket.oom_scale *= self.oom_backoff
-            if bucket.profiles is not None:
-                try:
-                    plan = self._plan_for(bucket)
-                    new = plan.modes
-                    bucket.plan = plan
-                except BudgetTooSmallError:
-                    new = floor
-            if new == current or self._saves_less(new, current):
-                new = floor
-            if bucket.profiles is not None and new == floor:
-                bucket.plan = self._make_plan(bucket, floor)
-        elif self.mode != "adaptive":
+        if self.mode != "adaptive":
             new = floor  # a static plan that ran out of memory: fall back to checkpointing everything
+        elif bucket is not None:
+            bucket.oom_scale *= self.oom_backoff
+            if bucket.profiles is None:
+                new = floor
+            else:
+                bucket.plan = self._plan_for(bucket)  # not strict: the floor plan when nothing fits
+                new = bucket.plan.modes
+                # a plan that would not lower the predicted peak cannot help: checkpoint everything
+                if predict_peak(bucket.profiles, new, bucket.pre, bucket.post) >= predict_peak(
+                    bucket.profiles, current, bucket.pre, bucket.post
+                ):
+                    new = floor
+                if new == floor:
+                    bucket.plan = self._make_plan(bucket, floor)
         if new == current:
             raise torch.OutOfMemoryError(
                 f"AdaptiveCheckpointCallback: out of memory with every block already checkpointed ({message}). "
@@ -549,19 +557,11 @@ class AdaptiveCheckpointCallback(Callback):
         self.schedule.begin_step(self._profiling)
         self._start_measuring(pl_module)
 
-    def _saves_less(self, new: tuple[str, ...], current: tuple[str, ...]) -> bool:
-        bucket = self._buckets.get(self._key or "")
-        if bucket is None or bucket.profiles is None:
-            return False
-        return predict_peak(bucket.profiles, new, bucket.pre, bucket.post) >= predict_peak(
-            bucket.profiles, current, bucket.pre, bucket.post
-        )
-
     # ------------------------------------------------------------------------------------------
     # per step
     # ------------------------------------------------------------------------------------------
-    def _bucket_shape(self, trainer: pl.Trainer, batch: Any) -> list[list[int]]:
-        shape = _tensor_shapes(batch)
+    def _bucket_shape(self, trainer: pl.Trainer, shape: list[list[int]]) -> list[list[int]]:
+        """The plan-cache shape of a batch whose tensors have ``shape`` (rounded, max over ranks)."""
         q = self.shape_bucket
         if q:
             shape = [[s[0], *[-(-d // q) * q for d in s[1:]]] if s else s for s in shape]
@@ -577,7 +577,7 @@ class AdaptiveCheckpointCallback(Callback):
         assert self.schedule is not None and self._source is not None
         actual = _tensor_shapes(batch)
         self._batch_size = actual[0][0] if actual and actual[0] else 0
-        shape = self._bucket_shape(trainer, batch)
+        shape = self._bucket_shape(trainer, actual)
         key = "|".join("x".join(str(d) for d in s) for s in shape) or "-"
         self._key = key
         bucket = self._buckets.get(key)
@@ -624,6 +624,7 @@ class AdaptiveCheckpointCallback(Callback):
     def _stop_aux(self) -> None:
         if self._aux_meter is not None:
             self._aux_meter.__exit__(None, None, None)
+            self._aux_meter = None
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -633,7 +634,6 @@ class AdaptiveCheckpointCallback(Callback):
         meter = source.meter() or self._aux_meter
         source.stop()
         self._stop_aux()
-        self._aux_meter = None
         bucket = self._buckets[self._key]
         measured = float(source.peak_bytes())
         oom = float(self._oom_in_step)
@@ -672,14 +672,11 @@ class AdaptiveCheckpointCallback(Callback):
         modes_used = self._plan_used or tuple(self.schedule.modes)
         fraction = sum(m != "none" for m in modes_used) / max(len(modes_used), 1)
         if bucket.profiles is not None:
-            activation = predict_peak(bucket.profiles, modes_used, bucket.pre, bucket.post)
+            used = self._make_plan(bucket, modes_used)
+            activation = used.predicted_peak
             predicted = activation + self._offset_used
-            full = sum(recompute_cost(p, "checkpoint", self._cost_kind) for p in bucket.profiles)
-            spent = sum(
-                recompute_cost(p, m, self._cost_kind, offload_bandwidth=self._bandwidth, next_time=p.time)
-                for p, m in zip(bucket.profiles, modes_used)
-            )
-            fraction = spent / full if full > 0 else fraction
+            if used.full_cost > 0:
+                fraction = used.recompute_fraction
             observed_offset = measured - activation
             bucket.recent_offsets.append(observed_offset)
             if self.mode == "adaptive":
