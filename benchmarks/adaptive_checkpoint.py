@@ -132,6 +132,15 @@ def text_batches(info: dict[str, Any], device: torch.device, lengths: list[int],
     return out
 
 
+def step_loss(model: nn.Module, kind: str, batch: Any) -> torch.Tensor:
+    """Training loss of one batch: cross-entropy of a ViT on ``(x, y)``, or Llama's LM loss."""
+    if kind == "vit":
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y)
+    ids = batch["input_ids"]
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
 # --------------------------------------------------------------------------------------------
 # Lightning harness
 # --------------------------------------------------------------------------------------------
@@ -146,11 +155,7 @@ def make_module(model: nn.Module, kind: str):
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             self.seen += 1
-            if kind == "vit":
-                x, y = batch
-                return nn.functional.cross_entropy(self.model(x), y)
-            ids = batch["input_ids"]
-            return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+            return step_loss(self.model, kind, batch)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
@@ -244,11 +249,7 @@ def first_k_sweep(model: nn.Module, kind: str, batch: Any, profiles, pre: int, p
             schedule.begin_step(profiling=False)
             model.zero_grad(set_to_none=True)
             with SavedTensorMeter(model) as meter:
-                if kind == "vit":
-                    loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
-                else:
-                    loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
-                loss.backward()
+                step_loss(model, kind, batch).backward()
             flops = sum(p.flops for p, m in zip(profiles, modes) if m == "checkpoint")
             out.append(dict(k=k, peak_bytes=meter.peak_bytes, predicted=predict_peak(profiles, modes, pre, post),
                             recompute_flops=flops))
@@ -422,6 +423,8 @@ def cuda_model(kind: str, args: argparse.Namespace, device: torch.device) -> dic
         finally:
             gc.collect()
             torch.cuda.empty_cache()
+        if "budget" in kw:
+            result["variants"][name]["budget_bytes"] = kw["budget"]
 
     if not args.no_selfcheck:
         result["selfcheck"] = cuda_selfcheck(model, kind, info, batches[0], device)
@@ -435,16 +438,12 @@ def cuda_model(kind: str, args: argparse.Namespace, device: torch.device) -> dic
     for k in sorted({L_ // 4, L_ // 2, (3 * L_) // 4}):
         run(f"first_{k}", mode="first_k", k=k)
     for frac in args.budgets_cuda:
-        budget = int(frac * none_peak)
-        run(f"adaptive_{int(frac * 100)}", budget=budget, headroom=0.03)
-        result["variants"][f"adaptive_{int(frac * 100)}"]["budget_bytes"] = budget
+        run(f"adaptive_{int(frac * 100)}", budget=int(frac * none_peak), headroom=0.03)
     frac = args.budgets_cuda[0]
     budget = int(frac * none_peak)
     run(f"adaptive_{int(frac * 100)}_selective", budget=budget, headroom=0.03, selective=True)
-    result["variants"][f"adaptive_{int(frac * 100)}_selective"]["budget_bytes"] = budget
     if args.offload:
         run(f"adaptive_{int(frac * 100)}_offload", budget=budget, headroom=0.03, offload=True)
-        result["variants"][f"adaptive_{int(frac * 100)}_offload"]["budget_bytes"] = budget
     if args.compile and kind == "vit":
         result["variants"].update(compiled_budget_sweep(model, info, batches, device))
     # ratios against no checkpointing
@@ -482,10 +481,7 @@ def cuda_selfcheck(model: nn.Module, kind: str, info: dict[str, Any], batch: Any
                     torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    if kind == "vit":
-                        loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
-                    else:
-                        loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+                    loss = step_loss(model, kind, batch)
                 loss.backward()
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)

@@ -172,9 +172,10 @@ def finetune(method: str, base: dict[str, torch.Tensor], train: torch.Tensor, va
     else:
         spec = ExpertLoRA(rank=args.rank, alpha=2.0 * args.rank, max_rank=2 * args.rank)
         cls = RandomImportance if method == "epng_random" else ExpertImportanceCallback
+        heatmap = seed == args.seeds[0] and method == "epng"  # one heatmap: EPnG's first seed
         epng = cls(prune_fraction=0.2, grow_fraction=0.2, warmup_steps=args.warmup, interval=args.interval, decay=0.9,
-                   scope="global", seed=seed, heatmap=(seed == args.seeds[0] and method == "epng"),
-                   output_dir=str(args.heatmap_dir if seed == args.seeds[0] and method == "epng" else args.tmp / f"epng_seed{seed}"))
+                   scope="global", seed=seed, heatmap=heatmap,
+                   output_dir=str(args.heatmap_dir if heatmap else args.tmp / f"epng_seed{seed}"))
         callbacks = [AdapterCallback(spec), epng]
     module = LM(model)
     data = DataLoader(Windows(train, args.seq, args.steps * args.batch, seed=1000 + seed), batch_size=args.batch)

@@ -316,9 +316,10 @@ def check_same_init(variants: dict[str, Variant], device: torch.device) -> dict[
             if ".lora_B." in n:
                 p_peft.copy_(0.02 * torch.randn(p_peft.shape, generator=gen))
             p_ours.copy_(p_peft)
+        ref = {n: p_peft for n, _, p_peft in ref_pairs}
         for other in peft_names[1:]:
             for n, _, p_other in lora_pairs(ours.model, variants[other].model):
-                p_other.copy_(dict((k, v) for k, _, v in ref_pairs)[n])
+                p_other.copy_(ref[n])
     grads: dict[str, dict[str, torch.Tensor]] = {}
     for name in ("ours", *peft_names):
         v = variants[name]

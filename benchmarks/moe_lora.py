@@ -95,11 +95,18 @@ def prepare(method: str, model: torch.nn.Module, rank: int, alpha: float) -> tup
     raise ValueError(method)
 
 
+def grouped_mm_fallbacks() -> list[str]:
+    """``kind/device/dtype`` where ``F.grouped_mm`` refused a shape and expert LoRA fell back to a loop."""
+    from lightning_peft.adapters.experts import _GMM_FAILED
+
+    return sorted(f"{k}/{d}/{t}" for k, d, t in _GMM_FAILED)
+
+
 def verify(device: torch.device) -> dict[str, Any]:
     """Our fused expert LoRA against a dense per-expert reference (fp32, autograd) on ``device``:
     relative error of the output and of the gradients (input, A, B), in fp32 and (CUDA) bf16."""
     from lightning_peft import ExpertLoRA, apply_adapter
-    from lightning_peft.adapters.experts import _GMM_FAILED, expert_layers
+    from lightning_peft.adapters.experts import expert_layers
 
     tiny = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
                 num_experts=8, num_experts_per_tok=2, max_position_embeddings=64)
@@ -144,7 +151,7 @@ def verify(device: torch.device) -> dict[str, Any]:
             "output_rel_err": rel(out, ref),
             "grad_rel_err": {name: rel(x, y) for name, x, y in zip(["input", "A_gate_up", "A_down", "B_gate_up", "B_down"], got, want)},
         }
-    report["grouped_mm_fallbacks"] = sorted(f"{k}/{d}/{t}" for k, d, t in _GMM_FAILED)
+    report["grouped_mm_fallbacks"] = grouped_mm_fallbacks()
     return report
 
 
@@ -297,9 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary["goal"] = ">= 1.3x peft throughput and <= 0.75x its peak memory"
     if "frozen_limit" in ok and "ours" in ok:
         summary["throughput_vs_frozen_limit"] = ok["ours"]["tokens_per_s"] / ok["frozen_limit"]["tokens_per_s"]
-    from lightning_peft.adapters.experts import _GMM_FAILED
-
-    header["grouped_mm_fallbacks"] = sorted(f"{k}/{d}/{t}" for k, d, t in _GMM_FAILED)
+    header["grouped_mm_fallbacks"] = grouped_mm_fallbacks()
     output = {**header, "results": results, "summary": summary}
 
     print("\nmethod        tok/s      step ms   saved act MiB" + ("   peak GiB" if cuda else "") + "   trainable")

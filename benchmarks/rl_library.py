@@ -52,6 +52,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
 from lightning_peft.datamodules.rl import RLDataModule, evaluate_policy  # noqa: E402
 from lightning_peft.modules.ppo import PPO  # noqa: E402
 
@@ -112,11 +114,12 @@ def measure_bytes(work: Path, ranks: list[int], architectures: list[tuple[str, l
 
     rows = []
     for task, hidden in architectures:
+        tag = "x".join(map(str, hidden))
         base = PPO(task, hidden_sizes=hidden)
-        base_path = Path(base.save_policy(work / f"base_{task}_{'x'.join(map(str, hidden))}.safetensors"))
+        base_path = Path(base.save_policy(work / f"base_{task}_{tag}.safetensors"))
         full = tensor_bytes(base.state_dict())
         for rank in ranks:
-            lib = PolicyLibrary(work / f"bytes_{task}_{'x'.join(map(str, hidden))}_r{rank}", base=base_path)
+            lib = PolicyLibrary(work / f"bytes_{task}_{tag}_r{rank}", base=base_path)
             entry = lib.add(task, adapted_copy(base_path, task, rank, seed=rank))
             rows.append(
                 {
@@ -148,7 +151,6 @@ def measure_library(work: Path, sizes: list[int], ranks: list[int], hidden_list:
         base = PPO("CartPole-v1", hidden_sizes=hidden, normalize_observations=False)
         tag = "x".join(map(str, hidden))
         base_path = Path(base.save_policy(work / f"lib_base_{tag}.safetensors"))
-        full = tensor_bytes(base.state_dict())
         full_file = base_path.stat().st_size
         for rank in ranks:
             for n in sizes:
@@ -256,21 +258,16 @@ def _trainer(max_steps: int, callbacks: list[Any]) -> Any:
     )
 
 
-class _Curve:
+class _Curve(Callback):
     """Records (env steps, mean return) after each rollout."""
 
     def __init__(self, dm: RLDataModule) -> None:
-        from lightning.pytorch.callbacks import Callback
-
-        curve = self
-
-        class _CB(Callback):
-            def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-                stats = dm.dataset.stats()
-                curve.points.append([int(stats["env_steps"]), stats.get("episode_return")])
-
+        self.dm = dm
         self.points: list[list[Any]] = []
-        self.callback = _CB()
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        stats = self.dm.dataset.stats()
+        self.points.append([int(stats["env_steps"]), stats.get("episode_return")])
 
 
 def train_base(task: str, out: Path, max_rollouts: int, seed: int) -> dict[str, Any]:
@@ -285,7 +282,7 @@ def train_base(task: str, out: Path, max_rollouts: int, seed: int) -> dict[str, 
         check_on_train_epoch_end=True, strict=False,
     )
     curve = _Curve(dm)
-    trainer = _trainer(max_rollouts * dm.steps_per_rollout, [stop, curve.callback])
+    trainer = _trainer(max_rollouts * dm.steps_per_rollout, [stop, curve])
     wall, cpu = time.perf_counter(), time.process_time()
     trainer.fit(model, dm)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -321,7 +318,7 @@ def finetune(base_path: Path, source: str, target: str, method: str, seed: int, 
     if method == "lora":
         callbacks.append(AdapterCallback(adapter=lora_for(model, rank)))
     curve = _Curve(dm)
-    callbacks.append(curve.callback)
+    callbacks.append(curve)
     trainer = _trainer(rollouts * dm.steps_per_rollout, callbacks)
     wall, cpu = time.perf_counter(), time.process_time()
     trainer.fit(model, dm)

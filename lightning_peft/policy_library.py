@@ -93,8 +93,7 @@ class PolicyLibrary:
     def __init__(self, root: str | os.PathLike[str], base: Any = None, cache: bool = True) -> None:
         self.root = Path(root)
         self.cache = cache
-        self._cache: dict[str, dict[str, Tensor]] = {}
-        self._layouts: dict[str, str] = {}
+        self._cache: dict[str, tuple[dict[str, Tensor], str]] = {}  # task -> (tensors, layout JSON)
         self._model: Any = None
         self._base_state: dict[str, Tensor] | None = None
         self._layout: str | None = None  # JSON of the injected adapter layout
@@ -142,7 +141,7 @@ class PolicyLibrary:
         self.root.mkdir(parents=True, exist_ok=True)
         base_path = self.root / BASE_NAME
         model.save_policy(base_path)  # refuses a policy with adapters
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        state = model.state_dict()
         self.index = {
             "format": FORMAT,
             "base": {
@@ -380,7 +379,7 @@ class PolicyLibrary:
 
     def _read(self, task: str) -> tuple[dict[str, Tensor], str]:
         if task in self._cache:
-            return self._cache[task], self._layouts[task]
+            return self._cache[task]
         from safetensors import safe_open
 
         path = self.root / self._entry(task)["file"]
@@ -393,8 +392,7 @@ class PolicyLibrary:
                 f"{self._describe_base()}"
             )
         if self.cache:
-            self._cache[task] = tensors
-            self._layouts[task] = meta["layout"]
+            self._cache[task] = (tensors, meta["layout"])
         return tensors, meta["layout"]
 
     def _strip_adapters(self) -> None:
@@ -439,13 +437,12 @@ class PolicyLibrary:
         changed): time proportional to the adapter's bytes. ``merge=True`` folds the adapter
         into the base weights afterwards (faster inference; undone by the next activate).
         """
-        from lightning_peft.io import adapter_layers, merge_adapter
+        from lightning_peft.io import adapter_layers, merge_adapter, unmerge_adapter
 
         tensors, layout = self._read(task)
         model = self.model
-        if self.merged:
-            for layer in adapter_layers(model).values():
-                layer.unmerge()
+        if self.merged:  # only ever set after merge_adapter found adapter layers
+            unmerge_adapter(model)
             self.merged = False
         with torch.no_grad():
             if layout != self._layout:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
@@ -116,18 +116,20 @@ _REGISTRY: dict[str, TaskSpec] = {}
 
 
 def _validate_physics(env_id: str, physics: Mapping[str, float], task: str) -> dict[str, float]:
+    if not physics:
+        return {}
     allowed = PHYSICS_PARAMETERS.get(env_id)
-    if physics and allowed is None:
+    if allowed is None:
         raise ValueError(
             f"task {task!r}: environment {env_id!r} has no known physics parameters; physics "
             f"variants are supported for {sorted(PHYSICS_PARAMETERS)}"
         )
     out: dict[str, float] = {}
     for key, value in physics.items():
-        if key not in allowed:  # type: ignore[operator]
+        if key not in allowed:
             raise ValueError(
                 f"task {task!r}: unknown physics parameter {key!r} for {env_id}; "
-                f"known: {sorted(allowed)}"  # type: ignore[arg-type]
+                f"known: {sorted(allowed)}"
             )
         try:
             value = float(value)
@@ -175,7 +177,7 @@ def register_task(
 
 def registered_tasks(family: str | None = None) -> list[str]:
     """Names of the registered tasks, optionally only those of one environment id."""
-    return sorted(n for n, s in _REGISTRY.items() if family is None or s.env_id == family)
+    return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
 
 
 def _unknown_task_error(name: str) -> ValueError:
@@ -217,14 +219,7 @@ def get_task(name: str) -> TaskSpec:
     overrides = _validate_physics(spec.env_id, _parse_overrides(name, query), name)
     physics = {**spec.physics, **overrides}
     canonical = base + "?" + "&".join(f"{k}={overrides[k]:g}" for k in sorted(overrides))
-    return TaskSpec(
-        name=canonical,
-        env_id=spec.env_id,
-        physics=physics,
-        make_kwargs=spec.make_kwargs,
-        description=spec.description,
-        suite=spec.suite,
-    )
+    return replace(spec, name=canonical, physics=physics)
 
 
 def task_family(base: str, parameter: str, values: Sequence[float]) -> list[str]:

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import gymnasium  # noqa: F401  (a test dependency: fail loudly if missing)
+import lightning as L
+import numpy as np
 import pytest
 import torch
 import torchrl  # noqa: F401  (a test dependency: fail loudly if missing)
@@ -29,6 +31,11 @@ CARTPOLE_RANKS = {"policy.0": 4, "value.0": 4, "policy.4": 2, "value.4": 1}
 
 def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` and its bytes."""
+    return {p: (root / p).read_bytes() for p in _files(root) if (root / p).is_file()}
 
 
 def _lora(rank: int = 8):
@@ -257,8 +264,6 @@ def test_episode_returns_are_tracked_per_environment():
 
 
 def test_mismatched_shapes_are_refused_and_nothing_written(tmp_path: Path, base_file: Path):
-    import lightning as L
-
     model = PPO("CartPole-v1")
     with pytest.raises(ValueError, match=r"task 'Pendulum-v1' does not fit the policy \(built for task 'CartPole-v1'\).*observation shape \(3,\)"):
         RLDataModule("Pendulum-v1").attach(model)
@@ -295,8 +300,6 @@ def test_evaluate_policy_and_policy_file_round_trip(tmp_path: Path):
 
 # ------------------------------------------------------------------------- training
 def test_ppo_trains_through_lightning(tmp_path: Path):
-    import lightning as L
-
     torch.manual_seed(0)
     model = PPO("CartPole-v1", learning_rate=1e-3, normalize_observations=True)
     dm = RLDataModule("CartPole-v1", num_envs=2, rollout_steps=32, minibatch_size=32, update_epochs=2)
@@ -313,8 +316,6 @@ def test_ppo_trains_through_lightning(tmp_path: Path):
 
 
 def test_lora_adaptation_freezes_the_base_and_keeps_obs_statistics(tmp_path: Path):
-    import lightning as L
-
     from lightning_peft import AdapterCallback
 
     base = PPO("CartPole-v1", normalize_observations=True)
@@ -410,7 +411,7 @@ def test_policy_library_refuses_foreign_adapters_and_bad_tasks(tmp_path: Path, b
     root = tmp_path / "lib"
     lib = PolicyLibrary(root, base=str(base_file))
     lib.add("CartPole-v1/long-pole", _adapted(base_file, "CartPole-v1/long-pole", seed=0))
-    snapshot = {p: (root / p).read_bytes() for p in _files(root) if (root / p).is_file()}
+    snapshot = _snapshot(root)
 
     torch.manual_seed(123)
     other = Path(PPO("CartPole-v1", normalize_observations=False).save_policy(tmp_path / "other.safetensors"))
@@ -441,18 +442,14 @@ def test_policy_library_refuses_foreign_adapters_and_bad_tasks(tmp_path: Path, b
         lib.activate("CartPole-v1/moon")
     with pytest.raises(ValueError, match="was built on base"):
         PolicyLibrary(root, base=str(other))
-    assert {p: (root / p).read_bytes() for p in _files(root) if (root / p).is_file()} == snapshot
+    assert _snapshot(root) == snapshot
 
 
 # ------------------------------------------------------------------------- configs
-def _cli(args: list[str]):
+def _run_config(name: str, tmp_path: Path, *extra: str):
     from lightning_peft.cli import cli_main
 
-    return cli_main(args)
-
-
-def _run_config(name: str, tmp_path: Path, *extra: str):
-    return _cli(
+    return cli_main(
         [
             "fit",
             "--config",
@@ -493,8 +490,6 @@ def test_configs_run_a_few_steps(tmp_path: Path):
 @pytest.mark.slow
 def test_ppo_learns_cartpole(tmp_path: Path):
     """~40k environment steps of PPO lift CartPole's mean return far above random (~22)."""
-    import lightning as L
-
     L.seed_everything(0)
     model = PPO("CartPole-v1", learning_rate=1e-3, lr_schedule="linear", gamma=0.98, gae_lambda=0.8,
                 normalize_observations=False)
@@ -507,8 +502,6 @@ def test_ppo_learns_cartpole(tmp_path: Path):
 
 
 def test_success_rate_is_logged_where_the_environment_reports_it():
-    import numpy as np
-
     from lightning_peft.datamodules.rl import _EpisodeTracker
 
     tracker = _EpisodeTracker(num_envs=3, window=10)

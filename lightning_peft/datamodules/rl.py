@@ -224,9 +224,8 @@ class RolloutDataset(IterableDataset):
             # The observation that followed step t: the final one for a finished episode
             # (SAME_STEP autoreset puts it in info["final_obs"]), else the next one.
             follow = np.array(next_obs, dtype=np.float32, copy=True)
-            if done.any():
-                for i in np.flatnonzero(done):
-                    follow[i] = info["final_obs"][i]
+            for i in np.flatnonzero(done):
+                follow[i] = info["final_obs"][i]
             obs_list.append(step["observation"].cpu())
             next_obs_list.append(torch.as_tensor(follow.reshape(E, -1)))
             act_list.append(step["action"].cpu())
@@ -240,7 +239,7 @@ class RolloutDataset(IterableDataset):
         self.rollouts += 1
         observation = torch.stack(obs_list)  # [T, E, D], already normalised
         # Normalise the following observations with the statistics as they are now (no update).
-        next_observation = module.normalize(torch.stack(next_obs_list).reshape(T * E, -1)).cpu()
+        next_observation = module.normalize(torch.stack(next_obs_list).reshape(T * E, -1))
         device = module.obs_norm.mean.device if hasattr(module, "obs_norm") else "cpu"
         value = module.state_value(observation.reshape(T * E, -1).to(device)).reshape(T, E).cpu()
         next_value = module.state_value(next_observation.to(device)).reshape(T, E).cpu()
@@ -343,7 +342,7 @@ class RLDataModule(L.LightningDataModule):
     @property
     def steps_per_rollout(self) -> int:
         """Optimizer steps per epoch (per rollout)."""
-        n = self.hparams["num_envs"] * self.hparams["rollout_steps"]
+        n = self.env_steps_per_rollout
         return self.hparams["update_epochs"] * math.ceil(n / self.hparams["minibatch_size"])
 
     @property

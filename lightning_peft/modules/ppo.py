@@ -248,7 +248,7 @@ class PPO(L.LightningModule):
         self.observation_shape, self.action_kind, self.action_dim, low, high = _describe_spaces(
             spec.name, obs_space, act_space
         )
-        obs_dim = int(np.prod(self.observation_shape))
+        obs_dim = self.observation_dim
         act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
 
         self.obs_norm = RunningObsNorm(obs_dim)
@@ -377,7 +377,7 @@ class PPO(L.LightningModule):
 
         Built lazily and kept out of the module tree (no second copy of the parameters in the
         ``state_dict``, and adapter targeting such as ``"all-linear"`` does not walk into it).
-        ``functional=False``: the loss calls :meth:`distribution_params` / :meth:`state_value`
+        ``functional=False``: the loss calls :meth:`distribution_params` and ``self.value``
         directly, so it always sees the current layers -- including adapter layers injected
         after construction.
         """
@@ -428,22 +428,15 @@ class PPO(L.LightningModule):
                 advantage="advantage",
                 value_target="value_target",
             )
-            self.__dict__["_ppo_loss"] = loss
+            self.__dict__["_ppo_loss"] = loss  # bypasses nn.Module: not registered as a submodule
         loss = self._ppo_loss
         device = self.obs_norm.mean.device
         if loss.clip_epsilon.device != device:
             loss.to(device)
         return loss
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "_ppo_loss":
-            self.__dict__[name] = value  # never registered as a submodule
-            return
-        super().__setattr__(name, value)
-
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
+        state = dict(super().__getstate__())
         state["_ppo_loss"] = None  # rebuilt lazily; holds bound methods
         return state
 
@@ -472,10 +465,7 @@ class PPO(L.LightningModule):
             batch_size=[n],
         )
         out = self._loss_module()(td)
-        result = {
-            key: out.get(key).reshape(()) if out.get(key).numel() == 1 else out.get(key)
-            for key in out.keys()
-        }
+        result = {key: value.reshape(()) if value.numel() == 1 else value for key, value in out.items()}
         zero = result["loss_objective"].new_zeros(())
         result.setdefault("loss_critic", zero)  # absent when value_coef == 0
         result.setdefault("loss_entropy", zero)
@@ -570,9 +560,7 @@ class PPO(L.LightningModule):
 
     # ------------------------------------------------------------------ files
     def policy_metadata(self) -> dict[str, str]:
-        import inspect
-
-        allowed = set(inspect.signature(PPO.__init__).parameters) - {"self", "base_checkpoint", "export_path"}
+        allowed = _policy_hparam_names(PPO)
         hp = {k: v for k, v in self.hparams.items() if k in allowed}
         return {
             "format": POLICY_FORMAT,
@@ -618,9 +606,7 @@ class PPO(L.LightningModule):
             meta = f.metadata() or {}
         if meta.get("format") != POLICY_FORMAT:
             raise ValueError(f"{path!r} is not a policy file written by PPO.save_policy")
-        import inspect
-
-        allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "base_checkpoint", "export_path"}
+        allowed = _policy_hparam_names(cls)
         hp = {k: v for k, v in json.loads(meta["hparams"]).items() if k in allowed}
         if task is not None:
             hp["task"] = task
@@ -642,7 +628,7 @@ class PPO(L.LightningModule):
                     f"{saved_hp[key]!r}, but this PPO policy (task {self.hparams['task']!r}) has "
                     f"{key}={self.hparams[key]!r}; set model.init_args.{key} to match the base"
                 )
-        expected = {k: v for k, v in self.state_dict().items()}
+        expected = self.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         bad = [
@@ -666,8 +652,9 @@ class PPO(L.LightningModule):
                 f"{self.action_kind} action dim {self.action_dim}, hidden sizes "
                 f"{self.hparams['hidden_sizes']}): {details}"
             )
-        self.load_state_dict({k: state[k] for k in expected}, strict=True)
-        self.base_fingerprint = policy_fingerprint({k: state[k] for k in expected})
+        state = {k: state[k] for k in expected}
+        self.load_state_dict(state, strict=True)
+        self.base_fingerprint = policy_fingerprint(state)
         self.base_source = f"{path} (task {source})"
 
 
@@ -681,6 +668,13 @@ def policy_fingerprint(state: dict[str, Tensor]) -> str:
         digest.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _policy_hparam_names(cls: type[PPO]) -> set[str]:
+    """``cls.__init__`` arguments a policy file records: all but where the weights come from or go."""
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "base_checkpoint", "export_path"}
 
 
 def _plain_keys(module: PPO) -> list[str]:
