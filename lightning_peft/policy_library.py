@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.io import atomic_write_file
+from lightning_peft.io import adapter_layers, atomic_write_file, merge_adapter, unmerge_adapter
 
 __all__ = ["PolicyLibrary"]
 
@@ -298,7 +298,6 @@ class PolicyLibrary:
 
     def _extract(self, policy: Any) -> tuple[dict[str, Tensor], str, str]:
         """``(tensors to store, adapter layout JSON, kind)`` of an adapted ``policy``."""
-        from lightning_peft.adapters.base import AdapterLayer
         from lightning_peft.modules.ppo import PPO
         from lightning_peft.targeting import adapter_record
 
@@ -313,7 +312,7 @@ class PolicyLibrary:
                 f"base is {self._describe_base()}. Train the adapter on the library's base "
                 f"(model.init_args.base_checkpoint: {str(self.root / BASE_NAME)!r})."
             )
-        layers = {n: m for n, m in policy.named_modules() if isinstance(m, AdapterLayer)}
+        layers = adapter_layers(policy)
         merged = [n for n, m in layers.items() if m.merged]
         if merged:
             raise ValueError(f"adapters of {merged[:3]} are merged into the base: unmerge_adapter(policy) first")
@@ -437,7 +436,6 @@ class PolicyLibrary:
         changed): time proportional to the adapter's bytes. ``merge=True`` folds the adapter
         into the base weights afterwards (faster inference; undone by the next activate).
         """
-        from lightning_peft.io import adapter_layers, merge_adapter, unmerge_adapter
 
         tensors, layout = self._read(task)
         model = self.model
