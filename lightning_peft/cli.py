@@ -57,8 +57,7 @@ class LightningPEFTCLI(LightningCLI):
         if not is_overridden("test_step", model, LightningModule):
             rank_zero_info(f"{type(model).__name__} has no test_step: skipping the test run after fit.")
             return
-        checkpoint = trainer.checkpoint_callback
-        best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")  # "" without a ModelCheckpoint
         ckpt_path = "best" if best else None
         rank_zero_info(f"Testing {'the best checkpoint ' + best if best else 'the final weights'}.")
         self.test_results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)

@@ -45,8 +45,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_peft.adapters.base import AdapterLayer
+from lightning_peft.adapters.rank_ops import full_tensor
 from lightning_peft.callbacks.adapter import AtomicCheckpointIO
+from lightning_peft.targeting import trainable_state_keys
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DType = Literal["float32", "bfloat16", "float16"]
@@ -65,25 +66,13 @@ def _is_dtensor(tensor: Any) -> bool:
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """A full, CPU, detached copy of ``tensor``; a ``DTensor`` is all-gathered (collective:
     every rank must call this for the same tensors in the same order)."""
-    if _is_dtensor(tensor):
-        tensor = tensor.full_tensor()  # type: ignore[union-attr]
-    return tensor.detach().to("cpu", copy=True)
+    return full_tensor(tensor).detach().to("cpu", copy=True)
 
 
 def _is_quantized(param: torch.Tensor) -> bool:
     """bitsandbytes 4-bit / 8-bit weights: their packing and quantization state cannot be
     split along dim 0 by FSDP, so they stay whole (frozen, replicated) on every rank."""
     return getattr(param, "quant_state", None) is not None or type(param).__name__ in ("Params4bit", "Int8Params")
-
-
-def trainable_state_keys(module: nn.Module) -> list[str]:
-    """State-dict keys of ``module`` that define what trains: parameters with
-    ``requires_grad`` plus the adapter buffers of ``AdapterLayer``s, in ``state_dict`` order."""
-    keep = {name for name, p in module.named_parameters() if p.requires_grad}
-    for name, sub in module.named_modules():
-        if isinstance(sub, AdapterLayer):
-            keep |= {f"{name}.{k}" if name else k for k in sub.adapter_state_dict()}
-    return [k for k in module.state_dict(keep_vars=True) if k in keep]
 
 
 def _clean_fqn(name: str) -> str:
@@ -257,11 +246,7 @@ class AdapterFSDP2Strategy(ModelParallelStrategy):
                 "of them is gathered whole in forward. Pass block_paths=[...] to shard block by block."
             )
             return []
-        blocks = []
-        for path, container in containers:
-            for i, block in enumerate(container):
-                blocks.append((f"{path}.{i}", block))
-        return blocks
+        return [(f"{path}.{i}", block) for path, container in containers for i, block in enumerate(container)]
 
     def _shard(self, module: pl.LightningModule) -> None:
         """Apply ``fully_shard`` per block, then per submodule of the LightningModule, over

@@ -262,3 +262,14 @@ def adapter_record(model: nn.Module) -> tuple[str, AdapterRecord] | None:
         if record is not None:
             return name, record
     return None
+
+
+def trainable_state_keys(module: nn.Module) -> list[str]:
+    """State-dict keys of ``module`` that define what trains: parameters with
+    ``requires_grad`` plus the adapter buffers of ``AdapterLayer``s (e.g. rank masks), in
+    ``state_dict`` order. Adapter-only checkpoints hold exactly these."""
+    keep = {name for name, p in module.named_parameters() if p.requires_grad}
+    for name, sub in module.named_modules():
+        if isinstance(sub, AdapterLayer):
+            keep |= {f"{name}.{k}" if name else k for k in sub.adapter_state_dict()}
+    return [k for k in module.state_dict(keep_vars=True) if k in keep]

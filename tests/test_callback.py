@@ -17,16 +17,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from adapter_models import LORA_TARGETS, Classifier, base_name, make_loader, probe_input  # noqa: E402
+from adapter_models import HEAD, LORA_TARGETS, Classifier, base_name, lora_callback, make_loader, probe_input  # noqa: E402
 
 from lightning_peft import AdapterCallback, BitFit, FullFineTune, LoRA, QLoRA, apply_adapter, load_adapter  # noqa: E402
 from lightning_peft.callbacks.adapter import AtomicCheckpointIO  # noqa: E402
-
-HEAD = ["model.head"]
-
-
-def lora_callback(rank: int = 4, targets: list[str] | None = None, **kwargs) -> AdapterCallback:
-    return AdapterCallback(LoRA(rank=rank, alpha=8, target_modules=targets or LORA_TARGETS), trainable_modules=HEAD, **kwargs)
 
 
 def make_trainer(tmp_path: Path, callbacks: list, epochs: int = 1, max_steps: int = -1, ckpt: bool = False) -> pl.Trainer:

@@ -19,9 +19,9 @@ import torch
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-from adapter_models import LORA_TARGETS, Classifier, make_loader, probe_input  # noqa: E402
+from adapter_models import HEAD, LORA_TARGETS, Classifier, lora_callback, make_loader, probe_input  # noqa: E402
 
-from lightning_peft import AdapterCallback, AdapterFSDP2Strategy, LoRA, apply_adapter, load_adapter  # noqa: E402
+from lightning_peft import AdapterFSDP2Strategy, LoRA, apply_adapter, load_adapter  # noqa: E402
 from lightning_peft.strategies import trainable_state_keys  # noqa: E402
 
 
@@ -36,8 +36,14 @@ def run_script(name: str, out: Path, timeout: float = 300) -> list[dict]:
 def lora_model(seed: int = 0, **kwargs) -> Classifier:
     torch.manual_seed(seed)
     model = Classifier(**kwargs)
-    apply_adapter(model, LoRA(rank=4, alpha=8, target_modules=LORA_TARGETS), trainable_modules=["model.head"])
+    apply_adapter(model, LoRA(rank=4, alpha=8, target_modules=LORA_TARGETS), trainable_modules=HEAD)
     return model
+
+
+def single_process_trainer(root: Path, epochs: int) -> pl.Trainer:
+    """One CPU process with the same LoRA callback as the scripts, no checkpoints."""
+    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, callbacks=[lora_callback()], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=root)
 
 
 def both_ranks_loader(n: int = 64, per_rank_batch: int = 8, epoch: int = 0) -> torch.utils.data.DataLoader:
@@ -131,10 +137,7 @@ def test_ddp_lora_with_activation_checkpointing(tmp_path: Path) -> None:
     # the gradient was really averaged: equal to one process over both ranks' batches
     torch.manual_seed(0)
     reference = Classifier(activation_checkpointing=True, scheduler=False)
-    callback = AdapterCallback(LoRA(rank=4, alpha=8, target_modules=LORA_TARGETS), trainable_modules=["model.head"])
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, callbacks=[callback], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / "ref")
-    trainer.fit(reference, both_ranks_loader())
+    single_process_trainer(tmp_path / "ref", epochs=1).fit(reference, both_ranks_loader())
     for name, value in reference.named_parameters():
         if value.requires_grad:
             torch.testing.assert_close(final0[name], value.detach(), atol=2e-5, rtol=1e-4)
@@ -193,9 +196,7 @@ def test_fsdp2_adapter_strategy(tmp_path: Path) -> None:
     # and a single-process run resumes from it
     torch.manual_seed(0)
     model = Classifier()
-    callback = AdapterCallback(LoRA(rank=4, alpha=8, target_modules=LORA_TARGETS), trainable_modules=["model.head"])
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, callbacks=[callback], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / "single")
+    trainer = single_process_trainer(tmp_path / "single", epochs=2)
     trainer.fit(model, make_loader(n=32), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 8
 

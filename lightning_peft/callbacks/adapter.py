@@ -24,7 +24,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
 from lightning_peft.io import atomic_write_file, merge_adapter, save_adapter, unmerge_adapter
-from lightning_peft.targeting import AdapterReport, adapter_record, apply_adapter, combine_fingerprints
+from lightning_peft.targeting import (
+    AdapterReport,
+    adapter_record,
+    apply_adapter,
+    combine_fingerprints,
+    trainable_state_keys,
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -155,6 +161,9 @@ class AdapterCallback(Callback):
         pl_module.on_load_checkpoint = _CheckedLoadHook(self, pl_module)  # type: ignore[method-assign]
 
     def _check_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint's callback state matches this adapter and it holds every trainable
+        tensor in the model's shape. Runs from the module's ``on_load_checkpoint``, i.e. before
+        any tensor is loaded and before Lightning restores callback state."""
         if any(isinstance(m, AdapterLayer) and m.merged for m in pl_module.modules()):
             unmerge_adapter(pl_module)  # checkpoints hold unmerged tensors (e.g. testing "best" after merge_on_fit_end)
         state = checkpoint.get("callbacks", {}).get(self.state_key)
@@ -162,12 +171,12 @@ class AdapterCallback(Callback):
             self.load_state_dict(state)
         saved = checkpoint.get("state_dict", {})
         current = pl_module.state_dict(keep_vars=True)
-        keys = self._trainable_keys(pl_module)
+        keys = set(trainable_state_keys(pl_module))
         missing = sorted(keys - set(saved))
         wrong = [
             f"{k}: checkpoint {tuple(saved[k].shape)} != model {tuple(current[k].shape)}"
             for k in sorted(keys & set(saved))
-            if k in current and tuple(saved[k].shape) != tuple(current[k].shape)
+            if tuple(saved[k].shape) != tuple(current[k].shape)
         ]
         if missing or wrong:
             raise ValueError(
@@ -206,26 +215,10 @@ class AdapterCallback(Callback):
             )
 
     # --- checkpoints -------------------------------------------------------------------------
-    def _trainable_keys(self, pl_module: pl.LightningModule) -> set[str]:
-        keys = {n for n, p in pl_module.named_parameters() if p.requires_grad}
-        for name, module in pl_module.named_modules():
-            if isinstance(module, AdapterLayer):  # adapter buffers (e.g. rank masks) are state too
-                keys |= {f"{name}.{k}" if name else k for k in module.adapter_state_dict()}
-        return keys
-
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.adapter_only_checkpoints and "state_dict" in checkpoint:
-            keep = self._trainable_keys(pl_module)
+            keep = set(trainable_state_keys(pl_module))
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        saved = set(checkpoint.get("state_dict", {}))
-        missing = sorted(self._trainable_keys(pl_module) - saved)
-        if missing:
-            raise ValueError(
-                f"checkpoint does not hold {len(missing)} trainable tensors of this adapter ({missing[:4]} ...): it was "
-                "written with a different adapter configuration. Resume with the configuration it was trained with."
-            )
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -223,11 +223,14 @@ class ExpertImportanceCallback(Callback):
         self._log(pl_module)
 
     def _log(self, pl_module: pl.LightningModule) -> None:
+        if pl_module._trainer is None or pl_module._trainer.logger is None:
+            return  # nothing would record the metrics: skip building them every step
         ranks = [l.ranks for l in self._layers]
+        trainable = sum(effective_parameters(l) for l in self._layers)
         metrics = {
             "epng/active_experts": float(sum(r > 0 for layer in ranks for r in layer)),
-            "epng/trainable": float(sum(effective_parameters(l) for l in self._layers)),
-            "epng/budget_used": sum(effective_parameters(l) for l in self._layers) / max(1, self.initial_budget),
+            "epng/trainable": float(trainable),
+            "epng/budget_used": trainable / max(1, self.initial_budget),
         }
         for i, layer in enumerate(ranks):
             metrics[f"epng/rank_sum/layer{i}"] = float(sum(layer))
@@ -235,8 +238,7 @@ class ExpertImportanceCallback(Callback):
                 for e, r in enumerate(layer):
                     metrics[f"epng/rank/layer{i}/expert{e}"] = float(r)
                     metrics[f"epng/importance/layer{i}/expert{e}"] = float(self.importance[i][e])
-        if pl_module._trainer is not None and pl_module._trainer.logger is not None:
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
 
     # --- decisions ----------------------------------------------------------------------------
     def plan(self) -> list[list[int]]:

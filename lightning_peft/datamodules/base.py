@@ -1,10 +1,64 @@
-"""Shared loaders for the datamodules with fixed splits."""
+"""Shared pieces of the datamodules with fixed splits: stratified splitting and the loaders."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+
+def stratified_split(
+    labels: Any, fractions: tuple[float, float], seed: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Split ``range(len(labels))`` into train/val/test index lists, stratified by label.
+
+    ``fractions`` = (val_fraction, test_fraction); the rest is train. Deterministic for a given
+    ``seed`` (scikit-learn's ``train_test_split`` with a fixed ``random_state``). Each returned
+    list is sorted so iteration order does not depend on the shuffling.
+    """
+    from sklearn.model_selection import train_test_split
+
+    val_fraction, test_fraction = fractions
+    indices = list(range(len(labels)))
+    labels = list(labels)
+    held_out = val_fraction + test_fraction
+    if held_out <= 0:
+        return indices, [], []
+    n_classes = len(set(labels))
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if 0 < fraction and int(fraction * len(labels)) < n_classes:
+            raise ValueError(
+                f"{name}={fraction} of {len(labels)} examples leaves fewer than one example per "
+                f"class ({n_classes} classes) in a stratified split; use more data or a larger fraction."
+            )
+    train_idx, rest_idx = train_test_split(
+        indices, test_size=held_out, stratify=labels, random_state=seed
+    )
+    if test_fraction <= 0:
+        return sorted(train_idx), sorted(rest_idx), []
+    if val_fraction <= 0:
+        return sorted(train_idx), [], sorted(rest_idx)
+    rest_labels = [labels[i] for i in rest_idx]
+    val_idx, test_idx = train_test_split(
+        rest_idx,
+        test_size=test_fraction / held_out,
+        stratify=rest_labels,
+        random_state=seed,
+    )
+    return sorted(train_idx), sorted(val_idx), sorted(test_idx)
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}.")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"val_fraction + test_fraction must be < 1 (got {val_fraction} + {test_fraction}); "
+            "nothing would be left to train on."
+        )
 
 
 class SplitDataModule(L.LightningDataModule):

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_peft.datamodules.base import SplitDataModule
-from lightning_peft.datamodules.vision import _check_fractions, stratified_split
+from lightning_peft.datamodules.base import SplitDataModule, _check_fractions, stratified_split
 
 
 def default_text_model_path() -> str:

@@ -22,7 +22,17 @@ _EXPORTS = {
     "CausalLM": "lightning_peft.modules.causal_lm",
 }
 
-__all__ = sorted([*_EXPORTS, "apply_base_state_dict", "check_datamodule_fits", "configure_adamw", "load_base_state_dict"])
+__all__ = sorted(
+    [
+        *_EXPORTS,
+        "apply_base_state_dict",
+        "check_datamodule_fits",
+        "check_num_classes",
+        "classification_step",
+        "configure_adamw",
+        "load_base_state_dict",
+    ]
+)
 
 Schedule = Literal["constant", "linear", "cosine"]
 
@@ -165,6 +175,27 @@ def check_datamodule_fits(module: L.LightningModule, attribute: str, capacity: i
     needed = getattr(datamodule, attribute, None)
     if isinstance(needed, int) and needed > capacity:
         raise ValueError(message.format(needed=needed, capacity=capacity))
+
+
+def check_num_classes(module: L.LightningModule, num_classes: int) -> None:
+    """Raise ``ValueError`` when the trainer's datamodule has more classes than the head."""
+    check_datamodule_fits(
+        module, "num_classes", num_classes,
+        "the datamodule has {needed} classes but the model's head has {capacity}; set model num_classes: {needed}.",
+    )
+
+
+def classification_step(module: L.LightningModule, logits: Any, labels: Any, stage: str, label_smoothing: float = 0.0) -> Any:
+    """Cross-entropy of ``logits [B, K]`` against ``labels [B]``; logs ``{stage}_loss`` and
+    ``{stage}_acc`` (per step in training, per epoch otherwise) and returns the loss."""
+    import torch.nn.functional as F
+
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    acc = (logits.argmax(dim=-1) == labels).float().mean()
+    on_step = stage == "train"
+    module.log(f"{stage}_loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(labels))
+    module.log(f"{stage}_acc", acc, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(labels))
+    return loss
 
 
 def __getattr__(name: str) -> Any:

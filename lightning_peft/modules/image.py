@@ -6,13 +6,13 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from lightning_peft.modules import (
     Schedule,
     _check_optim_args,
     apply_base_state_dict,
-    check_datamodule_fits,
+    check_num_classes,
+    classification_step,
     configure_adamw,
     load_base_state_dict,
 )
@@ -81,20 +81,12 @@ class ImageClassifier(L.LightningModule):
         return self.model(images)
 
     def setup(self, stage: str) -> None:
-        check_datamodule_fits(
-            self, "num_classes", self.num_classes,
-            "the datamodule has {needed} classes but the model's head has {capacity}; set model num_classes: {needed}.",
-        )
+        check_num_classes(self, self.num_classes)
 
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0)
-        acc = (logits.argmax(dim=-1) == labels).float().mean()
-        on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(labels))
-        self.log(f"{stage}_acc", acc, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(labels))
-        return loss
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        return classification_step(self, self(images), labels, stage, label_smoothing=smoothing)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

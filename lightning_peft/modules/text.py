@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.modules import Schedule, _check_optim_args, check_datamodule_fits, configure_adamw
-
-
-def _offline() -> None:
-    # Weights come from local paths only; make the hub client refuse any download.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from lightning_peft.datamodules.text import _offline, default_text_model_path
+from lightning_peft.modules import Schedule, _check_optim_args, check_num_classes, classification_step, configure_adamw
 
 
 def build_transformers_model(
@@ -109,11 +102,7 @@ class TextClassifier(L.LightningModule):
                 raise ValueError(f"{name} must be in [0, 1), got {value}.")
         _check_optim_args(lr, weight_decay, warmup_steps)
         self.save_hyperparameters()
-        default_path = None
-        if model_path is None and config is None:
-            from lightning_peft.datamodules.text import default_text_model_path
-
-            default_path = default_text_model_path()
+        default_path = default_text_model_path() if model_path is None and config is None else None
         self.encoder = build_transformers_model("AutoModel", model_path, config, default_path)
         # The pooler (BERT's tanh dense on [CLS]) is unused by our pooling; an adapter on it
         # would never get a gradient, so drop it.
@@ -143,20 +132,11 @@ class TextClassifier(L.LightningModule):
         return self.classifier(self.dropout(pooled))
 
     def setup(self, stage: str) -> None:
-        check_datamodule_fits(
-            self, "num_classes", self.num_classes,
-            "the datamodule has {needed} classes but the model's head has {capacity}; set model num_classes: {needed}.",
-        )
+        check_num_classes(self, self.num_classes)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        labels = batch["labels"]
         logits = self(batch["input_ids"], batch.get("attention_mask"))
-        loss = F.cross_entropy(logits, labels)
-        acc = (logits.argmax(dim=-1) == labels).float().mean()
-        on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(labels))
-        self.log(f"{stage}_acc", acc, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(labels))
-        return loss
+        return classification_step(self, logits, batch["labels"], stage)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

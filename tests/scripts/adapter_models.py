@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 IN_FEATURES, SEQ, CLASSES = 8, 6, 4
 LORA_TARGETS = ["q", "k", "v", "o", "fc1", "fc2"]
+HEAD = ["model.head"]
 
 
 class Block(nn.Module):
@@ -114,6 +115,22 @@ def make_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
 
 def probe_input(seed: int = 123) -> torch.Tensor:
     return torch.randn(5, SEQ, IN_FEATURES, generator=torch.Generator().manual_seed(seed))
+
+
+def lora_callback(rank: int = 4, targets: list[str] | None = None, **kwargs: Any) -> Any:
+    """``AdapterCallback``: LoRA (``alpha=8``) on ``targets`` (default: every linear of the
+    blocks) and the head trained fully; ``kwargs`` go to the callback."""
+    from lightning_peft import AdapterCallback, LoRA
+
+    return AdapterCallback(LoRA(rank=rank, alpha=8, target_modules=targets or LORA_TARGETS), trainable_modules=HEAD, **kwargs)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy of the whole tensor; an FSDP2 ``DTensor`` shard is all-gathered
+    (a collective: every rank calls it for the same tensors in the same order)."""
+    from lightning_peft.adapters.rank_ops import full_tensor
+
+    return full_tensor(tensor).detach().cpu().clone()
 
 
 def base_name(name: str) -> str:

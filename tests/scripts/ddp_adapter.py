@@ -20,10 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from adapter_models import LORA_TARGETS, Classifier, base_name, count_checkpoint_writes, make_loader, probe_input  # noqa: E402
+from adapter_models import Classifier, base_name, count_checkpoint_writes, lora_callback, make_loader, probe_input  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
-
-from lightning_peft import AdapterCallback, LoRA  # noqa: E402
 
 OUT = Path(sys.argv[1])
 RANK = int(os.environ.get("LOCAL_RANK", "0"))
@@ -59,7 +57,7 @@ def main() -> None:
         strategy="ddp",
         max_epochs=1,
         callbacks=[
-            AdapterCallback(LoRA(rank=4, alpha=8, target_modules=LORA_TARGETS), trainable_modules=["model.head"]),
+            lora_callback(),
             probe,
             ModelCheckpoint(dirpath=OUT / "ckpt", save_last=True, save_top_k=0),
         ],

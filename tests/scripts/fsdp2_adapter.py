@@ -25,26 +25,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lightning.pytorch as pl  # noqa: E402
-from adapter_models import LORA_TARGETS, Classifier, base_name, count_checkpoint_writes, make_loader, probe_input  # noqa: E402
+from adapter_models import Classifier, base_name, count_checkpoint_writes, full, lora_callback, make_loader, probe_input  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from lightning_peft import AdapterCallback, AdapterFSDP2Strategy, LoRA  # noqa: E402
+from lightning_peft import AdapterFSDP2Strategy  # noqa: E402
 
 OUT = Path(sys.argv[1])
 RANK = int(os.environ.get("LOCAL_RANK", "0"))
 WRITES = count_checkpoint_writes()
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full copies of the trainable tensors (collective, every rank)."""
+    return {n: full(p) for n, p in module.named_parameters() if p.requires_grad}
 
 
 class Snapshot(Callback):
-    """Full copies of the trainable tensors after injection (collective, every rank)."""
+    """The trainable tensors after injection."""
 
     def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
-        self.trainable = {n: full(p) for n, p in pl_module.named_parameters() if p.requires_grad}
+        self.trainable = trainable_state(pl_module)
 
 
 def trainer(epochs: int, strategy: AdapterFSDP2Strategy, callbacks: list, ckpt_dir: Path | None = None, max_steps: int = -1) -> pl.Trainer:
@@ -65,14 +66,6 @@ def trainer(epochs: int, strategy: AdapterFSDP2Strategy, callbacks: list, ckpt_d
     )
 
 
-def lora() -> AdapterCallback:
-    return AdapterCallback(LoRA(rank=4, alpha=8, target_modules=LORA_TARGETS), trainable_modules=["model.head"], export_dir=None)
-
-
-def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: full(p) for n, p in module.named_parameters() if p.requires_grad}
-
-
 def main() -> None:
     report: dict = {}
 
@@ -81,9 +74,7 @@ def main() -> None:
     model = Classifier(optimize_all=True)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     snapshot = Snapshot()
-    callback = AdapterCallback(
-        LoRA(rank=4, alpha=8, target_modules=LORA_TARGETS), trainable_modules=["model.head"], export_dir=str(OUT / "export")
-    )
+    callback = lora_callback(export_dir=str(OUT / "export"))
     strategy = AdapterFSDP2Strategy()
     t = trainer(1, strategy, [callback, snapshot], OUT / "ckpt")
     t.fit(model, make_loader())
@@ -113,7 +104,7 @@ def main() -> None:
     # --- B: resume from A's checkpoint for a second epoch; C: two epochs straight -----------------
     torch.manual_seed(0)
     resumed = Classifier(optimize_all=True)
-    t = trainer(2, AdapterFSDP2Strategy(), [lora()])
+    t = trainer(2, AdapterFSDP2Strategy(), [lora_callback()])
     t.fit(resumed, make_loader(), ckpt_path=str(OUT / "ckpt" / "last.ckpt"))
     report["resumed_global_step"] = t.global_step
     report["resumed_losses"] = resumed.losses
@@ -121,7 +112,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     straight = Classifier(optimize_all=True)
-    t = trainer(2, AdapterFSDP2Strategy(), [lora()])
+    t = trainer(2, AdapterFSDP2Strategy(), [lora_callback()])
     t.fit(straight, make_loader())
     straight_state = trainable_state(straight)
     report["straight_losses"] = straight.losses
@@ -132,7 +123,7 @@ def main() -> None:
     mixed = Classifier()
     strategy = AdapterFSDP2Strategy(frozen_dtype="bfloat16", param_dtype="bfloat16", reduce_dtype="float32")
     snapshot = Snapshot()
-    t = trainer(1, strategy, [lora(), snapshot], max_steps=3)
+    t = trainer(1, strategy, [lora_callback(), snapshot], max_steps=3)
     t.fit(mixed, make_loader())
     report["mixed_frozen_dtypes"] = sorted({str(p.dtype) for p in mixed.parameters() if not p.requires_grad})
     report["mixed_trainable_dtypes"] = sorted({str(p.dtype) for p in mixed.parameters() if p.requires_grad})

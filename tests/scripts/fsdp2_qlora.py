@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lightning.pytorch as pl  # noqa: E402
-from adapter_models import Classifier, make_loader, probe_input  # noqa: E402
+from adapter_models import HEAD, Classifier, full, make_loader, probe_input  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
@@ -26,10 +26,6 @@ from lightning_peft import AdapterCallback, AdapterFSDP2Strategy, QLoRA  # noqa:
 
 OUT = Path(sys.argv[1])
 RANK = int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
 
 
 class Snapshot(Callback):
@@ -42,7 +38,7 @@ def main() -> None:
     model = Classifier()
     snapshot = Snapshot()
     strategy = AdapterFSDP2Strategy()
-    callback = AdapterCallback(QLoRA(rank=4, alpha=8, target_modules=["fc1", "fc2"], compute_dtype="float32"), trainable_modules=["model.head"])
+    callback = AdapterCallback(QLoRA(rank=4, alpha=8, target_modules=["fc1", "fc2"], compute_dtype="float32"), trainable_modules=HEAD)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
