@@ -26,6 +26,7 @@ import sys
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,27 @@ def _base_name(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
     return str(name) if name else type(model).__name__
+
+
+def state_mismatch(
+    current: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor], required: Iterable[str] | None = None
+) -> str:
+    """What keeps ``saved`` from loading into a module whose state dict is ``current``:
+    ``"missing [...]; unexpected [...]; shape [...]"`` (only the parts that apply), or ``""``.
+    ``required``: the keys that must be present (default: all of ``current``)."""
+    missing = [k for k in (current if required is None else required) if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    wrong = [
+        f"{k}: saved {tuple(v.shape)} != model {tuple(current[k].shape)}"
+        for k, v in saved.items()
+        if k in current and tuple(v.shape) != tuple(current[k].shape)
+    ]
+    parts = (
+        f"missing {missing[:6]}" if missing else "",
+        f"unexpected {unexpected[:6]}" if unexpected else "",
+        f"shape {wrong[:4]}" if wrong else "",
+    )
+    return "; ".join(p for p in parts if p)
 
 
 def atomic_write_file(path: str | os.PathLike[str], write: Any) -> Path:

@@ -47,6 +47,7 @@ from torch.optim import Optimizer
 
 from lightning_peft.adapters.rank_ops import full_tensor
 from lightning_peft.callbacks.adapter import AtomicCheckpointIO
+from lightning_peft.io import state_mismatch
 from lightning_peft.targeting import trainable_state_keys
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -376,24 +377,8 @@ class AdapterFSDP2Strategy(ModelParallelStrategy):
 
         module = self.lightning_module
         assert module is not None
-        current = module.state_dict(keep_vars=True)
-        missing = [k for k in trainable_state_keys(module) if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in current]
-        wrong = [
-            f"{k}: saved {tuple(v.shape)} != model {tuple(current[k].shape)}"
-            for k, v in state_dict.items()
-            if k in current and tuple(v.shape) != tuple(current[k].shape)
-        ]
-        if missing or unexpected or wrong:
-            details = "; ".join(
-                part
-                for part in (
-                    f"missing {missing[:4]}" if missing else "",
-                    f"unexpected {unexpected[:4]}" if unexpected else "",
-                    f"shape {wrong[:3]}" if wrong else "",
-                )
-                if part
-            )
+        details = state_mismatch(module.state_dict(keep_vars=True), state_dict, trainable_state_keys(module))
+        if details:
             raise ValueError(
                 f"checkpoint does not fit this model ({details}): it was written with a different adapter configuration "
                 "or base. Resume with the configuration it was trained with."

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lightning_peft import BitFit, LoRA, QLoRA, apply_adapter, load_adapter, merge_adapter, save_adapter, unmerge_adapter
-from lightning_peft.io import CONFIG_NAME, EXTRA_NAME, WEIGHTS_NAME
+from lightning_peft.io import CONFIG_NAME, EXTRA_NAME, WEIGHTS_NAME, state_mismatch
 
 import transformers
 import peft
@@ -204,3 +204,11 @@ def test_qlora_eval_without_grad_on_widths_the_cpu_kernel_cannot_run():
         model.eval()
         with torch.no_grad():
             torch.testing.assert_close(model(x), expected)
+
+
+def test_state_mismatch_names_missing_unexpected_and_shape():
+    current = {"a": torch.zeros(2, 3), "b": torch.zeros(4), "c": torch.zeros(1)}
+    assert state_mismatch(current, dict(current)) == ""
+    saved = {"a": torch.zeros(3, 2), "b": torch.zeros(4), "z": torch.zeros(1)}
+    assert state_mismatch(current, saved) == "missing ['c']; unexpected ['z']; shape ['a: saved (3, 2) != model (2, 3)']"
+    assert state_mismatch(current, saved, required=["b"]) == "unexpected ['z']; shape ['a: saved (3, 2) != model (2, 3)']"

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.io import atomic_write_file
+from lightning_peft.io import atomic_write_file, state_mismatch
 
 __all__ = ["PPO", "LogStd", "RunningObsNorm", "gae", "policy_fingerprint"]
 
@@ -629,23 +629,8 @@ class PPO(L.LightningModule):
                     f"{key}={self.hparams[key]!r}; set model.init_args.{key} to match the base"
                 )
         expected = self.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        bad = [
-            f"{k}: file {tuple(state[k].shape)} vs policy {tuple(expected[k].shape)}"
-            for k in expected
-            if k in state and state[k].shape != expected[k].shape
-        ]
-        if missing or unexpected or bad:
-            details = "; ".join(
-                part
-                for part in (
-                    f"shape mismatches: {', '.join(bad[:4])}" if bad else "",
-                    f"missing: {missing[:6]}" if missing else "",
-                    f"unexpected: {unexpected[:6]}" if unexpected else "",
-                )
-                if part
-            )
+        details = state_mismatch(expected, state)
+        if details:
             raise ValueError(
                 f"base checkpoint {path!r} (task {source!r}) does not fit this PPO policy "
                 f"(task {self.hparams['task']!r}, observation {self.observation_shape}, "
