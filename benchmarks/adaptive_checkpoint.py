@@ -359,7 +359,11 @@ def cpu_variable_length(args: argparse.Namespace, device: torch.device) -> dict[
     none = fit(model, "llama", text_batches(info, device, [longest], vocab), callback(mode="none"), device, info["precision"])
     budget = int(0.5 * none["history"][0]["measured_peak_bytes"])
     cb = callback(budget=budget, headroom=0.0)
-    fit(model, "llama", text_batches(info, device, lengths, vocab), cb, device, info["precision"])
+    try:
+        fit(model, "llama", text_batches(info, device, lengths, vocab), cb, device, info["precision"])
+    except ValueError as err:  # BudgetTooSmallError: a short batch's floor is above half the longest's peak
+        print(f"[variable length] @ 50%: {err}", flush=True)
+        return {"infeasible": str(err), "lengths": lengths, "budget_bytes": budget}
     worst = cb._buckets[max(cb._buckets, key=lambda k: int(k.split("x")[1]))]
     steps = []
     for h, n in zip(cb.history, lengths):
@@ -679,7 +683,8 @@ def print_summary(results: dict[str, Any], device: str) -> None:
                       f"throughput {s.get('throughput_over_none', float('nan')):.2f} x none")
     if "variable_length" in results:
         v = results["variable_length"]
-        print(f"  variable length: per-shape / worst-case recompute (steady) = {v['steady_ratio_per_shape_over_worst_case']}")
+        ratio = v.get("steady_ratio_per_shape_over_worst_case", f"infeasible ({v.get('infeasible')})")
+        print(f"  variable length: per-shape / worst-case recompute (steady) = {ratio}")
 
 
 if __name__ == "__main__":
