@@ -37,7 +37,14 @@ from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
 from lightning_peft.adapters.lora import LoRALinear
-from lightning_peft.targeting import adapter_record, apply_adapter, combine_fingerprints, module_fingerprint
+from lightning_peft.targeting import (
+    adapter_record,
+    apply_adapter,
+    combine_fingerprints,
+    module_fingerprint,
+    refresh_trained_buffers,
+    trained_buffer_names,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -222,6 +229,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     if found is None:
         raise ValueError(f"{type(model).__name__} has no adapter: call apply_adapter (or use AdapterCallback) first")
     record_prefix, record = found
+    refresh_trained_buffers(model)  # buffers changed since injection are trained state too
     layers = adapter_layers(model)
     merged = [n for n, l in layers.items() if l.merged]
     if merged:
@@ -233,10 +241,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     extra_inside: dict[str, torch.Tensor] = {}
     extra_outside: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad and id(param) not in layer_ids:
-            inside = not root or name.startswith(root + ".")
-            (extra_inside if inside else extra_outside)[name] = param
+    buffers = dict(model.named_buffers())
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in layer_ids]
+    trained_buffers = [(n, buffers[n]) for n in trained_buffer_names(model)]  # e.g. BatchNorm statistics
+    for name, tensor in trained + trained_buffers:
+        inside = not root or name.startswith(root + ".")
+        (extra_inside if inside else extra_outside)[name] = tensor
     for name, param in extra_inside.items():
         tensors[PEFT_PREFIX + _relative(name, root)] = param
 
@@ -257,6 +267,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     trainable_modules = [f"{record_prefix}.{t}" if record_prefix else t for t in record.trainable_modules]
     meta = {
         "format_version": FORMAT_VERSION,
+        "trained_buffers": [n for n, _ in trained_buffers],
+        "norm_stats": record.norm_stats,
         "specs": [s.to_config() for s in record.specs],
         "targets": targets,
         "record_prefix": record_prefix,
@@ -265,7 +277,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "base_model": _base_name(root_module),
         "base_fingerprint": fingerprint,
     }
-    peft_config = None if extra_outside and not root else _peft_config(
+    # peft would drop buffers silently (it loads only parameters of modules_to_save): our format
+    peft_config = None if (extra_outside and not root) or trained_buffers else _peft_config(
         record.specs, {_relative(n, root): l for n, l in layers.items()}, [m for m in extra_module_names if m], meta["base_model"]
     )
     config = peft_config or {"peft_type": "LIGHTNING_PEFT", **{k: meta[k] for k in ("specs", "base_model", "base_fingerprint")}}
@@ -374,7 +387,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], strict_base: bo
             spec.module_path = None
         trainable = [local(t)[len(prefix) + 1 :] if prefix else local(t) for t in meta["trainable_modules"]]
         trainable = [t for t in trainable if (f"{prefix}.{t}" if prefix else t) in modules]
-        apply_adapter(root, specs, trainable_modules=trainable)
+        apply_adapter(root, specs, trainable_modules=trainable, norm_stats=meta.get("norm_stats", "train"))
 
     if meta.get("peft_layout"):
         tensors = _from_peft_layout(model, meta, tensors, local)

@@ -48,6 +48,7 @@ from torch.optim import Optimizer
 from lightning_peft.adapters.rank_ops import full_tensor
 from lightning_peft.callbacks.adapter import AtomicCheckpointIO
 from lightning_peft.io import state_mismatch
+from lightning_peft.state_swap import tensors_swapped_in
 from lightning_peft.targeting import trainable_state_keys
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -414,15 +415,7 @@ class AdapterFSDP2Strategy(ModelParallelStrategy):
         """Inside the context every trainable parameter (and adapter buffer) of ``module`` is a
         full, unsharded tensor on every rank, so ``save_adapter`` can read it. Collective:
         enter it on every rank. The sharded parameters are put back on exit."""
-        swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-        try:
-            for sub in module.modules():
-                for name, param in list(sub.named_parameters(recurse=False)):
-                    if param.requires_grad and _is_dtensor(param):
-                        swapped.append((sub, name, param))
-                        sub._parameters[name] = nn.Parameter(param.full_tensor().detach().clone(), requires_grad=True)
+        full = {n: p.full_tensor() for n, p in module.named_parameters() if p.requires_grad and _is_dtensor(p)}
+        with tensors_swapped_in(module, full):
             yield
-        finally:
-            for sub, name, original in reversed(swapped):
-                sub._parameters[name] = original
 

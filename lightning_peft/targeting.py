@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, name_matches
+from lightning_peft.trained_buffers import BufferWatch, NormStats, freeze_running_stats, running_stat_buffers
 
 #: leaf names of output heads that "all-linear" leaves alone (train them via trainable_modules)
 OUTPUT_HEAD_NAMES = ("lm_head", "head", "classifier", "score")
@@ -30,6 +31,11 @@ class AdapterRecord:
     specs: list[AdapterSpec]
     targets: dict[str, str]  # module name -> spec kind
     trainable_modules: list[str]
+    #: buffers that change in training (running statistics, then any persistent buffer seen to
+    #: change), relative to the adapted module: checkpoints and exports keep them
+    trained_buffers: list[str] = field(default_factory=list)
+    norm_stats: NormStats = "train"
+    buffer_watch: BufferWatch | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -182,13 +188,19 @@ def apply_adapter(
     model: nn.Module,
     adapter: AdapterSpec | Sequence[AdapterSpec],
     trainable_modules: Sequence[str] | None = None,
+    norm_stats: NormStats = "train",
 ) -> AdapterReport:
     """Inject ``adapter`` (one spec or several, e.g. ``[ExpertLoRA(...), LoRA(...)]``) into
     ``model`` in place, freeze everything else, and return the trainable-parameter report.
 
     ``trainable_modules`` are module-name patterns (same matching as targets) whose parameters
-    train fully, e.g. a new classification head.
+    train fully, e.g. a new classification head. ``norm_stats``: ``"train"`` lets BatchNorm-like
+    layers update their running statistics as usual (checkpoints and exports keep them);
+    ``"freeze"`` makes them always normalise with the base's statistics (see
+    ``lightning_peft.trained_buffers``).
     """
+    if norm_stats not in ("train", "freeze"):
+        raise ValueError(f"norm_stats must be 'train' (update running statistics, keep them) or 'freeze', got {norm_stats!r}")
     specs = [adapter] if isinstance(adapter, AdapterSpec) else list(adapter)
     if not specs or not all(isinstance(s, AdapterSpec) for s in specs):
         raise TypeError(f"adapter must be an AdapterSpec (LoRA, QLoRA, BitFit, ...) or a list of them, got {adapter!r}")
@@ -236,7 +248,12 @@ def apply_adapter(
         module = model.get_submodule(name)
         module.requires_grad_(True)
         rows.append((name, "trained", "all parameters", sum(p.numel() for p in module.parameters())))
-    object.__setattr__(model, RECORD_ATTRIBUTE, AdapterRecord(specs, {n: s.kind for n, s in claimed.items()}, trainable))
+    if norm_stats == "freeze":
+        freeze_running_stats(model)
+    buffers = running_stat_buffers(model)
+    record = AdapterRecord(specs, {n: s.kind for n, s in claimed.items()}, trainable, buffers, norm_stats)
+    record.buffer_watch = BufferWatch(model, ignore=set(buffers) | set(trainable_state_keys(model)))
+    object.__setattr__(model, RECORD_ATTRIBUTE, record)
     return make_report(model, rows)
 
 
@@ -265,11 +282,34 @@ def adapter_record(model: nn.Module) -> tuple[str, AdapterRecord] | None:
 
 
 def trainable_state_keys(module: nn.Module) -> list[str]:
-    """State-dict keys of ``module`` that define what trains: parameters with
-    ``requires_grad`` plus the adapter buffers of ``AdapterLayer``s (e.g. rank masks), in
-    ``state_dict`` order. Adapter-only checkpoints hold exactly these."""
+    """State-dict keys of ``module`` that define what training produced: parameters with
+    ``requires_grad``, the adapter buffers of ``AdapterLayer``s (e.g. rank masks) and the
+    record's trained buffers (running statistics), in ``state_dict`` order. Adapter-only
+    checkpoints hold exactly these."""
     keep = {name for name, p in module.named_parameters() if p.requires_grad}
     for name, sub in module.named_modules():
         if isinstance(sub, AdapterLayer):
             keep |= {f"{name}.{k}" if name else k for k in sub.adapter_state_dict()}
+    keep |= set(trained_buffer_names(module))
     return [k for k in module.state_dict(keep_vars=True) if k in keep]
+
+
+def trained_buffer_names(module: nn.Module) -> list[str]:
+    """State-dict names (relative to ``module``) of the buffers training changes (see
+    ``trained_buffers``), as recorded by ``apply_adapter`` on ``module`` or a submodule."""
+    found = adapter_record(module)
+    if found is None:
+        return []
+    return [f"{found[0]}.{b}" if found[0] else b for b in found[1].trained_buffers]
+
+
+def refresh_trained_buffers(module: nn.Module) -> list[str]:
+    """Add the persistent buffers that changed since injection to the trained buffers of
+    ``module``'s adapter record; returns the names added (relative to ``module``)."""
+    found = adapter_record(module)
+    if found is None or found[1].buffer_watch is None:
+        return []
+    prefix, record = found
+    changed = record.buffer_watch.changed(module.get_submodule(prefix) if prefix else module)
+    record.trained_buffers += changed
+    return [f"{prefix}.{b}" if prefix else b for b in changed]

@@ -23,14 +23,18 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
-from lightning_peft.io import atomic_write_file, merge_adapter, save_adapter, unmerge_adapter
+from lightning_peft.io import atomic_write_file, merge_adapter, save_adapter, state_mismatch, unmerge_adapter
+from lightning_peft.safe_load import load_checkpoint_tensors
+from lightning_peft.state_swap import tensors_swapped_in
 from lightning_peft.targeting import (
     AdapterReport,
     adapter_record,
     apply_adapter,
     combine_fingerprints,
+    refresh_trained_buffers,
     trainable_state_keys,
 )
+from lightning_peft.trained_buffers import NormStats
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -62,11 +66,17 @@ class AdapterCallback(Callback):
         trainable_modules: module-name patterns that train fully (e.g. a new head).
         export_dir: where ``fit`` writes the adapter export at its end; relative paths are
             under ``trainer.log_dir`` (or ``default_root_dir``). ``None``: no export.
-        export_weights: ``"best"``: at the end of fit, load the trainable tensors of the best
-            checkpoint (when a ``ModelCheckpoint`` saved one) before exporting, so the export is
-            the model that ``trainer.test(ckpt_path="best")`` evaluates; ``"last"``: export the
-            final weights as they are.
-        merge_on_fit_end: merge the adapter into the base weights after the export.
+        export_weights: ``"best"``: the export holds the trained tensors of the best checkpoint
+            (when a ``ModelCheckpoint`` saved one), i.e. the model that
+            ``trainer.test(ckpt_path="best")`` evaluates; they are read from the checkpoint file
+            without unpickling anything and never written into the live model, which keeps its
+            last step's weights as plain Lightning leaves it. ``"last"``: export the final
+            weights. Nothing is read when ``export_dir`` is ``None``.
+        norm_stats: ``"train"``: BatchNorm-like layers update their running statistics as
+            usual, and checkpoints and the export keep them (with every other buffer seen to
+            change in training); ``"freeze"``: they always normalise with the base's statistics
+            and never update them.
+        merge_on_fit_end: merge the adapter into the (last-step) base weights after the export.
         check_gradients: after the first backward, warn about adapter parameters whose
             gradient is missing (not connected to the loss).
         adapter_only_checkpoints: drop frozen tensors from checkpoints.
@@ -79,6 +89,7 @@ class AdapterCallback(Callback):
         trainable_modules: list[str] | None = None,
         export_dir: str | None = None,
         export_weights: Literal["best", "last"] = "best",
+        norm_stats: NormStats = "train",
         merge_on_fit_end: bool = False,
         check_gradients: bool = True,
         adapter_only_checkpoints: bool = True,
@@ -93,6 +104,9 @@ class AdapterCallback(Callback):
         if export_weights not in ("best", "last"):
             raise ValueError(f"export_weights must be 'best' or 'last', got {export_weights!r}")
         self.export_weights = export_weights
+        if norm_stats not in ("train", "freeze"):
+            raise ValueError(f"norm_stats must be 'train' (update running statistics, keep them) or 'freeze', got {norm_stats!r}")
+        self.norm_stats = norm_stats
         self.merge_on_fit_end = merge_on_fit_end
         self.check_gradients = check_gradients
         self.adapter_only_checkpoints = adapter_only_checkpoints
@@ -101,6 +115,7 @@ class AdapterCallback(Callback):
         self.export_path: Path | None = None
         self._gradients_checked = False
         self._base_fingerprint: str | None = None
+        self._module: pl.LightningModule | None = None  # the module this callback adapts (set at setup)
 
     # --- injection ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -108,6 +123,7 @@ class AdapterCallback(Callback):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if self.adapter_only_checkpoints:
             pl_module.strict_loading = False  # checkpoints lack frozen tensors; on_load_checkpoint checks the rest
+        self._module = pl_module
         self._check_before_loading(pl_module)
         self._add_spec_callbacks(trainer, pl_module, stage)
         if adapter_record(pl_module) is not None:
@@ -144,7 +160,7 @@ class AdapterCallback(Callback):
                 rank_zero_info(f"lightning-peft: added {class_name} for {type(spec).__name__}")
 
     def _inject(self, pl_module: pl.LightningModule) -> None:
-        self.report = apply_adapter(pl_module, self.adapter, self.trainable_modules)
+        self.report = apply_adapter(pl_module, self.adapter, self.trainable_modules, norm_stats=self.norm_stats)
         self._base_fingerprint = self._fingerprint(pl_module)
         rank_zero_info(f"lightning-peft: adapters injected\n{self.report}")
 
@@ -216,15 +232,35 @@ class AdapterCallback(Callback):
 
     # --- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._keep_changed_buffers(pl_module, checkpoint)
         if self.adapter_only_checkpoints and "state_dict" in checkpoint:
             keep = set(trainable_state_keys(pl_module))
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
+    def _keep_changed_buffers(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Persistent buffers that changed since injection (beyond the running statistics kept
+        from the start) join what checkpoints and the export keep, from this save on."""
+        added = refresh_trained_buffers(pl_module)
+        if not added:
+            return
+        rank_zero_info(f"lightning-peft: buffers changed in training and are now kept in checkpoints and the export: {added[:8]}")
+        live = pl_module.state_dict(keep_vars=True)
+        state = checkpoint.setdefault("state_dict", {})
+        for key in added:  # a strategy that builds an adapter-only state dict itself has not got them yet
+            state.setdefault(key, live[key].detach().cpu())
+        if self.state_key in checkpoint.get("callbacks", {}):  # Lightning read our state before this hook
+            checkpoint["callbacks"][self.state_key] = self.state_dict()
+
     def state_dict(self) -> dict[str, Any]:
+        found = adapter_record(self._module) if self._module is not None else None
         return {
             "adapter": [s.to_config() for s in self.adapter],
             "trainable_modules": self.trainable_modules,
+            "norm_stats": self.norm_stats,
             "base_fingerprint": self._base_fingerprint,
+            "trained_buffers": (
+                [f"{found[0]}.{b}" if found[0] else b for b in found[1].trained_buffers] if found is not None else []
+            ),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -234,34 +270,72 @@ class AdapterCallback(Callback):
                 f"checkpoint was trained with adapter {state_dict.get('adapter')} / trainable_modules "
                 f"{state_dict.get('trainable_modules')}, but this run uses {ours['adapter']} / {ours['trainable_modules']}"
             )
+        if state_dict.get("norm_stats", "train") != ours["norm_stats"]:
+            raise ValueError(
+                f"checkpoint was trained with norm_stats={state_dict.get('norm_stats', 'train')!r}, this run uses "
+                f"{ours['norm_stats']!r}: resume with the setting it was trained with"
+            )
         theirs = state_dict.get("base_fingerprint")
         if theirs is not None and ours["base_fingerprint"] is not None and theirs != ours["base_fingerprint"]:
             raise ValueError(
                 f"checkpoint was trained on a different base model (base fingerprint {theirs}, this model's "
                 f"{ours['base_fingerprint']}): load the base weights it was trained on before resuming"
             )
+        found = adapter_record(self._module) if self._module is not None else None
+        if found is not None:  # buffers the earlier run saw change are kept from the start
+            prefix = f"{found[0]}." if found[0] else ""
+            record = found[1]
+            record.trained_buffers += [
+                b.removeprefix(prefix) for b in state_dict.get("trained_buffers", [])
+                if b.startswith(prefix) and b.removeprefix(prefix) not in record.trained_buffers
+            ]
 
     # --- end of fit --------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
-        if self.export_weights == "best" and best and Path(best).is_file():
-            # export what ModelCheckpoint judged best (what `trainer.test(ckpt_path="best")` evaluates)
-            checkpoint = trainer.strategy.load_checkpoint(best)
-            trainer.strategy.load_model_state_dict(checkpoint, strict=False)
-            rank_zero_info(f"lightning-peft: adapter weights of the best checkpoint loaded for export: {best}")
         if self.export_dir is not None:
-            export = Path(self.export_dir)
-            if not export.is_absolute():
-                export = Path(trainer.log_dir or trainer.default_root_dir) / export
-            self.export_path = export
-            # a sharding strategy (AdapterFSDP2Strategy) gathers the trainable tensors on every
-            # rank first (a collective), so rank 0 can write full tensors
-            gather = getattr(trainer.strategy, "gathered_trainable_parameters", None)
-            with gather(pl_module) if callable(gather) else contextlib.nullcontext():
-                if trainer.is_global_zero:
-                    save_adapter(pl_module, export)
-                    size = sum(f.stat().st_size for f in export.iterdir())
-                    rank_zero_info(f"lightning-peft: adapter exported to {export} ({size / 2**20:.2f} MiB)")
-            trainer.strategy.barrier("lightning_peft_export")
+            self._export(trainer, pl_module)
         if self.merge_on_fit_end:
             merge_adapter(pl_module)
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the export; with ``export_weights="best"`` its trained tensors are the best
+        checkpoint's, swapped in only while the file is written (the live model keeps its own)."""
+        export = Path(self.export_dir)  # type: ignore[arg-type]
+        if not export.is_absolute():
+            export = Path(trainer.log_dir or trainer.default_root_dir) / export
+        self.export_path = export
+        refresh_trained_buffers(pl_module)
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.export_weights == "best" else ""
+        tensors = best_checkpoint_tensors(best, pl_module) if best and trainer.is_global_zero else {}
+        # a sharding strategy (AdapterFSDP2Strategy) gathers the trainable tensors on every
+        # rank first (a collective), so rank 0 can write full tensors
+        gather = getattr(trainer.strategy, "gathered_trainable_parameters", None)
+        with gather(pl_module) if callable(gather) else contextlib.nullcontext():
+            if trainer.is_global_zero:
+                with tensors_swapped_in(pl_module, tensors):
+                    save_adapter(pl_module, export)
+                size = sum(f.stat().st_size for f in export.iterdir())
+                source = f"the best checkpoint {best}" if tensors else "the final weights"
+                rank_zero_info(f"lightning-peft: adapter of {source} exported to {export} ({size / 2**20:.2f} MiB)")
+        trainer.strategy.barrier("lightning_peft_export")
+
+
+def best_checkpoint_tensors(path: str, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    """The trained tensors (``trainable_state_keys``) of the checkpoint at ``path``, read
+    without running code from the file (``safe_load``); ``{}`` when there is no such file."""
+    if not Path(path).is_file():
+        return {}
+    saved = load_checkpoint_tensors(path).get("state_dict", {})
+    keys = trainable_state_keys(pl_module)
+    params = dict(pl_module.named_parameters())
+    # a buffer first seen changing after that save is not in it: the export uses its live value
+    late_buffers = [k for k in keys if k not in saved and k not in params]
+    details = state_mismatch(pl_module.state_dict(keep_vars=True), saved, [k for k in keys if k not in late_buffers])
+    if details:
+        raise ValueError(
+            f"the best checkpoint {path!r} does not hold this model's trained tensors ({details}); export with "
+            "export_weights='last', or point ModelCheckpoint at checkpoints of this run"
+        )
+    if late_buffers:
+        rank_zero_warn(f"lightning-peft: the best checkpoint predates kept buffers {late_buffers[:4]}; the export uses their final values")
+    return {k: saved[k] for k in keys if k in saved}
