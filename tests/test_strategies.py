@@ -129,10 +129,17 @@ def test_ddp_lora_with_activation_checkpointing(tmp_path: Path) -> None:
         assert torch.equal(final0[name], final1[name]), name
 
     # checkpoints: written by rank 0 only, each file once, adapter-only
-    assert rank0["writes"] == ["last.ckpt"] and rank1["writes"] == []
+    assert sorted(rank0["writes"]) == ["epoch=0-step=1.ckpt", "last.ckpt"] and rank1["writes"] == []
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert set(checkpoint["state_dict"]) == set(rank0["trainable"])
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["last.ckpt"]
+
+    # fit left every rank at its last step; the export holds the best (step 1) checkpoint's tensors
+    assert rank0["live_is_last_step"] and rank1["live_is_last_step"]
+    best = torch.load(tmp_path / "best" / "epoch=0-step=1.ckpt", weights_only=False)["state_dict"]
+    exported = {n: p for n, p in load_adapter(Classifier(), tmp_path / "adapter").named_parameters() if p.requires_grad}
+    assert set(exported) == set(best) and all(torch.equal(exported[n], best[n]) for n in best)
+    assert any(not torch.equal(best[n], final0[n]) for n in best)
 
     # the gradient was really averaged: equal to one process over both ranks' batches
     torch.manual_seed(0)

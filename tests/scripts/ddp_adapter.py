@@ -40,6 +40,10 @@ class Probe(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
         with torch.no_grad():
             self.losses.append(F.cross_entropy(pl_module(self.batch[0]), self.batch[1]).item())
+        pl_module.log("score", -float(trainer.global_step))  # best after the first step
+
+    def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        self.last = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
 
     def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
         self.ddp = trainer.strategy.model
@@ -57,9 +61,10 @@ def main() -> None:
         strategy="ddp",
         max_epochs=1,
         callbacks=[
-            lora_callback(),
+            lora_callback(export_dir=str(OUT / "adapter")),  # exports the best checkpoint's weights
             probe,
             ModelCheckpoint(dirpath=OUT / "ckpt", save_last=True, save_top_k=0),
+            ModelCheckpoint(dirpath=OUT / "best", monitor="score", mode="max", every_n_train_steps=1),
         ],
         logger=False,
         enable_progress_bar=False,
@@ -78,6 +83,7 @@ def main() -> None:
         "base_unchanged": all(torch.equal(p, base[base_name(n)]) for n, p in frozen.items()),
         "trainable_changed": sorted(n for n, p in trainable.items() if not torch.equal(p, probe.initial[n])),
         "trainable": sorted(trainable),
+        "live_is_last_step": all(torch.equal(p, probe.last[n]) for n, p in trainable.items()),
     }
     torch.save(trainable, OUT / f"rank{RANK}.pt")
     (OUT / f"rank{RANK}.json").write_text(json.dumps(report, indent=1))
