@@ -1,0 +1,248 @@
+"""Crafted files: no load path runs code from a file, and paths read from files stay inside
+their root. Every test builds a file the way an attacker would and proves that nothing ran
+(a marker file the payload would create does not exist)."""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import pickle
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_peft.safe_load import Unloaded, load_checkpoint_tensors, tensor_state_dict
+
+
+# ---------------------------------------------------------------------------------------------
+# payloads
+# ---------------------------------------------------------------------------------------------
+def touch(marker: Path) -> str:
+    return f"touch {marker}"
+
+
+class OsSystem:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (touch(self.marker),)
+
+
+class SubprocessShell:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return functools.partial(subprocess.run, shell=True), (touch(self.marker),)
+
+
+class BuiltinEval:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"__import__('os').system({touch(self.marker)!r})",)
+
+
+class BuiltinExec:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"import os; os.system({touch(self.marker)!r})",)
+
+
+class SetStateHook:
+    """An object whose ``__setstate__`` would run the payload when BUILD restores it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return SetStateHook, (self.marker,), {"marker": str(self.marker)}
+
+    def __setstate__(self, state):
+        os.system(f"touch {state['marker']}")
+
+
+PAYLOADS = {"os.system": OsSystem, "subprocess.run(shell=True)": SubprocessShell, "builtins.eval": BuiltinEval,
+            "builtins.exec": BuiltinExec, "__setstate__": SetStateHook}
+
+
+def tiny_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Linear(3, 2).state_dict()
+
+
+def crafted_checkpoint(path: Path, payload: object) -> dict[str, torch.Tensor]:
+    """A Lightning-shaped checkpoint with ``payload`` nested in its hyper_parameters."""
+    state = tiny_state()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 0,
+                "hyper_parameters": {"net": nn.Linear(1, 1), "nested": {"deep": [payload]}}}, path)
+    return state
+
+
+def archive_with_pickle(path: Path, data: bytes) -> None:
+    """A torch.save zip archive whose data.pkl is replaced by ``data`` (hand-written opcodes)."""
+    buffer = io.BytesIO()
+    torch.save({}, buffer)
+    buffer.seek(0)
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, data if info.filename.endswith("data.pkl") else src.read(info.filename))
+
+
+# ---------------------------------------------------------------------------------------------
+# safe_load.load_checkpoint_tensors
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("payload", sorted(PAYLOADS))
+def test_crafted_checkpoint_runs_nothing_and_keeps_its_tensors(tmp_path, payload):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.ckpt"
+    state = crafted_checkpoint(path, PAYLOADS[payload](marker))
+    loaded = load_checkpoint_tensors(path)
+    assert not marker.exists()
+    assert isinstance(loaded["hyper_parameters"]["nested"]["deep"][0], Unloaded)
+    assert isinstance(loaded["hyper_parameters"]["net"], Unloaded)
+    for key, value in state.items():
+        assert torch.equal(loaded["state_dict"][f"model.{key}"], value)
+
+
+def test_the_crafted_file_is_live_under_plain_unpickling(tmp_path):
+    """Control: the same file does run its payload under torch.load(weights_only=False), so
+    the tests above would fail if load_checkpoint_tensors unpickled it."""
+    marker = tmp_path / "ran"
+    crafted_checkpoint(tmp_path / "evil.ckpt", OsSystem(marker))
+    torch.load(tmp_path / "evil.ckpt", weights_only=False)
+    assert marker.exists()
+
+
+def test_hand_written_opcodes_reach_no_callable(tmp_path):
+    marker = tmp_path / "ran"
+    cmd = touch(marker).encode()
+    # protocol 0 GLOBAL + REDUCE, INST, and a BUILD that first plants `__setstate__` on an
+    # allowed object (an OrderedDict) and then triggers it
+    programs = [
+        b"cos\nsystem\n(S'" + cmd + b"'\ntR.",
+        b"(S'" + cmd + b"'\nios\nsystem\n.",
+        b"\x80\x02ccollections\nOrderedDict\n)R}X\x0c\x00\x00\x00__setstate__cos\nsystem\nsbX"
+        + len(cmd).to_bytes(4, "little") + cmd + b"b.",
+        b"\x80\x02cbuiltins\ngetattr\ncos\nsystem\nX\x08\x00\x00\x00__call__\x86R(S'" + cmd + b"'\ntR.",
+    ]
+    for i, program in enumerate(programs):
+        path = tmp_path / f"p{i}.pt"
+        archive_with_pickle(path, program)
+        try:  # a top-level placeholder is refused as "not a dict": either way nothing runs
+            load_checkpoint_tensors(path)
+        except ValueError as error:
+            assert str(path) in str(error)
+        assert not marker.exists(), f"program {i} ran its payload"
+
+
+def test_extension_codes_go_through_the_allowlist(tmp_path):
+    import copyreg
+
+    marker = tmp_path / "ran"
+    copyreg.add_extension("os", "system", 0x7FF0)
+    try:
+        cmd = touch(marker).encode()
+        archive_with_pickle(tmp_path / "ext.pt", b"\x80\x02}X\x01\x00\x00\x00a\x83\xf0\x7f(S'" + cmd + b"'\ntRs.")
+        loaded = load_checkpoint_tensors(tmp_path / "ext.pt")
+    finally:
+        copyreg.remove_extension("os", "system", 0x7FF0)
+    assert not marker.exists() and isinstance(loaded["a"], Unloaded)
+
+
+class HookedTensor:
+    """Pickles as a tensor whose rebuild carries a backward hook (torch.save never writes one)."""
+
+    def __reduce__(self):
+        import collections
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TypedStorage is deprecated, still what torch.save writes
+            storage = torch.ones(2).storage()
+        return torch._utils._rebuild_tensor_v2, (storage, 0, (2,), (1,), True, collections.OrderedDict({0: os.system}))
+
+
+def test_backward_hooks_in_a_file_are_dropped(tmp_path):
+    torch.save({"w": HookedTensor()}, tmp_path / "hooks.pt")
+    assert torch.load(tmp_path / "hooks.pt", weights_only=False)["w"]._backward_hooks  # control: the file has one
+    loaded = load_checkpoint_tensors(tmp_path / "hooks.pt")
+    assert torch.equal(loaded["w"], torch.ones(2)) and not loaded["w"]._backward_hooks
+
+
+def test_real_lightning_checkpoint_with_pickled_module_and_partial(tmp_path):
+    import lightning as L
+
+    class HydraStyle(L.LightningModule):
+        def __init__(self, net: nn.Module, optimizer: functools.partial) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return self.hparams.optimizer(self.parameters())
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).to(torch.bfloat16)
+    net[1].float()
+    module = HydraStyle(net, functools.partial(torch.optim.SGD, lr=0.1))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4, dtype=torch.bfloat16)), batch_size=4)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "run.ckpt", weights_only=True)  # why this loader exists
+    loaded = load_checkpoint_tensors(tmp_path / "run.ckpt")
+    state = tensor_state_dict(loaded, tmp_path / "run.ckpt")
+    original = module.state_dict()
+    assert state.keys() == original.keys()
+    for key, value in original.items():
+        assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
+    assert isinstance(loaded["hyper_parameters"]["net"], Unloaded)
+    assert "functools.partial" in repr(loaded["hyper_parameters"]["optimizer"])
+    assert loaded["global_step"] == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "torchscript", "not a dict", "no data.pkl"])
+def test_damaged_checkpoint_is_a_clear_error_naming_the_file(tmp_path, damage):
+    path = tmp_path / f"{damage.replace(' ', '_')}.ckpt"
+    torch.save({"state_dict": tiny_state()}, path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(256))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "torchscript":
+        torch.jit.script(nn.Linear(2, 2)).save(str(path))
+    elif damage == "not a dict":
+        torch.save([torch.ones(1)], path)
+    else:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("x/version", "3")
+    with pytest.raises(ValueError, match="damaged|TorchScript|holds a list") as error:
+        load_checkpoint_tensors(path)
+    assert str(path) in str(error.value)
+
+
+def test_missing_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        load_checkpoint_tensors(tmp_path / "nope.ckpt")
+
+
+def test_tensor_state_dict_names_non_tensor_entries(tmp_path):
+    with pytest.raises(ValueError, match=r"non-tensor values under \['net'\]"):
+        tensor_state_dict({"state_dict": {"w": torch.ones(1), "net": Unloaded()}}, "x.ckpt")
