@@ -63,8 +63,9 @@ def main() -> None:
         callbacks=[
             lora_callback(export_dir=str(OUT / "adapter")),  # exports the best checkpoint's weights
             probe,
-            ModelCheckpoint(dirpath=OUT / "ckpt", save_last=True, save_top_k=0),
+            # the first ModelCheckpoint is trainer.checkpoint_callback, whose best the export holds
             ModelCheckpoint(dirpath=OUT / "best", monitor="score", mode="max", every_n_train_steps=1),
+            ModelCheckpoint(dirpath=OUT / "ckpt", save_last=True, save_top_k=0),
         ],
         logger=False,
         enable_progress_bar=False,
