@@ -373,13 +373,14 @@ def _check_weight_readers(model: nn.Module, replacements: dict[str, nn.Module]) 
     problems = []
     for name, new in replacements.items():
         parts = name.split(".")
-        for depth in range(len(parts)):
+        for depth in range(len(parts)):  # every ancestor, the model itself included
             owner_name = ".".join(parts[:depth])
             owner = modules[owner_name]
             if type(owner).forward is nn.TransformerEncoderLayer.forward:
                 continue  # reads weights only on its fused path, which the hook below keeps off
             rel = tuple(parts[depth:])
-            missing = sorted({c[len(rel)] for c in _forward_attribute_reads(type(owner)) if c[: len(rel)] == rel and len(c) > len(rel) and not hasattr(new, c[len(rel)])})
+            read = {chain[len(rel)] for chain in _forward_attribute_reads(type(owner)) if len(chain) > len(rel) and chain[: len(rel)] == rel}
+            missing = sorted(attr for attr in read if not hasattr(new, attr))
             if missing:
                 problems.append((name, owner_name, type(owner).__name__, ".".join(rel), missing, type(new).__name__))
     if problems:

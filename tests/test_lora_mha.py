@@ -217,8 +217,9 @@ def test_targets_route_to_the_attention_module():
     # the attention module by name, or out_proj picked by "all-linear": q, k, v and out
     for targets in (["attn"], ["attn", "out_proj"], "all-linear", None):
         model = Block()
-        apply_adapter(model, LoRA(rank=2, target_modules=targets))
+        report = apply_adapter(model, LoRA(rank=2, target_modules=targets))
         assert isinstance(model.attn, LoRAMultiheadAttention) and model.attn.projections == ("q", "k", "v", "out")
+        assert "projections=q,k,v,out" in str(report) and "attn.out_proj" not in str(report)
         assert isinstance(model.attn.base_layer.out_proj, nn.Linear) and not isinstance(model.attn.base_layer.out_proj, LoRALinear)
 
 

@@ -227,7 +227,7 @@ class LoRAMultiheadAttention(AdapterLayer):
         self.merged = False
 
     def peft_metadata(self) -> dict[str, Any]:
-        return {"rank": self.rank, "alpha": self.alpha, "projections": list(self.projections)}
+        return {"rank": self.rank, "alpha": self.alpha, "projections": ",".join(self.projections)}
 
     def extra_repr(self) -> str:
         return f"projections={list(self.projections)}, rank={self.rank}, alpha={self.alpha}, scale={self.scale:.4g}"
