@@ -386,12 +386,14 @@ def _check_weight_readers(model: nn.Module, replacements: dict[str, nn.Module]) 
     if problems:
         name, owner_name, owner_type, rel, missing, new_type = problems[0]
         reads = ", ".join(f"self.{rel}.{m}" for m in missing)
+        names = list(dict.fromkeys(p[0] for p in problems))
+        exclude = [name] if len(names) == 1 else sorted({n.rsplit(".", 1)[-1] for n in names})
+        more = f" The same holds for {len(names) - 1} more: {names[1:6]}." if len(names) > 1 else ""
         raise ValueError(
-            f"cannot adapt {name!r}: its parent {owner_name or '<model>'!r} ({owner_type}) reads {reads} in forward instead of "
-            f"calling self.{rel}(...), and the adapter layer ({new_type}) would not be applied there. Exclude it "
-            f"(exclude_modules=[{name!r}]), train it fully (trainable_modules=[{name!r}]), or adapt the modules that are called"
-            + (f" ({len(problems)} such modules in all: {[p[0] for p in problems[:5]]})" if len(problems) > 1 else "")
-            + ". The model was not changed."
+            f"cannot adapt {name!r}: its parent {owner_name or '<model>'!r} ({owner_type}) reads {reads} in forward, "
+            f"which {new_type} does not have (the parent uses the child's weights itself instead of only calling "
+            f"self.{rel}(...)).{more} Exclude it (exclude_modules={exclude!r}), train it fully (trainable_modules=[{name!r}]) "
+            "or target the modules the parent calls instead. The model was not changed."
         )
     for name, new in replacements.items():
         parts = name.split(".")

@@ -289,6 +289,26 @@ def test_parent_reading_a_targeted_childs_weight_is_refused_and_model_untouched(
     model(torch.randn(3, 8)).sum().backward()
 
 
+class EncoderAndReader(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = encoder()
+        self.readers = nn.ModuleList([ReadsWeight(), ReadsWeight()])
+
+    def forward(self, x):
+        return self.readers[1](self.readers[0](self.encoder(x)[..., :8]))
+
+
+def test_refusal_names_every_reader_and_leaves_fused_paths_alone():
+    model = EncoderAndReader()
+    nested = model.encoder.use_nested_tensor
+    with pytest.raises(ValueError, match=r"'readers.0.proj'.*1 more: \['readers.1.proj'\].*exclude_modules=\['proj'\]"):
+        apply_adapter(model, LoRA(rank=2))
+    assert model.encoder.use_nested_tensor == nested
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert not any(isinstance(m, (LoRALinear, LoRAMultiheadAttention)) for m in model.modules())
+
+
 def test_parent_that_calls_its_child_passes():
     model = CallsChild()
     apply_adapter(model, LoRA(rank=2, target_modules=["proj"]))
