@@ -361,7 +361,6 @@ def _keep_off_fused_path(module: nn.Module, args: tuple) -> None:
     """A no-op forward pre-hook. ``nn.TransformerEncoderLayer``'s fused inference path
     (``torch._transformer_encoder_layer_fwd``) reads its children's weights directly and is
     skipped when any submodule has a hook: adapter layers inside one carry this hook."""
-    return None
 
 
 def _check_weight_readers(model: nn.Module, replacements: dict[str, nn.Module]) -> None:

@@ -88,7 +88,7 @@ def inputs(layer, n=2, lq=4, lk=5, dtype=torch.float64, self_attention=False):
 @pytest.mark.parametrize("need_weights", [True, False], ids=["need_weights", "sdpa"])
 @pytest.mark.parametrize("layout", ["packed", "kdim_vdim"])
 def test_forward_and_gradients_match_reference(batch_first, bias, need_weights, layout):
-    kd = dict(kdim=7, vdim=10) if layout == "kdim_vdim" else {}
+    kd = {"kdim": 7, "vdim": 10} if layout == "kdim_vdim" else {}
     layer = make_mha(batch_first, bias, **kd)
     assert layer.base_layer._qkv_same_embed_dim == (layout == "packed")
     q, k, v = (t.requires_grad_(True) for t in inputs(layer))
@@ -111,7 +111,7 @@ def test_forward_and_gradients_match_reference(batch_first, bias, need_weights, 
 @pytest.mark.parametrize("layout", ["packed", "kdim_vdim"])
 def test_outputs_equal_a_plain_attention_with_the_effective_weights(layout):
     """Independent of the layer's code path: a plain module holding W0 + s*B*A."""
-    kd = dict(kdim=7, vdim=10) if layout == "kdim_vdim" else {}
+    kd = {"kdim": 7, "vdim": 10} if layout == "kdim_vdim" else {}
     layer = make_mha(**kd)
     plain = copy.deepcopy(layer.base_layer)
     with torch.no_grad():
@@ -151,7 +151,7 @@ def test_starts_equal_to_base_and_scales():
 @pytest.mark.parametrize("projections", [("q", "v"), ("out",), ("q", "k", "v", "out")])
 @pytest.mark.parametrize("layout", ["packed", "kdim_vdim"])
 def test_merge_equals_unmerged_and_unmerge_is_bit_exact(projections, layout):
-    kd = dict(kdim=7, vdim=10) if layout == "kdim_vdim" else {}
+    kd = {"kdim": 7, "vdim": 10} if layout == "kdim_vdim" else {}
     layer = make_mha(projections=projections, dtype=torch.float32, **kd)  # merging sums in fp32
     before = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
     q, k, v = inputs(layer, dtype=torch.float32)
@@ -378,7 +378,7 @@ def test_transformer_encoder_eval_equals_explicit_reference(padding_mask, target
     x = torch.randn(3, 5, 16)
     mask = torch.zeros(3, 5, dtype=torch.bool)
     mask[0, -2:] = True
-    kwargs = dict(src_key_padding_mask=mask) if padding_mask else {}
+    kwargs = {"src_key_padding_mask": mask} if padding_mask else {}
     with torch.no_grad():
         ours, ref, unadapted = model(x, **kwargs), plain(x, **kwargs), base.eval()(x, **kwargs)
     keep = ~mask.unsqueeze(-1).expand_as(ours) if padding_mask else torch.ones_like(ours, dtype=torch.bool)

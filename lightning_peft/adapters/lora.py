@@ -442,7 +442,8 @@ class LoRA(AdapterSpec):
             )
 
     def wrap(self, name: str, module: nn.Module) -> nn.Module:
-        from lightning_peft.adapters.lora_mha import wrap_attention  # imports this module
+        # lora_mha imports this module: import it where it is used
+        from lightning_peft.adapters.lora_mha import wrap_attention
 
         attention = wrap_attention(self, name, module)
         if attention is not None:

@@ -33,7 +33,12 @@ import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, add_to_weight, restore_weight
+from lightning_peft.adapters.base import (
+    AdapterLayer,
+    AdapterSpec,
+    add_to_weight,
+    restore_weight,
+)
 from lightning_peft.adapters.lora import LoRALinear
 
 Projection = Literal["q", "k", "v", "out"]
@@ -179,10 +184,10 @@ class LoRAMultiheadAttention(AdapterLayer):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        kwargs = dict(
-            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights, is_causal=is_causal,
-        )  # fmt: skip
+        kwargs = {
+            "key_padding_mask": key_padding_mask, "need_weights": need_weights, "attn_mask": attn_mask,
+            "average_attn_weights": average_attn_weights, "is_causal": is_causal,
+        }  # fmt: skip
         if self.merged:
             return self.base_layer(query, key, value, **kwargs)
         # the base's own forward with W0 + sBA in place of W0: same masks, layouts and fused
@@ -198,8 +203,9 @@ class LoRAMultiheadAttention(AdapterLayer):
             shapes = projection_shapes(base)
 
             def packed() -> torch.Tensor:
-                zero = lambda p: torch.zeros(shapes[p], device=base.in_proj_weight.device)  # noqa: E731
-                return torch.cat([self.delta_weight(p).to(base.in_proj_weight.device) if p in self.projections else zero(p) for p in "qkv"])
+                device = base.in_proj_weight.device
+                rows = [self.delta_weight(p).to(device) if p in self.projections else torch.zeros(shapes[p], device=device) for p in "qkv"]
+                return torch.cat(rows)
 
             targets["in_proj_weight"] = (base.in_proj_weight, packed)
         for p, name in self._weight_names().items():
