@@ -37,9 +37,10 @@ from lightning_peft.adapters.base import (
     AdapterLayer,
     AdapterSpec,
     add_to_weight,
+    check_positive,
     restore_weight,
 )
-from lightning_peft.adapters.lora import LoRALinear
+from lightning_peft.adapters.lora import LoRA, LoRALinear
 
 Projection = Literal["q", "k", "v", "out"]
 PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "out")
@@ -95,6 +96,8 @@ class LoRAMultiheadAttention(AdapterLayer):
             raise TypeError(f"LoRAMultiheadAttention wraps an nn.MultiheadAttention, got {type(base_layer).__name__}")
         if not isinstance(base_layer.out_proj, nn.Linear):
             raise TypeError(f"out_proj of this attention module is a {type(base_layer.out_proj).__name__}, not an nn.Linear")
+        check_positive("rank", rank, int)
+        check_positive("alpha", alpha, float)
         wanted = list(dict.fromkeys(projections))
         unknown = [p for p in wanted if p not in PROJECTIONS]
         if not wanted or unknown:
@@ -113,8 +116,6 @@ class LoRAMultiheadAttention(AdapterLayer):
             d_out, d_in = shapes[p]
             self.lora_A[p], self.lora_B[p] = _init_pair(d_in, d_out, rank, init, like)
         if spec is None:
-            from lightning_peft.adapters.lora import LoRA
-
             spec = LoRA(rank=rank, alpha=alpha, use_rslora=use_rslora, init=init)
         self.spec = spec
         self._originals: dict[str, torch.Tensor | None] = {}
@@ -270,20 +271,19 @@ def _warn_dropout(name: str, dropout: float) -> None:
 
 
 def wrap_attention(spec: Any, name: str, module: nn.Module) -> nn.Module | None:
-    """The LoRA layer for ``module`` when it is an attention module or its ``out_proj``
-    (``LoRA.wrap`` routes here first), else ``None``. ``spec`` is a ``LoRA``; its ranks are
-    checked per projection before anything is built."""
+    """The LoRA layer for ``module`` when it is an attention module (q, k, v and out adapted)
+    or its ``out_proj`` (out only), else ``None``; ``LoRA.wrap`` routes here first. ``spec`` is
+    a ``LoRA``; its rank is checked per projection before anything is built."""
     if isinstance(module, nn.MultiheadAttention):
         rank = spec.rank_for(name)
-        projections = tuple(getattr(spec, "mha_projections", PROJECTIONS))
         for p, (d_out, d_in) in projection_shapes(module).items():
-            if p in projections and rank > min(d_out, d_in):
+            if rank > min(d_out, d_in):
                 raise ValueError(
                     f"rank {rank} is larger than the {p!r} projection of {name!r} allows: min({d_out}, {d_in}) = {min(d_out, d_in)}. "
                     "Use a smaller rank (or a rank_pattern entry for this module)."
                 )
         _warn_dropout(name, spec.dropout)
-        return LoRAMultiheadAttention(module, rank, spec.alpha_for(name), projections, spec.use_rslora, spec.init, spec=spec)
+        return LoRAMultiheadAttention(module, rank, spec.alpha_for(name), PROJECTIONS, spec.use_rslora, spec.init, spec=spec)
     if type(module) is NonDynamicallyQuantizableLinear:  # torch uses it only as attention out_proj
         spec.check(name, module)
         _warn_dropout(name, spec.dropout)
