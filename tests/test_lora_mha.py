@@ -121,6 +121,17 @@ def test_outputs_equal_a_plain_attention_with_the_effective_weights(layout):
     close(layer(q, k, v)[0], plain(q, k, v)[0], rtol=1e-10)
 
 
+@pytest.mark.parametrize("projections", [("q", "v"), ("k",), ("out",)])
+@pytest.mark.parametrize("layout", ["packed", "kdim_vdim"])
+def test_a_subset_of_projections_matches_reference(projections, layout):
+    kd = {"kdim": 7, "vdim": 10} if layout == "kdim_vdim" else {}
+    layer = make_mha(projections=projections, **kd)
+    assert sorted(layer.lora_A) == sorted(projections)
+    q, k, v = inputs(layer)
+    close(layer(q, k, v)[0], reference(layer, q, k, v)[0], rtol=1e-10)
+    assert not torch.allclose(layer(q, k, v)[0], layer.base_layer(q, k, v)[0])
+
+
 def test_eval_fused_path_uses_the_adapted_weights():
     """Under no_grad in eval, nn.MultiheadAttention takes its fused native kernel (self-attention,
     batch_first, need_weights=False): it must see the adapted weights, not the base's."""
