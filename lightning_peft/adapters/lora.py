@@ -426,9 +426,13 @@ class LoRA(AdapterSpec):
         key = first_match(name, self.alpha_pattern)
         return self.alpha if key is None else self.alpha_pattern[key]
 
+    def supports(self, module: nn.Module) -> bool:
+        # nn.MultiheadAttention applies its q/k/v/out weights itself: adapted by lora_mha
+        return isinstance(module, (nn.Linear, nn.MultiheadAttention))
+
     def check(self, name: str, module: nn.Module) -> None:
         """Raise if ``module`` cannot take this adapter (called before anything changes)."""
-        if not self.supports(module):
+        if not isinstance(module, nn.Linear):
             raise TypeError(f"{type(self).__name__} cannot adapt {name!r}: it is a {type(module).__name__}, not an nn.Linear")
         rank, limit = self.rank_for(name), min(module.in_features, module.out_features)
         if rank > limit:
@@ -438,6 +442,12 @@ class LoRA(AdapterSpec):
             )
 
     def wrap(self, name: str, module: nn.Module) -> nn.Module:
+        # lora_mha imports this module: import it where it is used
+        from lightning_peft.adapters.lora_mha import wrap_attention
+
+        attention = wrap_attention(self, name, module)
+        if attention is not None:
+            return attention
         self.check(name, module)
         return LoRALinear(
             module, self.rank_for(name), self.alpha_for(name), self.dropout, self.use_rslora, self.init, self.recompute_input, spec=self
