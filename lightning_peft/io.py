@@ -17,6 +17,7 @@ leaves a half-written adapter.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -173,9 +174,32 @@ def state_mismatch(
     return "; ".join(p for p in parts if p)
 
 
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _no_space(error: BaseException) -> bool:
+    # safetensors (Rust) reports a full disk as SafetensorError("... code: 28, kind: StorageFull ...")
+    return getattr(error, "errno", None) in _NO_SPACE or any(s in str(error) for s in ("No space left", "StorageFull", "code: 28,"))
+
+
+def _write_error(error: BaseException, path: Path, kept: str) -> OSError:
+    """``error`` re-raised with the path it concerns and, for a full disk, what to do."""
+    code = getattr(error, "errno", None)
+    if _no_space(error):
+        code = errno.ENOSPC
+        message = (
+            f"could not write {str(path)!r}: the disk is full (no space left on the device holding "
+            f"{str(path.parent)!r}). {kept} Free some space or write elsewhere."
+        )
+    else:
+        message = f"could not write {str(path)!r}: {error}. {kept}"
+    return OSError(code, message) if code is not None else OSError(message)
+
+
 def atomic_write_file(path: str | os.PathLike[str], write: Any) -> Path:
     """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then rename it over
-    ``path``: a crash mid-write never leaves a truncated file (the old one stays)."""
+    ``path``: a crash mid-write never leaves a truncated file (the old one stays). A failed
+    write (e.g. a full disk) raises ``OSError`` naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -185,6 +209,11 @@ def atomic_write_file(path: str | os.PathLike[str], write: Any) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as error:  # noqa: BLE001 - OSError, or a writer's own error for a full disk
+        if not isinstance(error, OSError) and not _no_space(error):
+            raise
+        kept = "The previous file there is unchanged." if path.exists() else "Nothing was written."
+        raise _write_error(error, path, kept) from error
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -192,18 +221,32 @@ def atomic_write_file(path: str | os.PathLike[str], write: Any) -> Path:
 
 
 def _atomic_write_dir(path: Path, write: Any) -> None:
+    """``write(tmp_dir)``, fsync, then swap ``tmp_dir`` in for ``path``; on any failure the
+    previous ``path`` stays as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = None
     try:
-        write(tmp)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        old = None
+        try:
+            write(tmp)
+            for file in tmp.iterdir():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        except Exception as error:  # noqa: BLE001 - OSError, or safetensors' own error for a full disk
+            if not isinstance(error, OSError) and not _no_space(error):
+                raise
+            kept = "The previous export there is unchanged." if path.exists() else "Nothing was written."
+            raise _write_error(error, path, kept) from error
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:
+                os.replace(old, path)  # put the previous export back
+                old = None
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
