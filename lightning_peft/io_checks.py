@@ -258,7 +258,11 @@ def plan_load(model: nn.Module, source: str, meta: dict[str, Any], tensors: dict
             except (ValueError, RuntimeError, TypeError, IndexError) as error:
                 damage.append(f"{t!r}: its tensors do not fit its saved metadata ({error})")
                 continue
-            used = tracked.used | {k for k in own if converted.get(k) is own[k]}
+            # an identity conversion passes tensors through: those not in the layer are leftovers
+            reads = set(tracked.used)
+            passed = {k for k in own if dict.get(converted, k) is own[k]}
+            used = reads | {k for k in passed if k in expected}
+            converted = {k: v for k, v in converted.items() if k not in passed or k in expected}
         else:
             converted = {k: v for k, v in own.items() if k in expected}
             used = set(converted)
