@@ -116,12 +116,30 @@ class LoadPlan:
     warnings: list[str] = field(default_factory=list)
 
 
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers live on the meta device (shapes and
+    dtypes, no memory)."""
+    memo: dict[int, Any] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
 def _would_be(spec: AdapterSpec, name: str, module: nn.Module) -> nn.Module:
-    """``spec.wrap`` on a throwaway copy of ``module`` (the random init of the throwaway
-    adapter does not advance the caller's random streams)."""
+    """What ``spec.wrap`` makes of ``module``, built on a throwaway copy: on the meta device
+    when the spec can wrap that (no memory), else on a real copy (e.g. QLoRA quantizes). The
+    throwaway adapter's random init does not advance the caller's random streams."""
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
-        return spec.wrap(name, copy.deepcopy(module))
+        try:
+            return spec.wrap(name, _meta_copy(module))
+        except Exception:  # noqa: BLE001 - the meta device is only a shortcut; the real copy decides
+            return spec.wrap(name, copy.deepcopy(module))
+
+
+def _meta(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v if v.device.type == "meta" else torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
 
 
 def _kind_of(dtype: torch.dtype) -> str:
@@ -130,6 +148,53 @@ def _kind_of(dtype: torch.dtype) -> str:
     if dtype.is_complex:
         return "complex"
     return "float" if dtype.is_floating_point else "integer"
+
+
+def _layer_tensors(layer: AdapterLayer, target: str, prefix: str, own: dict[str, torch.Tensor], entry: dict[str, Any],
+                   peft_layout: bool, pool: dict[str, torch.Tensor], damage: list[str]) -> dict[str, torch.Tensor]:
+    """The adapter tensors (model keys) ``layer`` gets from the file tensors ``own`` (keys
+    relative to the layer; ``prefix`` is their file prefix), converted from peft's layout when
+    ``peft_layout``. Problems go to ``damage``; trained base tensors inside the layer to ``pool``."""
+    expected = layer.adapter_state_dict()
+    if peft_layout:
+        tracked = _Tracked(own)
+        try:
+            converted = layer.from_peft_state_dict(tracked, entry)
+        except KeyError as error:
+            key = str(error.args[0]) if error.args else "?"
+            if "." not in key:  # a metadata field the conversion needs, not a tensor
+                damage.append(f"{target!r}: its metadata entry lacks {key!r}")
+            else:
+                try:  # all the absent ones, where the layer can list them (a meta throwaway may not)
+                    absent = set(layer.peft_state_dict()) - set(own)
+                except Exception:  # noqa: BLE001
+                    absent = set()
+                missing = sorted({key} | absent)
+                damage.append(f"{target!r}: missing tensors {[prefix + k for k in missing][:6]}")
+            return {}
+        except (ValueError, RuntimeError, TypeError, IndexError) as error:
+            damage.append(f"{target!r}: its tensors do not fit its saved metadata ({error})")
+            return {}
+        # an identity conversion passes tensors through: those not in the layer are leftovers
+        reads = set(tracked.used)
+        passed = {k for k in own if dict.get(converted, k) is own[k]}
+        used = reads | {k for k in passed if k in expected}
+        converted = {k: v for k, v in converted.items() if k not in passed or k in expected}
+    else:
+        converted = {k: v for k, v in own.items() if k in expected}
+        used = set(converted)
+    for k in sorted(set(own) - used):
+        if k.startswith("base_layer."):  # a trained base tensor inside the layer (a spec that trains_base)
+            pool[f"{target}.{k}"] = own[k]
+        else:
+            damage.append(f"{target!r}: unknown tensor {prefix + k!r}")
+    missing = sorted(set(expected) - set(converted))
+    if missing:
+        damage.append(f"{target!r}: missing tensors {[prefix + k for k in missing][:6]}")
+    unknown = sorted(set(converted) - set(expected))
+    if unknown:
+        damage.append(f"{target!r}: its tensors convert to unknown adapter tensors {unknown[:6]}")
+    return {f"{target}.{k}": v for k, v in converted.items() if k in expected}
 
 
 def plan_load(model: nn.Module, source: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -158,74 +223,16 @@ def plan_load(model: nn.Module, source: str, meta: dict[str, Any], tensors: dict
     existing = adapter_record(model)
     specs: list[AdapterSpec] | None = None
     if existing is None:
-        specs = []
-        for i, config in enumerate(meta["specs"]):
-            specs.append(spec_from_config(config, f"{source} (spec {i})"))
-    for name, entry in meta["targets"].items():
-        if specs is not None and specs[entry["spec"]].kind != entry["kind"]:
-            damage.append(f"target {name!r} has kind {entry['kind']!r} but its spec {entry['spec']} is a {specs[entry['spec']].kind!r}")
+        specs = [spec_from_config(config, f"{source} (spec {i})") for i, config in enumerate(meta["specs"])]
+        for name, entry in meta["targets"].items():
+            if specs[entry["spec"]].kind != entry["kind"]:
+                damage.append(f"target {name!r} has kind {entry['kind']!r} but its spec {entry['spec']} is a {specs[entry['spec']].kind!r}")
 
-    # --- every target: the module it is, or would become ------------------------------------
-    layers: dict[str, nn.Module] = {}  # local name -> (would-be) module after loading
-    fingerprints: dict[str, str] = {}
-    for name, entry in meta["targets"].items():
-        target = local(name)
-        module = modules.get(target) if target is not None else None
-        if module is None:
-            fit.append(f"{target or name!r}: no such module" if target else f"{name!r}: outside this model")
-            continue
-        shape = entry.get("shape")
-        if existing is not None:
-            if not isinstance(module, AdapterLayer):
-                if shape is not None or "fingerprint" in entry:
-                    fit.append(f"{target!r}: has no adapter in this model (it has adapters elsewhere)")
-                    continue
-            elif getattr(module.spec, "kind", None) != entry["kind"]:
-                fit.append(f"{target!r}: holds a {module.spec.kind!r} adapter here, the file a {entry['kind']!r} one")
-                continue
-            if shape and isinstance(module, AdapterLayer) and [module.out_features, module.in_features] != shape:
-                fit.append(f"{target!r}: shape {[module.out_features, module.in_features]} != saved {shape}")
-                continue
-            current = module.base_fingerprint if isinstance(module, AdapterLayer) else None
-            layers[target] = module
-        else:
-            if shape and hasattr(module, "in_features") and [module.out_features, module.in_features] != shape:
-                fit.append(f"{target!r}: shape [out={module.out_features}, in={module.in_features}] != saved {shape}")
-                continue
-            assert specs is not None
-            try:
-                layers[target] = _would_be(specs[entry["spec"]], target, module)
-            except (TypeError, ValueError) as error:
-                fit.append(f"{target!r}: {error}")
-                continue
-            current = module_fingerprint(module) if isinstance(layers[target], AdapterLayer) else None
-        if isinstance(layers[target], AdapterLayer):
-            if "fingerprint" not in entry:
-                base.append(f"{target!r}: the file records no base fingerprint for it (removed or damaged)")
-            else:
-                fingerprints[name] = entry["fingerprint"]
-                if current != entry["fingerprint"]:
-                    base.append(f"{target!r}: base weights differ from the ones the adapter was trained on")
-    recorded = {n: e["fingerprint"] for n, e in meta["targets"].items() if "fingerprint" in e}
-    if combine_fingerprints(recorded) != meta["base_fingerprint"]:
-        base.append("the per-module fingerprints do not combine to the recorded base fingerprint (edited or damaged)")
-    if not strict_base:
-        base = []
-
-    # --- the would-be state: every key the loaded model will have -----------------------------
-    layer_targets = {t: m for t, m in layers.items() if isinstance(m, AdapterLayer)}
-    replaced = [t for t, m in layer_targets.items() if existing is None]
-    shapes: dict[str, torch.Tensor] = {
-        k: v for k, v in model.state_dict(keep_vars=True).items() if not any(k.startswith(t + ".") for t in replaced)
-    }
-    for t in replaced:
-        shapes.update({f"{t}.{k}": v for k, v in layer_targets[t].state_dict(keep_vars=True).items()})
-
-    # file tensors per adapter layer (longest matching target prefix)
-    file_prefix = {t: PEFT_PREFIX + (name if not export_root else name[len(export_root) + 1 :]) + "."
-                   for name in meta["targets"] if (t := local(name)) in layer_targets}
-    groups: dict[str, dict[str, torch.Tensor]] = {t: {} for t in layer_targets}
-    pool: dict[str, torch.Tensor] = {}  # model key -> value, for everything outside the layers
+    # --- file tensors by target (longest matching target prefix) -----------------------------
+    file_prefix = {local(n): PEFT_PREFIX + (n[len(export_root) + 1 :] if export_root else n) + "." for n in meta["targets"]}
+    file_prefix.pop(None, None)
+    groups: dict[str, dict[str, torch.Tensor]] = {t: {} for t in file_prefix}
+    pool: dict[str, torch.Tensor] = {}  # model key -> value, for everything outside adapter layers
     for key, value in tensors.items():
         if not key.startswith(PEFT_PREFIX):
             damage.append(f"tensor {key!r} is not under {PEFT_PREFIX!r}")
@@ -241,45 +248,67 @@ def plan_load(model: nn.Module, source: str, meta: dict[str, Any], tensors: dict
         warnings.append(
             f"{len(extra)} trained tensors outside {export_root!r} ({sorted(extra)[:3]}...) were not loaded: this model has no such modules"
         )
+
+    # --- every target: the module it is or would become, its base, its tensors -----------------
     state: dict[str, torch.Tensor] = {}
-    for t, layer in layer_targets.items():
-        own = groups[t]
-        expected = layer.adapter_state_dict()
-        entry = meta["targets"][next(n for n in meta["targets"] if local(n) == t)]
-        if meta.get("peft_layout"):
-            tracked = _Tracked(own)
-            try:
-                converted = layer.from_peft_state_dict(tracked, entry)
-            except KeyError as error:
-                peft_keys = set(layer.peft_state_dict())
-                missing = sorted(peft_keys - set(own)) or [str(error.args[0]) if error.args else "?"]
-                damage.append(f"{t!r}: missing tensors {[file_prefix[t] + k for k in missing][:6]}")
+    replaced: dict[str, dict[str, torch.Tensor]] = {}  # target -> its would-be layer's state (meta)
+    required: list[str] = []
+    for name, entry in meta["targets"].items():
+        target = local(name)
+        module = modules.get(target) if target is not None else None
+        if module is None:
+            fit.append(f"{target!r}: no such module" if target else f"{name!r}: outside this model")
+            continue
+        shape = entry.get("shape")
+        if existing is not None:
+            if not isinstance(module, AdapterLayer):
+                if shape is not None or "fingerprint" in entry:
+                    fit.append(f"{target!r}: has no adapter in this model (it has adapters elsewhere)")
+                    continue
+            elif getattr(module.spec, "kind", None) != entry["kind"]:
+                fit.append(f"{target!r}: holds a {module.spec.kind!r} adapter here, the file a {entry['kind']!r} one")
                 continue
-            except (ValueError, RuntimeError, TypeError, IndexError) as error:
-                damage.append(f"{t!r}: its tensors do not fit its saved metadata ({error})")
+            if shape and isinstance(module, AdapterLayer) and [module.out_features, module.in_features] != shape:
+                fit.append(f"{target!r}: shape {[module.out_features, module.in_features]} != saved {shape}")
                 continue
-            # an identity conversion passes tensors through: those not in the layer are leftovers
-            reads = set(tracked.used)
-            passed = {k for k in own if dict.get(converted, k) is own[k]}
-            used = reads | {k for k in passed if k in expected}
-            converted = {k: v for k, v in converted.items() if k not in passed or k in expected}
+            layer, current = module, (module.base_fingerprint if isinstance(module, AdapterLayer) else None)
         else:
-            converted = {k: v for k, v in own.items() if k in expected}
-            used = set(converted)
-        for k in sorted(set(own) - used):
-            if k.startswith("base_layer."):  # a trained base tensor inside the layer (a spec that trains_base)
-                pool[f"{t}.{k}"] = own[k]
-            else:
-                damage.append(f"{t!r}: unknown tensor {file_prefix[t] + k!r}")
-        missing = sorted(set(expected) - set(converted))
-        if missing:
-            damage.append(f"{t!r}: missing tensors {[file_prefix[t] + k for k in missing][:6]}")
-        unknown = sorted(set(converted) - set(expected))
-        if unknown:
-            damage.append(f"{t!r}: its tensors convert to unknown adapter tensors {unknown[:6]}")
-        for k, v in converted.items():
-            if k in expected:
-                state[f"{t}.{k}"] = v
+            if shape and hasattr(module, "in_features") and [module.out_features, module.in_features] != shape:
+                fit.append(f"{target!r}: shape [out={module.out_features}, in={module.in_features}] != saved {shape}")
+                continue
+            assert specs is not None
+            spec = specs[entry["spec"]]
+            try:
+                layer = _would_be(spec, target, module)
+            except (TypeError, ValueError) as error:
+                fit.append(f"{target!r}: {error}")
+                continue
+            current = module_fingerprint(module) if isinstance(layer, AdapterLayer) else None
+            required += [f"{target}.{p}" for p in spec.base_parameters_to_train(target, layer)]
+        own = groups.pop(target, {})
+        if not isinstance(layer, AdapterLayer):  # changed in place (BitFit, full): plain module tensors
+            pool.update({f"{target}.{k}": v for k, v in own.items()})
+            continue
+        if "fingerprint" not in entry:
+            base.append(f"{target!r}: the file records no base fingerprint for it (removed or damaged)")
+        elif current != entry["fingerprint"]:
+            base.append(f"{target!r}: base weights differ from the ones the adapter was trained on")
+        if existing is None:
+            replaced[target] = _meta(dict(layer.state_dict(keep_vars=True)))
+        state.update(_layer_tensors(layer, target, file_prefix[target], own, entry, bool(meta.get("peft_layout")), pool, damage))
+        del layer  # a throwaway copy: one at a time
+    recorded = {n: e["fingerprint"] for n, e in meta["targets"].items() if "fingerprint" in e}
+    if combine_fingerprints(recorded) != meta["base_fingerprint"]:
+        base.append("the per-module fingerprints do not combine to the recorded base fingerprint (edited or damaged)")
+    if not strict_base:
+        base = []
+
+    # --- the would-be state: every key the loaded model will have -----------------------------
+    shapes: dict[str, torch.Tensor] = {
+        k: v for k, v in model.state_dict(keep_vars=True).items() if not any(k.startswith(t + ".") for t in replaced)
+    }
+    for t, layer_state in replaced.items():
+        shapes.update({f"{t}.{k}": v for k, v in layer_state.items()})
     for key, value in pool.items():
         if key not in shapes:
             damage.append(f"tensor {key!r} has no counterpart in this {type(model).__name__}")
@@ -287,11 +316,6 @@ def plan_load(model: nn.Module, source: str, meta: dict[str, Any], tensors: dict
             state[key] = value
 
     # --- tensors the specs imply outside adapter layers ---------------------------------------
-    required: list[str] = []
-    for name, entry in meta["targets"].items():
-        t = local(name)
-        if t in layers and specs is not None:
-            required += [f"{t}.{p}" for p in specs[entry["spec"]].base_parameters_to_train(t, layers[t])]
     prefix = local(meta["record_prefix"]) if meta["record_prefix"] else ""
     trainable: list[str] = []
     if prefix is None or (prefix and prefix not in modules):
