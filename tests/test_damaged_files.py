@@ -278,3 +278,35 @@ def test_load_leaves_the_random_streams_alone(tmp_path):
     torch.manual_seed(11)
     apply_adapter(plain, LoRA(rank=2, target_modules=["q", "v"]), trainable_modules=["head"])  # what the load itself draws
     assert torch.equal(torch.rand(3), after_load)
+
+
+@pytest.mark.parametrize("adapted", [False, True], ids=["fresh model", "already adapted"])
+def test_a_failure_after_validation_rolls_everything_back(tmp_path, monkeypatch, adapted):
+    """Belt and braces: should copying fail half-way, injected layers, requires_grad flags and
+    already-copied tensors are all put back."""
+    import lightning_peft.io as io
+
+    directory = export(tmp_path)
+    real = io.plan_load
+
+    def broken(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        plan.state.pop("head.weight")
+        plan.state["head.weight"] = torch.zeros(5, 5)  # copied last, after every other tensor
+        return plan
+
+    monkeypatch.setattr(io, "plan_load", broken)
+    model = Net()
+    restore = lambda: monkeypatch.setattr(io, "plan_load", real)  # noqa: E731
+    if adapted:
+        apply_adapter(model, LoRA(rank=2, target_modules=["q", "v"]), trainable_modules=["head"])
+    before = snapshot(model)
+    with pytest.raises(RuntimeError):
+        load_adapter(model, directory)
+    assert_unchanged(model, before)
+    if not adapted:
+        from lightning_peft.targeting import adapter_record
+
+        assert not any(isinstance(m, AdapterLayer) for m in model.modules()) and adapter_record(model) is None
+        restore()
+        load_adapter(model, directory)  # and a later load works: nothing was left half-applied
