@@ -297,7 +297,6 @@ def test_a_failure_after_validation_rolls_everything_back(tmp_path, monkeypatch,
 
     monkeypatch.setattr(io, "plan_load", broken)
     model = Net()
-    restore = lambda: monkeypatch.setattr(io, "plan_load", real)  # noqa: E731
     if adapted:
         apply_adapter(model, LoRA(rank=2, target_modules=["q", "v"]), trainable_modules=["head"])
     before = snapshot(model)
@@ -308,5 +307,5 @@ def test_a_failure_after_validation_rolls_everything_back(tmp_path, monkeypatch,
         from lightning_peft.targeting import adapter_record
 
         assert not any(isinstance(m, AdapterLayer) for m in model.modules()) and adapter_record(model) is None
-        restore()
+        monkeypatch.setattr(io, "plan_load", real)
         load_adapter(model, directory)  # and a later load works: nothing was left half-applied
