@@ -25,6 +25,7 @@ _EXPORTS = {
     "load_adapter": "lightning_peft.io",
     "merge_adapter": "lightning_peft.io",
     "unmerge_adapter": "lightning_peft.io",
+    "register_adapter": "lightning_peft.adapters.registry",
     # Lightning integration
     "AdapterCallback": "lightning_peft.callbacks.adapter",
     "AdaptiveCheckpointCallback": "lightning_peft.callbacks.adaptive_checkpoint",

@@ -17,10 +17,9 @@ leaves a half-written adapter.
 
 from __future__ import annotations
 
-import importlib
+import errno
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -31,17 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
 from lightning_peft.adapters.lora import LoRALinear
+from lightning_peft.adapters.registry import spec_from_config as _registry_spec_from_config
+from lightning_peft.io_checks import FORMAT_VERSION, PEFT_PREFIX, check_metadata, plan_load
+from lightning_peft.safe_load import read_safetensors
 from lightning_peft.targeting import (
+    RECORD_ATTRIBUTE,
     adapter_record,
     apply_adapter,
     combine_fingerprints,
-    module_fingerprint,
     refresh_trained_buffers,
     trained_buffer_names,
 )
@@ -49,8 +50,6 @@ from lightning_peft.targeting import (
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 EXTRA_NAME = "extra_trainable.safetensors"
-PEFT_PREFIX = "base_model.model."
-FORMAT_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,9 +181,32 @@ def state_mismatch(
     return "; ".join(p for p in parts if p)
 
 
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _no_space(error: BaseException) -> bool:
+    # safetensors (Rust) reports a full disk as SafetensorError("... code: 28, kind: StorageFull ...")
+    return getattr(error, "errno", None) in _NO_SPACE or any(s in str(error) for s in ("No space left", "StorageFull", "code: 28,"))
+
+
+def _write_error(error: BaseException, path: Path, kept: str) -> OSError:
+    """``error`` re-raised with the path it concerns and, for a full disk, what to do."""
+    code = getattr(error, "errno", None)
+    if _no_space(error):
+        code = errno.ENOSPC
+        message = (
+            f"could not write {str(path)!r}: the disk is full (no space left on the device holding "
+            f"{str(path.parent)!r}). {kept} Free some space or write elsewhere."
+        )
+    else:
+        message = f"could not write {str(path)!r}: {error}. {kept}"
+    return OSError(code, message) if code is not None else OSError(message)
+
+
 def atomic_write_file(path: str | os.PathLike[str], write: Any) -> Path:
     """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then rename it over
-    ``path``: a crash mid-write never leaves a truncated file (the old one stays)."""
+    ``path``: a crash mid-write never leaves a truncated file (the old one stays). A failed
+    write (e.g. a full disk) raises ``OSError`` naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -194,6 +216,11 @@ def atomic_write_file(path: str | os.PathLike[str], write: Any) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as error:  # noqa: BLE001 - OSError, or a writer's own error for a full disk
+        if not isinstance(error, OSError) and not _no_space(error):
+            raise
+        kept = "The previous file there is unchanged." if path.exists() else "Nothing was written."
+        raise _write_error(error, path, kept) from error
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -201,18 +228,32 @@ def atomic_write_file(path: str | os.PathLike[str], write: Any) -> Path:
 
 
 def _atomic_write_dir(path: Path, write: Any) -> None:
+    """``write(tmp_dir)``, fsync, then swap ``tmp_dir`` in for ``path``; on any failure the
+    previous ``path`` stays as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = None
     try:
-        write(tmp)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        old = None
+        try:
+            write(tmp)
+            for file in tmp.iterdir():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        except Exception as error:  # noqa: BLE001 - OSError, or safetensors' own error for a full disk
+            if not isinstance(error, OSError) and not _no_space(error):
+                raise
+            kept = "The previous export there is unchanged." if path.exists() else "Nothing was written."
+            raise _write_error(error, path, kept) from error
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:
+                os.replace(old, path)  # put the previous export back
+                old = None
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -308,124 +349,83 @@ def _spec_for_kind(specs: list[AdapterSpec], kind: str) -> int:
 # Load
 # --------------------------------------------------------------------------------------------
 def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(metadata, tensors, extra tensors)`` of an export directory."""
+    """``(metadata, tensors, extra tensors)`` of an export directory. A file that is truncated,
+    not safetensors, or whose metadata is malformed raises ``ValueError`` naming it."""
     path = Path(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(path)!r}: is it an adapter export directory?")
-    with safe_open(str(weights), "pt") as f:
-        raw = (f.metadata() or {}).get("lightning_peft")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, metadata = read_safetensors(weights)
+    raw = metadata.get("lightning_peft")
     if raw is None:
         raise ValueError(f"{str(weights)!r} was not written by lightning-peft (no 'lightning_peft' metadata); load it with peft instead")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"adapter file {str(weights)!r} is damaged: its 'lightning_peft' metadata is not valid JSON ({error})") from error
+    check_metadata(meta, str(weights))
     extra: dict[str, torch.Tensor] = {}
-    if (path / EXTRA_NAME).is_file():
-        with safe_open(str(path / EXTRA_NAME), "pt") as f:
-            extra = {k: f.get_tensor(k) for k in f.keys()}
+    if (path / EXTRA_NAME).exists():
+        extra, _ = read_safetensors(path / EXTRA_NAME)
     return meta, tensors, extra
 
 
-def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
-    module_name, _, cls_name = config["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**config["init_args"])
+def spec_from_config(config: dict[str, Any], source: str | None = None) -> AdapterSpec:
+    """The spec a file describes (``{"class_path", "init_args"}``), resolved only through the
+    adapter registry (:mod:`lightning_peft.adapters.registry`); ``source`` names the file in
+    errors."""
+    return _registry_spec_from_config(config, source)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike[str], strict_base: bool = True) -> nn.Module:
     """Load an export written by ``save_adapter`` into ``model``.
 
     A model without adapters gets them injected first (same specs, same modules). Before
-    anything is changed, every adapted module is checked: it must exist, have the saved
-    shape and, with ``strict_base``, the same base weights (fingerprint). A mismatch raises
-    and leaves ``model`` untouched."""
+    anything is changed, everything is checked (see :mod:`lightning_peft.io_checks`): the
+    metadata, the specs (only registered adapter kinds), every adapted module (it must exist,
+    have the saved shape and, with ``strict_base``, the base weights the adapter was trained on,
+    as recorded by its fingerprint), and every tensor (each one the specs imply is present, none
+    is unknown, shapes and dtypes fit, values are finite). Any problem raises ``ValueError``
+    naming the file, the modules and the tensors, and leaves ``model`` exactly as it was."""
+    source = str(Path(path) / WEIGHTS_NAME)
     meta, tensors, extra = read_adapter(path)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"adapter format {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
-    export_root = meta["export_root"]
-    modules = dict(model.named_modules())
-    # the model may be the saved top-level module or the export root itself (e.g. a bare HF model)
-    offset = "" if not export_root or export_root in modules else export_root
-
-    def local(name: str) -> str:
-        return name[len(offset) + 1 :] if offset else name
-
-    problems: list[str] = []
-    existing = adapter_record(model)
-    for name, entry in meta["targets"].items():
-        target = local(name)
-        module = modules.get(target)
-        if module is None:
-            problems.append(f"{target!r}: no such module")
-            continue
-        if existing is not None:
-            if entry.get("shape") and isinstance(module, AdapterLayer) and [module.out_features, module.in_features] != entry["shape"]:
-                problems.append(f"{target!r}: shape {[module.out_features, module.in_features]} != saved {entry['shape']}")
-            base = module.base_fingerprint if isinstance(module, AdapterLayer) else None
-        else:
-            if entry.get("shape") and hasattr(module, "in_features") and [module.out_features, module.in_features] != entry["shape"]:
-                problems.append(f"{target!r}: shape [out={module.out_features}, in={module.in_features}] != saved {entry['shape']}")
-            base = module_fingerprint(module) if "fingerprint" in entry else None
-        if strict_base and "fingerprint" in entry and base != entry["fingerprint"]:
-            problems.append(f"{target!r}: base weights differ from the ones the adapter was trained on")
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} in all)" if len(problems) > 6 else "")
-        this = _base_name(model.get_submodule(export_root) if export_root and not offset else model)
-        raise ValueError(
-            f"adapter at {str(path)!r} was made for base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']}), "
-            f"and does not fit this {this!r}: {shown}. Load it into the base it was trained on"
-            + (" (or pass strict_base=False if you changed the base on purpose)." if all("base weights" in p for p in problems) else ".")
-        )
-
-    if existing is None:
-        specs = [spec_from_config(c) for c in meta["specs"]]
-        prefix = local(meta["record_prefix"]) if meta["record_prefix"] else ""
-        root = model.get_submodule(prefix) if prefix else model
-        for i, spec in enumerate(specs):
-            names = [local(n) for n, e in meta["targets"].items() if e["spec"] == i]
-            spec.target_modules = ["re:" + re.escape(n[len(prefix) + 1 :] if prefix else n) for n in names]
-            spec.module_path = None
-        trainable = [local(t)[len(prefix) + 1 :] if prefix else local(t) for t in meta["trainable_modules"]]
-        trainable = [t for t in trainable if (f"{prefix}.{t}" if prefix else t) in modules]
-        apply_adapter(root, specs, trainable_modules=trainable, norm_stats=meta.get("norm_stats", "train"))
-
-    if meta.get("peft_layout"):
-        tensors = _from_peft_layout(model, meta, tensors, local)
-    state = {}
-    for key, value in tensors.items():
-        rel = key[len(PEFT_PREFIX) :]
-        state[(export_root + "." + rel) if export_root and not offset else rel] = value
-    if not offset:
-        state.update(extra)
-    elif extra:
-        warnings.warn(
-            f"{len(extra)} trained tensors outside {export_root!r} ({sorted(extra)[:3]}...) were not loaded: "
-            "this model has no such modules", stacklevel=2
-        )
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    missing = [k for k in state if k not in params and k not in buffers]
-    if missing:
-        raise ValueError(f"adapter tensors {missing[:5]} have no counterpart in {type(model).__name__}")
-    targets = {k: params.get(k, buffers.get(k)) for k in state}
-    wrong = [f"{k!r}: saved {tuple(v.shape)} != model {tuple(targets[k].shape)}" for k, v in state.items() if targets[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"adapter tensor shapes do not fit {type(model).__name__}: {'; '.join(wrong[:5])}")
-    with torch.no_grad():
-        for key, value in state.items():
-            targets[key].copy_(value.to(targets[key].dtype))
+    plan = plan_load(model, source, meta, tensors, extra, strict_base, _base_name)
+    for message in plan.warnings:
+        warnings.warn(message, stacklevel=2)
+    # what a failure half-way restores: requires_grad flags and every tensor about to be overwritten
+    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
+    before = _named_tensors(model)
+    originals = {k: before[k].detach().clone() for k in plan.state if k in before}
+    root = model.get_submodule(plan.apply_prefix) if plan.apply_prefix else model
+    if plan.specs is not None:
+        apply_adapter(root, plan.specs, trainable_modules=plan.trainable, norm_stats=meta.get("norm_stats", "train"))  # validates first: raises with root unchanged
+    try:
+        targets = _named_tensors(model)
+        lost = [k for k in plan.state if k not in targets]
+        if lost:
+            raise RuntimeError(f"after injecting the adapters, the model has no {lost[:4]} (a bug: please report it)")
+        with torch.no_grad():
+            for key, value in plan.state.items():
+                targets[key].copy_(value)
+    except BaseException:
+        if plan.specs is not None:
+            _remove_adapters(root)
+        with torch.no_grad():
+            for key, value in originals.items():
+                before[key].copy_(value)
+        for p in model.parameters():
+            p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
+        raise
     return model
 
 
-def _from_peft_layout(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], local: Any) -> dict[str, torch.Tensor]:
-    """Each adapter layer turns its peft-layout tensors back into its own state-dict keys."""
-    out = dict(tensors)
-    for name, entry in meta["targets"].items():
-        module = model.get_submodule(local(name))
-        if not isinstance(module, AdapterLayer):
-            continue
-        prefix = PEFT_PREFIX + _relative(name, meta["export_root"]) + "."
-        own = {k[len(prefix) :]: out.pop(k) for k in list(out) if k.startswith(prefix)}
-        for key, value in module.from_peft_state_dict(own, entry).items():
-            out[prefix + key] = value
-    return out
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_buffers(remove_duplicate=False)), **dict(model.named_parameters(remove_duplicate=False))}
+
+
+def _remove_adapters(root: nn.Module) -> None:
+    """Undo ``apply_adapter`` on ``root`` (only used when a load fails half-way)."""
+    for name, module in list(root.named_modules()):
+        if isinstance(module, AdapterLayer):
+            root.set_submodule(name, module.base_layer)
+    root.__dict__.pop(RECORD_ATTRIBUTE, None)

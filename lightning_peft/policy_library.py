@@ -27,7 +27,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -102,9 +102,9 @@ class PolicyLibrary:
         self.merged = False
         index_path = self.root / INDEX_NAME
         if index_path.is_file():
-            self.index = json.loads(index_path.read_text())
-            if self.index.get("format") != FORMAT:
-                raise ValueError(f"{str(index_path)!r} is not a policy library index (format {FORMAT})")
+            self.index = _read_index(index_path)
+            for what, rel in [("base", self.index["base"]["file"])] + [(f"task {t!r}", e["file"]) for t, e in self.index["tasks"].items()]:
+                self._library_path(rel, what)
             if base is not None:
                 other = self._base_model_from(base)
                 from lightning_peft.modules.ppo import policy_fingerprint
@@ -158,6 +158,28 @@ class PolicyLibrary:
 
     def _write_index(self) -> None:
         _atomic_write_bytes(self.root / INDEX_NAME, json.dumps(self.index, indent=2, sort_keys=True).encode())
+
+    def _library_path(self, rel: Any, what: str) -> Path:
+        """``root / rel`` for a ``file`` entry of the index, refused unless it stays inside the
+        library root: a relative path without ``..`` that, symlinks resolved, is under root."""
+        index = str(self.root / INDEX_NAME)
+        if not isinstance(rel, str) or not rel:
+            raise ValueError(f"{index!r}: the {what} entry's file {rel!r} is not a path; the index is damaged")
+        pure = PurePosixPath(rel.replace("\\", "/"))
+        if pure.is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive or ".." in pure.parts:
+            raise ValueError(
+                f"{index!r}: the {what} entry's file {rel!r} points outside the library {str(self.root)!r}; "
+                "library files must be relative paths inside it (the index is damaged or crafted)"
+            )
+        path = self.root / pure
+        root = self.root.resolve()
+        resolved = path.resolve()
+        if resolved != root and root not in resolved.parents:
+            raise ValueError(
+                f"{index!r}: the {what} entry's file {rel!r} resolves to {str(resolved)!r}, outside the library "
+                f"{str(root)!r} (a symlink?); library files must stay inside it"
+            )
+        return path
 
     # ------------------------------------------------------------------ the live policy
     @property
@@ -253,7 +275,7 @@ class PolicyLibrary:
             "layout": layout,
             "kind": kind,
         }
-        _atomic_save_safetensors(self.root / rel, tensors, meta)
+        _atomic_save_safetensors(self._library_path(rel, f"task {task!r}"), tensors, meta)
         entry = {
             "file": rel,
             "kind": kind,
@@ -363,9 +385,10 @@ class PolicyLibrary:
     def remove(self, task: str) -> None:
         """Delete ``task``'s adapter from the library."""
         entry = self._entry(task)
+        path = self._library_path(entry["file"], f"task {task!r}")
         del self.index["tasks"][task]
         self._write_index()
-        (self.root / entry["file"]).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         self._cache.pop(task, None)
         if self.active == task:
             self.active = None
@@ -377,55 +400,63 @@ class PolicyLibrary:
         return self.index["tasks"][task]
 
     def _read(self, task: str) -> tuple[dict[str, Tensor], str]:
+        """``(tensors, layout JSON)`` of ``task``'s file, validated against the live policy
+        (specs through the adapter registry, every tensor's name, shape, dtype and finiteness)
+        before anything is changed."""
         if task in self._cache:
             return self._cache[task]
-        from safetensors import safe_open
+        from lightning_peft.safe_load import read_safetensors
 
-        path = self.root / self._entry(task)["file"]
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        path = self._library_path(self._entry(task)["file"], f"task {task!r}")
+        tensors, meta = read_safetensors(path)
         if meta.get("base_fingerprint") != self.base_fingerprint:
             raise ValueError(
                 f"{str(path)!r} was written for base {meta.get('base_fingerprint')}, not this library's base "
                 f"{self._describe_base()}"
             )
+        layout = meta.get("layout")
+        if not isinstance(layout, str):
+            raise ValueError(f"task file {str(path)!r} is damaged: its metadata has no adapter 'layout'")
+        self._check_task(path, tensors, layout)
         if self.cache:
-            self._cache[task] = (tensors, meta["layout"])
-        return tensors, meta["layout"]
+            self._cache[task] = (tensors, layout)
+        return tensors, layout
+
+    def _check_task(self, path: Path, tensors: dict[str, Tensor], layout_json: str) -> None:
+        """Build ``layout`` on a throwaway copy of the live policy and check that every tensor
+        names one of its tensors with the same shape and dtype kind, and is finite."""
+        import copy
+
+        scratch = copy.deepcopy(self.model)
+        _strip_adapters(scratch)
+        _inject_layout(scratch, _parse_layout(layout_json, path), str(path))
+        problems = []
+        for key, value in tensors.items():
+            try:
+                like = _lookup(scratch, key)
+            except (AttributeError, ValueError):
+                problems.append(f"{key!r}: the policy has no such tensor")
+                continue
+            if tuple(like.shape) != tuple(value.shape):
+                problems.append(f"{key!r}: shape {tuple(value.shape)} != policy {tuple(like.shape)}")
+            elif like.is_floating_point() != value.is_floating_point() or (value.dtype == torch.bool) != (like.dtype == torch.bool):
+                problems.append(f"{key!r}: dtype {value.dtype} does not fit the policy's {like.dtype}")
+            elif value.is_floating_point() and not bool(torch.isfinite(value.to(like.dtype)).all()):
+                problems.append(f"{key!r}: non-finite values (NaN/inf)")
+        adapter_keys = {f"{n}.{k}" for n, m in adapter_layers(scratch).items() for k in m.adapter_state_dict()}
+        missing = sorted(adapter_keys - set(tensors))
+        if missing:
+            problems.append(f"missing adapter tensors {missing[:6]}")
+        if problems:
+            raise ValueError(f"task file {str(path)!r} is damaged or does not fit this library's base: {'; '.join(problems[:8])}")
 
     def _strip_adapters(self) -> None:
-        from lightning_peft.adapters.base import AdapterLayer
-        from lightning_peft.targeting import RECORD_ATTRIBUTE
-
-        model = self.model
-        for name, module in list(model.named_modules()):
-            if isinstance(module, AdapterLayer):
-                if module.merged:
-                    module.unmerge()
-                model.set_submodule(name, module.base_layer)
-        model.__dict__.pop(RECORD_ATTRIBUTE, None)
-        model.requires_grad_(False)
+        _strip_adapters(self.model)
         self._layout = None
         self.merged = False
 
     def _inject(self, layout_json: str) -> None:
-        from lightning_peft.io import spec_from_config
-        from lightning_peft.targeting import apply_adapter
-
-        layout = json.loads(layout_json)
-        if layout["specs"]:
-            specs = [spec_from_config(c) for c in layout["specs"]]
-            names = sorted(layout["targets"])
-            for spec in specs:
-                own = [n for n in names if layout["targets"][n]["kind"] == spec.kind]
-                spec.target_modules = ["re:" + re.escape(n) for n in own]
-                spec.module_path = None
-            specs = [s for s in specs if s.target_modules]
-            if specs:
-                apply_adapter(self.model, specs, trainable_modules=layout["trainable_modules"])
-        self.model.eval()
-        self.model.requires_grad_(False)
+        _inject_layout(self.model, _parse_layout(layout_json, self.root), str(self.root))
         self._layout = layout_json
 
     def activate(self, task: str, merge: bool = False) -> Any:
@@ -544,3 +575,69 @@ def _lookup(model: nn.Module, key: str) -> Tensor:
 
 def _ranks(layout: dict[str, Any]) -> dict[str, int]:
     return {n: int(t["rank"]) for n, t in layout.get("targets", {}).items() if "rank" in t}
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    """The parsed ``index.json``, its structure checked (a damaged index is named, not a
+    ``KeyError`` later)."""
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"policy library index {str(path)!r} is damaged (not valid JSON: {error})") from error
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a policy library index (format {FORMAT})")
+    base, tasks = index.get("base"), index.get("tasks")
+    if not isinstance(base, dict) or not all(isinstance(base.get(k), str) for k in ("file", "fingerprint", "task")):
+        raise ValueError(f"policy library index {str(path)!r} is damaged: its 'base' entry lacks file/fingerprint/task")
+    if not isinstance(tasks, dict) or not all(isinstance(e, dict) and "file" in e for e in tasks.values()):
+        raise ValueError(f"policy library index {str(path)!r} is damaged: every 'tasks' entry needs a 'file'")
+    return index
+
+
+def _parse_layout(layout_json: str, source: Any) -> dict[str, Any]:
+    try:
+        layout = json.loads(layout_json)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(source)!r}: the adapter layout is damaged (not valid JSON: {error})") from error
+    if (
+        not isinstance(layout, dict)
+        or not isinstance(layout.get("specs"), list)
+        or not isinstance(layout.get("targets"), dict)
+        or not all(isinstance(t, dict) and isinstance(t.get("kind"), str) for t in layout["targets"].values())
+        or not isinstance(layout.get("trainable_modules"), list)
+    ):
+        raise ValueError(f"{str(source)!r}: the adapter layout is damaged (needs specs, targets with kinds, trainable_modules)")
+    return layout
+
+
+def _strip_adapters(model: nn.Module) -> None:
+    """Put every adapter layer's base back (unmerging first) and freeze ``model``."""
+    from lightning_peft.adapters.base import AdapterLayer
+    from lightning_peft.targeting import RECORD_ATTRIBUTE
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdapterLayer):
+            if module.merged:
+                module.unmerge()
+            model.set_submodule(name, module.base_layer)
+    model.__dict__.pop(RECORD_ATTRIBUTE, None)
+    model.requires_grad_(False)
+
+
+def _inject_layout(model: nn.Module, layout: dict[str, Any], source: str) -> None:
+    """Inject the adapters ``layout`` describes; specs resolve only through the registry."""
+    from lightning_peft.io import spec_from_config
+    from lightning_peft.targeting import apply_adapter
+
+    if layout["specs"]:
+        specs = [spec_from_config(c, f"{source} (spec {i})") for i, c in enumerate(layout["specs"])]
+        names = sorted(layout["targets"])
+        for spec in specs:
+            own = [n for n in names if layout["targets"][n]["kind"] == spec.kind]
+            spec.target_modules = ["re:" + re.escape(n) for n in own]
+            spec.module_path = None
+        specs = [s for s in specs if s.target_modules]
+        if specs:
+            apply_adapter(model, specs, trainable_modules=layout["trainable_modules"])
+    model.eval()
+    model.requires_grad_(False)

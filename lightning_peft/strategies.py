@@ -25,6 +25,7 @@ adapter-aware:
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -396,10 +397,23 @@ class AdapterFSDP2Strategy(ModelParallelStrategy):
             self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Read a checkpoint to resume from. ``weights_only`` is what the user passed to
+        ``trainer.fit(..., weights_only=)`` (the CLI's ``--weights_only``): ``None`` (default)
+        and ``True`` read tensors and plain data only (torch's safe loader); only an explicit
+        ``False`` unpickles arbitrary objects, which runs code from the file."""
         path = Path(self.broadcast(str(checkpoint_path)))
         if path.is_dir():  # a sharded checkpoint written by ModelParallelStrategy
             return super().load_checkpoint(path, weights_only=weights_only)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+        try:
+            # never pick the unsafe loader ourselves: None becomes True, not torch's env-dependent default
+            checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only is not False)
+        except pickle.UnpicklingError as error:
+            raise pickle.UnpicklingError(
+                f"checkpoint {str(path)!r} pickles objects besides tensors (e.g. an nn.Module or functools.partial in "
+                "hyper_parameters), which the safe loader does not unpickle. If you trust this file, resume with "
+                "trainer.fit(..., ckpt_path=..., weights_only=False) (CLI: --weights_only false); that runs code "
+                f"from the file. ({error})"
+            ) from error
         self._load_module_state(checkpoint["state_dict"])
         if self.lightning_module is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
             saved = checkpoint.get("optimizer_states", [])

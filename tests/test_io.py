@@ -212,3 +212,41 @@ def test_state_mismatch_names_missing_unexpected_and_shape():
     saved = {"a": torch.zeros(3, 2), "b": torch.zeros(4), "z": torch.zeros(1)}
     assert state_mismatch(current, saved) == "missing ['c']; unexpected ['z']; shape ['a: saved (3, 2) != model (2, 3)']"
     assert state_mismatch(current, saved, required=["b"]) == "unexpected ['z']; shape ['a: saved (3, 2) != model (2, 3)']"
+
+
+def test_save_on_a_full_disk_names_the_path_and_keeps_the_previous_export(tmp_path, monkeypatch):
+    import errno
+
+    model, _ = clone(tiny_bert)
+    apply_adapter(model, LoRA(rank=2, target_modules=["query"]))
+    save_adapter(model, tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    randomize_trainable(model)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lightning_peft.io.save_file", full)
+    with pytest.raises(OSError, match="the disk is full") as error:
+        save_adapter(model, tmp_path / "a")
+    assert error.value.errno == errno.ENOSPC and str(tmp_path / "a") in str(error.value)
+    assert "previous export there is unchanged" in str(error.value)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_atomic_write_file_on_a_full_disk_names_the_path(tmp_path):
+    import errno
+
+    from lightning_peft.io import atomic_write_file
+
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(b"previous")
+
+    def full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"could not write .*last\.ckpt.*the disk is full.*previous file there is unchanged"):
+        atomic_write_file(target, full)
+    assert target.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

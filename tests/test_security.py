@@ -246,3 +246,249 @@ def test_missing_checkpoint_names_the_file(tmp_path):
 def test_tensor_state_dict_names_non_tensor_entries(tmp_path):
     with pytest.raises(ValueError, match=r"non-tensor values under \['net'\]"):
         tensor_state_dict({"state_dict": {"w": torch.ones(1), "net": Unloaded()}}, "x.ckpt")
+
+
+# ---------------------------------------------------------------------------------------------
+# adapter files name their specs only through the registry
+# ---------------------------------------------------------------------------------------------
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.q(x))
+
+
+def rewrite_metadata(weights: Path, edit) -> None:
+    """Rewrite the lightning_peft metadata of ``weights`` with ``edit(meta)``."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(weights), "pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(metadata["lightning_peft"])
+    edit(meta)
+    metadata["lightning_peft"] = json.dumps(meta)
+    save_file(tensors, str(weights), metadata=metadata)
+
+
+def crafted_class_paths(marker: Path) -> dict[str, dict]:
+    return {
+        "os.system": {"class_path": "os.system", "init_args": {"command": touch(marker)}},
+        "subprocess.run": {"class_path": "subprocess.run", "init_args": {"args": touch(marker), "shell": True}},
+        "builtins.open": {"class_path": "builtins.open", "init_args": {"file": str(marker), "mode": "w"}},
+        "builtins.exec (short name)": {"class_path": "exec", "init_args": {}},
+        "a library function": {"class_path": "lightning_peft.io.save_adapter", "init_args": {"model": None, "path": str(marker)}},
+        "a torch module": {"class_path": "torch.nn.Linear", "init_args": {"in_features": 1, "out_features": 1}},
+    }
+
+
+CRAFTED = ["os.system", "subprocess.run", "builtins.open", "builtins.exec (short name)", "a library function", "a torch module"]
+
+
+def test_the_crafted_class_path_is_a_live_payload(tmp_path):
+    """Control: resolved the way files used to be (import + call), it runs."""
+    import importlib
+
+    marker = tmp_path / "ran"
+    config = crafted_class_paths(marker)["subprocess.run"]
+    module, _, name = config["class_path"].rpartition(".")
+    getattr(importlib.import_module(module), name)(**config["init_args"])
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("crafted", CRAFTED)
+def test_load_adapter_with_a_crafted_class_path_runs_nothing(tmp_path, crafted):
+    from lightning_peft import LoRA, apply_adapter, load_adapter, save_adapter
+    from lightning_peft.adapters.base import AdapterLayer
+
+    marker = tmp_path / "ran"
+    model = Tiny()
+    apply_adapter(model, LoRA(rank=2, target_modules=["q"]))
+    save_adapter(model, tmp_path / "export")
+    rewrite_metadata(tmp_path / "export" / "adapter_model.safetensors", lambda m: m["specs"].__setitem__(0, crafted_class_paths(marker)[crafted]))
+    fresh = Tiny()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"unknown adapter class .*register_adapter") as error:
+        load_adapter(fresh, tmp_path / "export")
+    assert "adapter_model.safetensors" in str(error.value) and "lightning_peft.adapters.lora.LoRA" in str(error.value)
+    assert not marker.exists()
+    assert not any(isinstance(m, AdapterLayer) for m in fresh.modules())
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+def test_a_registered_custom_spec_loads_and_an_unregistered_one_is_refused(tmp_path):
+    from lightning_peft import LoRA, apply_adapter, load_adapter, register_adapter, save_adapter
+    from lightning_peft.adapters import registry
+
+    class ScaledLoRA(LoRA):
+        kind = "scaled_lora_test"
+
+    x = torch.randn(3, 6)
+    model = Tiny()
+    apply_adapter(model, ScaledLoRA(rank=2, target_modules=["q"]))
+    with torch.no_grad():
+        model.q.lora_B.weight.normal_()
+    save_adapter(model, tmp_path / "export")
+    with pytest.raises(ValueError, match="ScaledLoRA.*register_adapter"):
+        load_adapter(Tiny(), tmp_path / "export")
+    try:
+        assert register_adapter(ScaledLoRA) is ScaledLoRA
+        fresh = load_adapter(Tiny(), tmp_path / "export")
+        assert type(fresh.q.spec) is ScaledLoRA
+        torch.testing.assert_close(fresh(x), model(x))
+        with pytest.raises(ValueError, match="already registered"):
+            register_adapter(type("ScaledLoRA", (LoRA,), {"kind": "scaled_lora_test"}))
+        with pytest.raises(ValueError, match="belongs to the built-in"):
+            register_adapter(type("LoRA", (LoRA,), {"__module__": "mine"}))
+        with pytest.raises(TypeError, match="AdapterSpec subclass"):
+            register_adapter(nn.Linear)
+    finally:
+        for name in [n for n, c in registry._USER.items() if c is ScaledLoRA]:
+            del registry._USER[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# PolicyLibrary: specs through the registry, files inside the root
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture()
+def library(tmp_path):
+    from lightning_peft import LoRA, PolicyLibrary, apply_adapter
+    from lightning_peft.modules.ppo import PPO
+
+    torch.manual_seed(0)
+    base = PPO("CartPole-v1", normalize_observations=False)
+    base_file = base.save_policy(tmp_path / "base.safetensors")
+    lib = PolicyLibrary(tmp_path / "lib", base=base_file)
+    adapted = PPO("CartPole-v1", base_checkpoint=base_file, normalize_observations=False)
+    apply_adapter(adapted, LoRA(rank=2, target_modules=["policy.0", "value.0"]))
+    lib.add("CartPole-v1/long-pole", adapted)
+    return lib
+
+
+def rewrite_task_layout(path: Path, edit) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    layout = json.loads(metadata["layout"])
+    edit(layout)
+    metadata["layout"] = json.dumps(layout)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("crafted", CRAFTED[:3])
+def test_policy_library_activate_with_a_crafted_class_path_runs_nothing(tmp_path, library, crafted):
+    from lightning_peft import PolicyLibrary
+    from lightning_peft.adapters.base import AdapterLayer
+
+    marker = tmp_path / "ran"
+    task = "CartPole-v1/long-pole"
+    file = library.root / library.index["tasks"][task]["file"]
+    rewrite_task_layout(file, lambda layout: layout["specs"].__setitem__(0, crafted_class_paths(marker)[crafted]))
+    reopened = PolicyLibrary(library.root)
+    with pytest.raises(ValueError, match="unknown adapter class") as error:
+        reopened.activate(task)
+    assert str(file) in str(error.value)
+    assert not marker.exists()
+    assert not any(isinstance(m, AdapterLayer) for m in reopened.model.modules()) and reopened.active is None
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "ABSOLUTE", "adapters/../../outside.safetensors", "SYMLINK"])
+def test_policy_library_refuses_files_outside_its_root(tmp_path, library, entry):
+    import json
+
+    from lightning_peft import PolicyLibrary
+
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"not yours")
+    if entry == "ABSOLUTE":
+        entry = str(outside)
+    elif entry == "SYMLINK":
+        (library.root / "adapters" / "link.safetensors").symlink_to(outside)
+        entry = "adapters/link.safetensors"
+    index_path = library.root / "index.json"
+    index = json.loads(index_path.read_text())
+    index["tasks"]["CartPole-v1/long-pole"]["file"] = entry
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="outside the library") as error:
+        PolicyLibrary(library.root)
+    assert entry in str(error.value) and str(index_path) in str(error.value) and "CartPole-v1/long-pole" in str(error.value)
+    assert outside.read_bytes() == b"not yours"
+
+
+def test_policy_library_damaged_index_is_named(tmp_path, library):
+    from lightning_peft import PolicyLibrary
+
+    index_path = library.root / "index.json"
+    index_path.write_text(index_path.read_text()[:40])
+    with pytest.raises(ValueError, match="index .* is damaged") as error:
+        PolicyLibrary(library.root)
+    assert str(index_path) in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# base checkpoints: read without unpickling
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("payload", ["os.system", "subprocess.run(shell=True)", "__setstate__"])
+def test_load_base_state_dict_with_a_crafted_checkpoint_runs_nothing(tmp_path, payload):
+    from lightning_peft.modules import load_base_state_dict
+
+    marker = tmp_path / "ran"
+    state = crafted_checkpoint(tmp_path / "base.ckpt", PAYLOADS[payload](marker))
+    loaded = load_base_state_dict(str(tmp_path / "base.ckpt"))
+    assert not marker.exists()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def _crafted_ppo_checkpoint(path: Path, marker: Path) -> dict[str, torch.Tensor]:
+    from lightning_peft.modules.ppo import PPO
+
+    torch.manual_seed(3)
+    state = PPO("CartPole-v1", normalize_observations=False).state_dict()
+    torch.save({"state_dict": state, "hyper_parameters": {"task": "CartPole-v1", "normalize_observations": False,
+                                                           "activation": "tanh", "evil": OsSystem(marker)}}, path)
+    return state
+
+
+def test_ppo_base_checkpoint_reader_with_a_crafted_checkpoint_runs_nothing(tmp_path):
+    from lightning_peft.modules.ppo import _read_policy_state
+
+    marker = tmp_path / "ran"
+    state = _crafted_ppo_checkpoint(tmp_path / "policy.ckpt", marker)
+    loaded, task, hp = _read_policy_state(str(tmp_path / "policy.ckpt"))
+    assert not marker.exists() and task == "CartPole-v1" and isinstance(hp["evil"], Unloaded)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_ppo_constructed_from_a_crafted_base_checkpoint_runs_nothing(tmp_path):
+    from lightning_peft.modules.ppo import PPO
+
+    marker = tmp_path / "ran"
+    state = _crafted_ppo_checkpoint(tmp_path / "policy.ckpt", marker)
+    policy = PPO("CartPole-v1", base_checkpoint=str(tmp_path / "policy.ckpt"), normalize_observations=False)
+    assert not marker.exists()
+    assert all(torch.equal(policy.state_dict()[k], v) for k, v in state.items())
+
+
+def test_fsdp2_strategy_resume_never_unpickles_unless_asked(tmp_path):
+    from lightning_peft import AdapterFSDP2Strategy
+
+    marker = tmp_path / "ran"
+    crafted_checkpoint(tmp_path / "resume.ckpt", OsSystem(marker))
+    strategy = AdapterFSDP2Strategy()
+    for weights_only in (None, True):
+        with pytest.raises(pickle.UnpicklingError, match=r"weights_only=False.*--weights_only false") as error:
+            strategy.load_checkpoint(tmp_path / "resume.ckpt", weights_only=weights_only)
+        assert "resume.ckpt" in str(error.value)
+    assert not marker.exists()

@@ -106,10 +106,15 @@ def configure_adamw(
 def load_base_state_dict(path: str, prefix: str = "model.") -> dict[str, Any]:
     """Read a model state dict from ``path``: a plain ``torch.save(state_dict)`` file, a
     ``.safetensors`` file, or a Lightning ``.ckpt`` (its ``state_dict``, with ``prefix``
-    stripped from keys that carry it)."""
+    stripped from keys that carry it).
+
+    Nothing in the file runs: ``torch.save`` files are read with
+    :func:`lightning_peft.safe_load.load_checkpoint_tensors`, which rebuilds tensors only (a
+    checkpoint whose ``hyper_parameters`` pickle an ``nn.Module`` or a ``functools.partial``
+    loads; those objects are not unpickled). A damaged file raises ``ValueError`` naming it."""
     from pathlib import Path
 
-    import torch
+    from lightning_peft.safe_load import load_checkpoint_tensors, read_safetensors, tensor_state_dict
 
     file = Path(path)
     if not file.is_file():
@@ -118,19 +123,9 @@ def load_base_state_dict(path: str, prefix: str = "model.") -> dict[str, Any]:
             "`lightning-peft fit --config configs/vit_digits_pretrain.yaml`) or set it to null."
         )
     if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(file))
+        obj: dict[str, Any] = read_safetensors(file)[0]
     else:
-        try:
-            obj = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - older Lightning checkpoints pickle extra objects
-            # Only reached for a local file the user named as their own base checkpoint.
-            obj = torch.load(file, map_location="cpu", weights_only=False)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise ValueError(f"{path!r} holds no state dict (got {type(obj).__name__}).")
+        obj = tensor_state_dict(load_checkpoint_tensors(file), path)
     if prefix and any(k.startswith(prefix) for k in obj):
         obj = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
     # A base saved while wrapped by an adapter layer keeps its weights under `<name>.base_layer.`

@@ -602,12 +602,21 @@ class PPO(L.LightningModule):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"policy file {path!r} does not exist")
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as error:  # noqa: BLE001 - SafetensorError & co: the file is unreadable
+            raise ValueError(f"policy file {path!r} is damaged or not a safetensors file ({error})") from error
         if meta.get("format") != POLICY_FORMAT:
             raise ValueError(f"{path!r} is not a policy file written by PPO.save_policy")
         allowed = _policy_hparam_names(cls)
-        hp = {k: v for k, v in json.loads(meta["hparams"]).items() if k in allowed}
+        try:
+            saved = json.loads(meta.get("hparams", ""))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"policy file {path!r} is damaged: its 'hparams' metadata is not valid JSON ({error})") from error
+        if not isinstance(saved, dict):
+            raise ValueError(f"policy file {path!r} is damaged: its 'hparams' metadata is not a JSON object")
+        hp = {k: v for k, v in saved.items() if k in allowed}
         if task is not None:
             hp["task"] = task
         return cls(**hp, base_checkpoint=path)
@@ -675,31 +684,36 @@ def _plain_keys(module: PPO) -> list[str]:
 
 
 def _read_policy_state(path: str) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
-    """``(state, task, hyper-parameters)`` of a policy file or a Lightning checkpoint."""
+    """``(state, task, hyper-parameters)`` of a policy file or a Lightning checkpoint.
+
+    Nothing in the file is unpickled into live objects: a ``.ckpt`` is read with
+    :func:`lightning_peft.safe_load.load_checkpoint_tensors` (tensors and plain data only;
+    anything else it pickles comes back as an inert placeholder)."""
+    from lightning_peft.safe_load import load_checkpoint_tensors, read_safetensors, tensor_state_dict
+
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"base checkpoint {path!r} does not exist (train one with configs/rl_base.yaml, "
             "which exports it via model.init_args.export_path)"
         )
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        return state, meta.get("task", "unknown"), json.loads(meta.get("hparams", "{}"))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - Lightning checkpoints may pickle more than tensors
-        # Only reached for a local file the user named as their own base checkpoint.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        state, meta = read_safetensors(path)
+        try:
+            hp = json.loads(meta.get("hparams", "{}"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"policy file {path!r} is damaged: its 'hparams' metadata is not valid JSON ({error})") from error
+        if not isinstance(hp, dict):
+            raise ValueError(f"policy file {path!r} is damaged: its 'hparams' metadata is not a JSON object")
+        return state, str(meta.get("task", "unknown")), hp
+    ckpt = load_checkpoint_tensors(path)
+    if "state_dict" not in ckpt:
         raise ValueError(
             f"base checkpoint {path!r} is neither a .safetensors policy file nor a Lightning "
             "checkpoint with a 'state_dict'"
         )
-    hp = dict(ckpt.get("hyper_parameters", {}) or {})
-    return dict(ckpt["state_dict"]), str(hp.get("task", "unknown")), hp
+    hp = ckpt.get("hyper_parameters", {}) or {}
+    hp = dict(hp) if isinstance(hp, dict) else {}
+    return tensor_state_dict(ckpt, path), str(hp.get("task", "unknown")), hp
 
 
 def _describe_spaces(task: str, obs_space: Any, act_space: Any) -> tuple[
