@@ -492,3 +492,35 @@ def test_fsdp2_strategy_resume_never_unpickles_unless_asked(tmp_path):
             strategy.load_checkpoint(tmp_path / "resume.ckpt", weights_only=weights_only)
         assert "resume.ckpt" in str(error.value)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the best-weights export after fit reads a checkpoint that carries a payload
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("payload", ["os.system", "__setstate__"])
+def test_best_export_after_fit_reads_a_crafted_checkpoint_without_running_it(tmp_path, payload):
+    import sys
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+    from adapter_models import Classifier, lora_callback, make_loader
+
+    marker = tmp_path / "ran"
+
+    class CarriesPayload(Classifier):
+        def on_save_checkpoint(self, checkpoint):
+            checkpoint.setdefault("hyper_parameters", {})["evil"] = PAYLOADS[payload](marker)
+
+    torch.manual_seed(0)
+    model = CarriesPayload()
+    callback = lora_callback(export_dir="adapter")  # export_weights="best"
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[callback, ModelCheckpoint(dirpath=tmp_path / "ckpt")])
+    trainer.fit(model, make_loader(n=16, batch_size=8))
+    best = trainer.checkpoint_callback.best_model_path
+    assert best and not marker.exists()
+    assert (callback.export_path / "adapter_model.safetensors").is_file()
+    with pytest.raises(pickle.UnpicklingError):  # the file really carries an object weights_only refuses
+        torch.load(best, weights_only=True)
