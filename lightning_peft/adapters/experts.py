@@ -50,6 +50,7 @@ from lightning_peft.adapters.base import (
     restore_weight,
 )
 from lightning_peft.adapters.lora import _input_recipe, _replay, lora_forward
+from lightning_peft.validation import InvalidArgumentError, check_bool, check_choice, check_str_list
 from lightning_peft.adapters.rank_ops import (
     drop_slots,
     effective_parameters,
@@ -811,11 +812,15 @@ class ExpertLoRA(AdapterSpec):
         if max_rank is not None:
             check_positive("max_rank", max_rank, int)
             if max_rank < rank:
-                raise ValueError(f"max_rank={max_rank} is below rank={rank}; use max_rank >= rank (e.g. 2 * rank for EPnG)")
-        if init not in ("kaiming", "gaussian"):
-            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
-        if projections is not None and len(projections) == 0:
-            raise ValueError("projections is an empty list: name at least one expert matrix, or leave it None for all")
+                raise InvalidArgumentError(
+                    "max_rank", f"max_rank={max_rank} is below rank={rank}; use max_rank >= rank (e.g. 2 * rank for EPnG)"
+                )
+        check_choice("init", init, ("kaiming", "gaussian"))
+        if projections is not None and isinstance(projections, (list, tuple)) and len(projections) == 0:
+            raise InvalidArgumentError("projections", "projections is an empty list: name at least one expert matrix, or leave it None for all")
+        check_str_list("projections", projections, allow_none=True)
+        check_bool("use_rslora", use_rslora)
+        check_bool("recompute_input", recompute_input)
         self.rank, self.alpha, self.max_rank = rank, float(alpha), max_rank
         self.projections = None if projections is None else list(projections)
         self.use_rslora, self.init, self.recompute_input = use_rslora, init, recompute_input
