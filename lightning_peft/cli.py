@@ -29,13 +29,17 @@ import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
 from jsonargparse import ArgumentError  # noqa: E402
-
 from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
 
-from lightning_peft.cli_errors import ConfigError, debug_requested, instantiation_error, parse_error  # noqa: E402
+from lightning_peft.cli_errors import (  # noqa: E402
+    ConfigError,
+    debug_requested,
+    instantiation_error,
+    parse_error,
+)
 
 
 class LightningPEFTCLI(LightningCLI):

@@ -111,12 +111,13 @@ def _list_index(args: list[str], key: str, class_path: str, from_command_line: b
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, list):
             items = node
-    if not items:
+    appended = sum(1 for arg in args if arg.startswith(f"--{key}+="))  # `--trainer.callbacks+=Class`
+    if not items and not appended:
         return None
     if from_command_line:
-        return len(items) - 1
+        return len(items or []) + appended - 1
     leaf = class_path.rsplit(".", 1)[-1]
-    for i, item in enumerate(items):
+    for i, item in enumerate(items or []):
         given = item.get("class_path", "") if isinstance(item, dict) else item if isinstance(item, str) else ""
         if given == class_path or given.rsplit(".", 1)[-1] == leaf:
             return i
@@ -128,7 +129,7 @@ def _init_parameters(class_path: str) -> list[str]:
         module, _, name = class_path.rpartition(".")
         cls = getattr(importlib.import_module(module), name)
         return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    except Exception:  # an unimportable class: no suggestions
+    except Exception:  # noqa: BLE001  (an unimportable class: no suggestions)
         return []
 
 
@@ -234,7 +235,7 @@ def _resolve(class_path: Any) -> Any:
     module, _, name = class_path.rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
-    except Exception:  # not importable here: cannot be the class that failed
+    except Exception:  # noqa: BLE001  (not importable here: cannot be the class that failed)
         return None
 
 
@@ -244,40 +245,45 @@ def _as_dict(init_args: Any) -> dict[str, Any]:
     return dict(init_args) if isinstance(init_args, dict) else dict(vars(init_args))
 
 
+def _matching(init_args: Any, given: dict[str, Any]) -> int:
+    """How many scalar ``init_args`` equal the constructor's arguments ``given``."""
+    scalar = (str, int, float, bool, type(None))
+    return sum(1 for k, v in _as_dict(init_args).items() if isinstance(v, scalar) and given.get(k, object()) == v)
+
+
+def _argument(err: BaseException, message: str, names: list[str]) -> str | None:
+    """The constructor argument an error is about: our checks' ``.argument`` (``"rank_pattern['q']"``
+    -> ``rank_pattern``), else the first parameter name the message mentions."""
+    argument = getattr(err, "argument", None)
+    match = re.match(r"\w+", argument) if isinstance(argument, str) else None
+    if match and match.group(0) in names:
+        return match.group(0)
+    found = sorted((m.start(), p) for p in names for m in [re.search(rf"\b{re.escape(p)}\b", message)] if m)
+    return found[0][1] if found else None
+
+
 def instantiation_error(err: BaseException, config: Any) -> ConfigError | None:
     """The ``ConfigError`` for an exception raised while instantiating ``config`` (the parsed,
     not yet instantiated namespace), or ``None`` when no class ``__init__`` raised it."""
-    for candidate in _chain(err):
-        frame = _init_frame(candidate)
-        if frame is None:
-            continue
-        cls = type(frame.f_locals["self"])
-        message = str(candidate).strip()
-        argument = getattr(candidate, "argument", None)
-        nodes = [(k, n) for k, n in _class_nodes(config) if _resolve(getattr(n, "class_path", None) if not isinstance(n, dict) else n.get("class_path")) is cls]
-        source = f"{cls.__module__}.{cls.__qualname__}"
-        key = None
-        params: dict[str, Any] = {}
-        if nodes:
-            def score(item: tuple[str, Any]) -> int:
-                args = _as_dict(getattr(item[1], "init_args", None))
-                return sum(1 for k, v in args.items() if isinstance(v, (str, int, float, bool, type(None))) and frame.f_locals.get(k, object()) == v)
+    found = next(((c, f) for c in _chain(err) if (f := _init_frame(c)) is not None), None)
+    if found is None:
+        return None
+    candidate, frame = found
+    instance = frame.f_locals["self"]
+    cls = type(instance)
+    message = str(candidate).strip()
+    nodes = [(k, n) for k, n in _class_nodes(config) if _resolve(n.get("class_path") if isinstance(n, dict) else getattr(n, "class_path", None)) is cls]
+    key = None
+    if nodes:  # the config node that holds these arguments
+        key, _ = max(nodes, key=lambda item: _matching(getattr(item[1], "init_args", None), frame.f_locals))
+        key += ".init_args"
+    else:
+        from lightning.pytorch import Trainer
 
-            key, node = max(nodes, key=score)
-            params = _as_dict(getattr(node, "init_args", None))
-            key += ".init_args"
-        else:
-            from lightning.pytorch import Trainer
-
-            if isinstance(frame.f_locals["self"], Trainer):
-                key, params = "trainer", {p: None for p in inspect.signature(Trainer.__init__).parameters}
-        names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"] or list(params)
-        if isinstance(argument, str):
-            argument = re.match(r"\w+", argument).group(0) if re.match(r"\w+", argument) else None
-        if argument not in names:  # not one of ours: the first parameter the message names
-            found = sorted((m.start(), p) for p in names for m in [re.search(rf"\b{re.escape(p)}\b", message)] if m)
-            argument = found[0][1] if found else None
-        if key is not None and argument is not None:
-            key = f"{key}.{argument}"
-        return ConfigError(key, message, source)
-    return None
+        if isinstance(instance, Trainer):  # trainer: a group of the config, not a class_path node
+            key = "trainer"
+    names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    argument = _argument(candidate, message, names)
+    if key is not None and argument is not None:
+        key = f"{key}.{argument}"
+    return ConfigError(key, message, f"{cls.__module__}.{cls.__qualname__}")

@@ -49,7 +49,13 @@ from lightning_peft.adapters.rank_ops import full_tensor
 from lightning_peft.callbacks.adapter import AtomicCheckpointIO
 from lightning_peft.io import state_mismatch
 from lightning_peft.targeting import trainable_state_keys
-from lightning_peft.validation import check_bool, check_choice, check_int, check_str, check_str_list
+from lightning_peft.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_str,
+    check_str_list,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DType = Literal["float32", "bfloat16", "float16"]

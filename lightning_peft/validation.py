@@ -62,9 +62,7 @@ def _range_text(low: float | None, high: float | None, low_open: bool, high_open
 def _in_range(value: float, low: float | None, high: float | None, low_open: bool, high_open: bool) -> bool:
     if low is not None and not (value > low if low_open else value >= low):
         return False
-    if high is not None and not (value < high if high_open else value <= high):
-        return False
-    return True
+    return high is None or (value < high if high_open else value <= high)
 
 
 def check_int(
@@ -203,5 +201,5 @@ def check_regex(name: str, pattern: str, shown: str | None = None) -> None:
         re.compile(pattern)
     except re.error as err:
         raise InvalidArgumentError(
-            name, f"{name} entry {shown or repr(pattern)} is not a valid regular expression ({err}); fix the pattern or escape it with re.escape"
+            name, f"{name} entry {shown or repr(pattern)} is not a valid regular expression ({err}); fix the pattern, or use re.escape(name) to match a name literally"
         ) from None

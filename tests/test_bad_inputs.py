@@ -22,8 +22,8 @@ from torch import nn
 from lightning_peft import (
     AdaLoRA,
     AdapterCallback,
-    AdaptiveCheckpointCallback,
     AdapterFSDP2Strategy,
+    AdaptiveCheckpointCallback,
     BitFit,
     ExpertImportanceCallback,
     ExpertLoRA,
@@ -41,7 +41,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 NAN, INF = float("nan"), float("inf")
 #: words every message uses to say what is accepted or what to do
 HINT = re.compile(
-    r"must be|must not|use |expected|write |remove|narrow|nearest|adaptable|give each|did you mean|e\.g\.|instead|is not accepted|shorten",
+    r"must be|must not|use |expected|write |remove|narrow|nearest|adaptable|give each|did you mean|e\.g\.|instead|is not accepted|shorten|exclude it",
     re.IGNORECASE,
 )
 OURS = (InvalidArgumentError, InvalidArgumentTypeError)

@@ -43,7 +43,12 @@ from lightning_peft.adapters.base import (
 )
 from lightning_peft.adapters.lora import lora_forward
 from lightning_peft.adapters.rank_ops import drop_slots, effective_parameters, masked
-from lightning_peft.validation import InvalidArgumentError, check_bool, check_float, check_int
+from lightning_peft.validation import (
+    InvalidArgumentError,
+    check_bool,
+    check_float,
+    check_int,
+)
 
 #: training forwards without an allocator update before AdaLoRA warns that ranks never change
 UNDRIVEN_FORWARDS = 200

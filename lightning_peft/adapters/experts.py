@@ -50,7 +50,6 @@ from lightning_peft.adapters.base import (
     restore_weight,
 )
 from lightning_peft.adapters.lora import _input_recipe, _replay, lora_forward
-from lightning_peft.validation import InvalidArgumentError, check_bool, check_choice, check_str_list
 from lightning_peft.adapters.rank_ops import (
     drop_slots,
     effective_parameters,
@@ -61,6 +60,12 @@ from lightning_peft.adapters.rank_ops import (
     slot_generator,
     write_rows,
     zero_slots,
+)
+from lightning_peft.validation import (
+    InvalidArgumentError,
+    check_bool,
+    check_choice,
+    check_str_list,
 )
 
 
@@ -817,7 +822,7 @@ class ExpertLoRA(AdapterSpec):
                 )
         check_choice("init", init, ("kaiming", "gaussian"))
         if projections is not None and isinstance(projections, (list, tuple)) and len(projections) == 0:
-            raise InvalidArgumentError("projections", "projections is an empty list: name at least one expert matrix, or leave it None for all")
+            raise InvalidArgumentError("projections", "projections must not be an empty list: name at least one expert matrix, or use None for all of them")
         check_str_list("projections", projections, allow_none=True)
         check_bool("use_rslora", use_rslora)
         check_bool("recompute_input", recompute_input)

@@ -39,7 +39,13 @@ from lightning_peft.adapters.base import (
     first_match,
     restore_weight,
 )
-from lightning_peft.validation import check_bool, check_choice, check_float, check_int, check_mapping
+from lightning_peft.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_mapping,
+)
 
 
 # --------------------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def parse_budget(budget: int | float | str | None) -> tuple[Literal["bytes", "fr
         except ValueError:
             raise InvalidArgumentError("budget", f"budget must be {_BUDGET_FORMS}; cannot read {budget!r}") from None
         if not size >= 1:
-            raise InvalidArgumentError("budget", f"budget {budget!r} is not a positive size: budget must be {_BUDGET_FORMS}")
+            raise InvalidArgumentError("budget", f"got budget={budget!r}, not a positive size; budget must be {_BUDGET_FORMS}")
         return "bytes", float(size)
     if isinstance(budget, float):
         if math.isfinite(budget) and 0.0 < budget <= 1.0:
@@ -171,10 +171,10 @@ def parse_budget(budget: int | float | str | None) -> tuple[Literal["bytes", "fr
         if math.isfinite(budget) and budget >= 1024:
             return "bytes", float(int(budget))
         raise InvalidArgumentError(
-            "budget", f"a float budget is a fraction of the device's total memory and must be in (0, 1], got {budget!r}; budget must be {_BUDGET_FORMS}"
+            "budget", f"got budget={budget!r}: a float budget is a fraction of the device's total memory in (0, 1]; budget must be {_BUDGET_FORMS}"
         )
     if budget < 1:
-        raise InvalidArgumentError("budget", f"budget must be positive bytes, got {budget!r}; budget must be {_BUDGET_FORMS}")
+        raise InvalidArgumentError("budget", f"got budget={budget!r}, not a positive size; budget must be {_BUDGET_FORMS}")
     return "bytes", float(budget)
 
 

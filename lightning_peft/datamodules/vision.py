@@ -57,11 +57,11 @@ class DigitsDataModule(SplitDataModule):
             if isinstance(classes, (str, bytes)) or not isinstance(classes, (list, tuple)):
                 raise InvalidArgumentTypeError("classes", f"classes must be a list of digits 0-9 or None, got {classes!r}")
             if len(classes) < 2:
-                raise InvalidArgumentError("classes", f"classes needs at least two digits, got {classes}.")
+                raise InvalidArgumentError("classes", f"classes must be at least two digits 0-9, got {classes}.")
             for i, c in enumerate(classes):
                 check_int(f"classes[{i}]", c, low=0, high=9)
             if len(set(classes)) != len(classes):
-                raise InvalidArgumentError("classes", f"classes has duplicates: {classes}; list each digit once.")
+                raise InvalidArgumentError("classes", f"classes must be distinct digits, got duplicates: {classes}; list each digit once.")
         self.save_hyperparameters()
         self.image_size = image_size
         self.classes = list(classes) if classes is not None else None

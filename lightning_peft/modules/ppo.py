@@ -45,7 +45,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.io import atomic_write_file, state_mismatch
-from lightning_peft.validation import InvalidArgumentTypeError, check_bool, check_choice, check_float, check_int, check_str
+from lightning_peft.validation import (
+    InvalidArgumentTypeError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_str,
+)
 
 __all__ = ["PPO", "LogStd", "RunningObsNorm", "gae", "policy_fingerprint"]
 
