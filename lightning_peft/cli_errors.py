@@ -35,7 +35,7 @@ class ConfigError(Exception):
 
     def render(self) -> str:
         head = f"error: {self.key}: {self.message}" if self.key else f"error: {self.message}"
-        where = f"raised by {self.source}; " if self.source else ""
+        where = f"in {self.source}; " if self.source else ""
         return f"{head}\n  ({where}`lightning-peft --help` lists the options; {DEBUG_ENV}=1 shows the full traceback)"
 
 
@@ -251,13 +251,17 @@ def _matching(init_args: Any, given: dict[str, Any]) -> int:
     return sum(1 for k, v in _as_dict(init_args).items() if isinstance(v, scalar) and given.get(k, object()) == v)
 
 
-def _argument(err: BaseException, message: str, names: list[str]) -> str | None:
+def _argument(err: BaseException, message: str, names: list[str], given: dict[str, Any]) -> str | None:
     """The constructor argument an error is about: our checks' ``.argument`` (``"rank_pattern['q']"``
-    -> ``rank_pattern``), else the first parameter name the message mentions."""
+    -> ``rank_pattern``), else the parameter whose string value (a path, say) the message quotes,
+    else the first parameter name the message mentions."""
     argument = getattr(err, "argument", None)
     match = re.match(r"\w+", argument) if isinstance(argument, str) else None
     if match and match.group(0) in names:
         return match.group(0)
+    quoted = [p for p in names if isinstance(given.get(p), str) and len(given[p]) > 2 and given[p] in message]
+    if len(quoted) == 1:
+        return quoted[0]
     found = sorted((m.start(), p) for p in names for m in [re.search(rf"\b{re.escape(p)}\b", message)] if m)
     return found[0][1] if found else None
 
@@ -265,7 +269,11 @@ def _argument(err: BaseException, message: str, names: list[str]) -> str | None:
 def instantiation_error(err: BaseException, config: Any) -> ConfigError | None:
     """The ``ConfigError`` for an exception raised while instantiating ``config`` (the parsed,
     not yet instantiated namespace), or ``None`` when no class ``__init__`` raised it."""
-    found = next(((c, f) for c in _chain(err) if (f := _init_frame(c)) is not None), None)
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    # refusals of a value, not bugs: an AttributeError or a RuntimeError keeps its traceback
+    refusals = (ValueError, TypeError, OSError, ImportError, MisconfigurationException)
+    found = next(((c, f) for c in _chain(err) if isinstance(c, refusals) and (f := _init_frame(c)) is not None), None)
     if found is None:
         return None
     candidate, frame = found
@@ -283,7 +291,7 @@ def instantiation_error(err: BaseException, config: Any) -> ConfigError | None:
         if isinstance(instance, Trainer):  # trainer: a group of the config, not a class_path node
             key = "trainer"
     names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    argument = _argument(candidate, message, names)
+    argument = _argument(candidate, message, names, frame.f_locals)
     if key is not None and argument is not None:
         key = f"{key}.{argument}"
     return ConfigError(key, message, f"{cls.__module__}.{cls.__qualname__}")

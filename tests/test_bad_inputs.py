@@ -389,6 +389,7 @@ CLI: list[tuple[str, list[str], str]] = [
     ("model lr", ["--model.init_args.lr=-1"], "model.init_args.lr"),
     ("model schedule", ["--model.init_args.schedule=cosin"], "model.init_args.schedule"),
     ("model num_classes", ["--model.init_args.num_classes=0"], "model.init_args.num_classes"),
+    ("model missing base", ["--model.init_args.base_checkpoint=/nonexistent/base.ckpt"], "model.init_args.base_checkpoint"),
     ("data batch_size", ["--data.init_args.batch_size=0"], "data.init_args.batch_size"),
     ("data fractions", ["--data.init_args.val_fraction=0.9"], "data.init_args.val_fraction"),
     ("data classes", ["--data.init_args.classes=[5, 12]"], "data.init_args.classes"),

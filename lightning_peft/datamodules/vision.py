@@ -59,7 +59,10 @@ class DigitsDataModule(SplitDataModule):
             if len(classes) < 2:
                 raise InvalidArgumentError("classes", f"classes must be at least two digits 0-9, got {classes}.")
             for i, c in enumerate(classes):
-                check_int(f"classes[{i}]", c, low=0, high=9)
+                check_int(f"classes[{i}]", c)
+            bad = [c for c in classes if not 0 <= c <= 9]
+            if bad:
+                raise InvalidArgumentError("classes", f"classes must be digits 0-9, got {bad} in {classes}.")
             if len(set(classes)) != len(classes):
                 raise InvalidArgumentError("classes", f"classes must be distinct digits, got duplicates: {classes}; list each digit once.")
         self.save_hyperparameters()
