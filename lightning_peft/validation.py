@@ -175,15 +175,16 @@ def check_str_list(name: str, value: Any, allow_none: bool = True, allow_empty: 
 
 
 def check_mapping(name: str, value: Any, check_value: Callable[[str, Any], Any], allow_none: bool = True) -> dict[str, Any] | None:
-    """A ``{non-empty str: value}`` dict, each value checked by ``check_value(f"{name}[key]", v)``."""
+    """A ``{non-empty str: value}`` dict, each value checked by ``check_value(f"{name}[key]", v)``;
+    ``"re:"`` keys (module-name patterns) must compile."""
     if value is None and allow_none:
         return None
     if not isinstance(value, Mapping):
-        raise InvalidArgumentTypeError(name, f"{name} must be a dict {{name pattern: value}}{' or None' if allow_none else ''}, got {_describe(value)}")
+        raise InvalidArgumentTypeError(name, f"{name} must be a dict with string keys{' or None' if allow_none else ''}, got {_describe(value)}")
     out = {}
     for key, item in value.items():
         if not isinstance(key, str) or not key.strip():
-            raise InvalidArgumentTypeError(name, f"{name} keys must be non-empty module-name patterns (strings), got {_describe(key)}")
+            raise InvalidArgumentTypeError(name, f"{name} keys must be non-empty strings, got {_describe(key)}")
         check_name_pattern(f"{name}[{key!r}]", key)
         out[key] = check_value(f"{name}[{key!r}]", item)
     return out

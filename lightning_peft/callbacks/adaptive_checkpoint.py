@@ -184,7 +184,8 @@ class AdaptiveCheckpointCallback(Callback):
     Args:
         budget: the memory budget: bytes (``int``), a fraction of the device's total memory
             (``float`` in ``(0, 1]``, needs a source that knows the total, e.g. CUDA), or a string
-            (``"2GiB"``, ``"512MB"``, ``"40%"``). With the saved-activation meter (CPU) the
+            (``"2GiB"``, ``"512MB"``, ``"40%"``, or a fraction written as a string, ``"0.5"``).
+            NaN, infinities and non-positive sizes are refused (see ``parse_budget``). With the saved-activation meter (CPU) the
             budget is in activation bytes. Required for ``mode="adaptive"``.
         mode: ``"adaptive"`` (plan for the budget) or a static plan for comparison: ``"none"``,
             ``"all"``, ``"every_k"`` (blocks ``0, k, 2k, ...``), ``"first_k"`` (blocks ``0..k-1``).
