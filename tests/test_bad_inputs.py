@@ -164,7 +164,7 @@ CONSTRUCTORS: list[tuple[Callable[..., Any], dict[str, Any], type, str]] = [
     (AdaptiveCheckpointCallback, {"budget": "1GiB", "memory_source": "gpu"}, T, "memory_source"),
     (AdaptiveCheckpointCallback, {"budget": "1GiB", "mode": "every_k", "k": 0}, V, "k"),
     (AdaptiveCheckpointCallback, {"budget": "1GiB", "blocks": ""}, V, "blocks"),
-    (AdaptiveCheckpointCallback, {"budget": "1GiB", "log_every_n_steps": 0}, V, "log_every_n_steps"),
+    (AdaptiveCheckpointCallback, {"budget": "1GiB", "log_every_n_steps": -1}, V, "log_every_n_steps"),
     # ExpertImportanceCallback / AdaLoRACallback
     (ExpertImportanceCallback, {"prune_fraction": NAN}, V, "prune_fraction"),
     (ExpertImportanceCallback, {"prune_fraction": 1.5}, V, "prune_fraction"),

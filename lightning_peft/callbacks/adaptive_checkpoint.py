@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import math
+import numbers
 import time
 from collections import deque
 from collections.abc import Callable
@@ -138,8 +139,10 @@ def parse_budget(budget: int | float | str | None) -> tuple[Literal["bytes", "fr
     the number it spells (``"0.5"``: a fraction, as the float; ``"1e9"``: bytes). NaN and infinities are refused."""
     if budget is None:
         return None
-    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+    if isinstance(budget, bool) or not isinstance(budget, (numbers.Real, str)):
         raise InvalidArgumentTypeError("budget", f"budget must be {_BUDGET_FORMS}; got {budget!r} ({type(budget).__name__})")
+    if isinstance(budget, numbers.Real) and not isinstance(budget, str):  # numpy scalars too
+        budget = int(budget) if isinstance(budget, numbers.Integral) else float(budget)
     if isinstance(budget, str):
         text = budget.strip()
         if text.endswith("%"):
@@ -211,7 +214,7 @@ class AdaptiveCheckpointCallback(Callback):
             this (sticky: relaxing never undoes it).
         use_reentrant: use reentrant checkpointing (refused with a frozen base, see below).
         log_every_n_steps: log the per-step metrics every this many steps (through the trainer's
-            loggers, as ``adaptive_ckpt/*``).
+            loggers, as ``adaptive_ckpt/*``); ``0``: never.
         verbose: print plan changes (rank zero).
 
     Attributes:
@@ -260,7 +263,7 @@ class AdaptiveCheckpointCallback(Callback):
         check_int("max_retries", max_retries, low=0)
         check_float("oom_backoff", oom_backoff, 0.0, 1.0, low_open=True, high_open=True)
         check_bool("use_reentrant", use_reentrant)
-        check_int("log_every_n_steps", log_every_n_steps, low=1)
+        check_int("log_every_n_steps", log_every_n_steps, low=0)  # 0: never
         check_bool("verbose", verbose)
         if not (isinstance(memory_source, MemorySource) or (isinstance(memory_source, str) and memory_source in ("auto", "cuda", "saved_tensors"))):
             raise InvalidArgumentTypeError(
