@@ -51,6 +51,13 @@ from lightning_peft.callbacks.adapter import AtomicCheckpointIO
 from lightning_peft.io import state_mismatch
 from lightning_peft.state_swap import tensors_swapped_in
 from lightning_peft.targeting import trainable_state_keys
+from lightning_peft.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_str,
+    check_str_list,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DType = Literal["float32", "bfloat16", "float16"]
@@ -136,15 +143,15 @@ class AdapterFSDP2Strategy(ModelParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
-        if data_parallel_size != "auto" and (isinstance(data_parallel_size, bool) or not isinstance(data_parallel_size, int) or data_parallel_size < 1):
-            raise ValueError(f"data_parallel_size must be 'auto' or a positive int, got {data_parallel_size!r}")
-        if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
+        if data_parallel_size != "auto":
+            check_int("data_parallel_size", data_parallel_size, low=1)
+        check_int("tensor_parallel_size", tensor_parallel_size, low=1)
         for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype), ("frozen_dtype", frozen_dtype), ("trainable_dtype", trainable_dtype)):
-            if value is not None and value not in _DTYPES:
-                raise ValueError(f"{name} must be one of {sorted(_DTYPES)} or None, got {value!r}")
-        if block_paths is not None and (isinstance(block_paths, str) or not all(isinstance(p, str) and p for p in block_paths)):
-            raise TypeError(f"block_paths must be a list of dotted module paths (e.g. ['model.layers']), got {block_paths!r}")
+            check_choice(name, value, sorted(_DTYPES), allow_none=True)
+        check_str_list("block_paths", block_paths, allow_none=True)
+        check_bool("reshard_after_forward", reshard_after_forward)
+        check_bool("adapter_only_checkpoints", adapter_only_checkpoints)
+        check_str("process_group_backend", process_group_backend, allow_none=True)
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=tensor_parallel_size,

@@ -22,6 +22,7 @@ from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, name_matches
 from lightning_peft.trained_buffers import BufferWatch, NormStats, freeze_running_stats, running_stat_buffers
+from lightning_peft.validation import check_choice, check_name_pattern, check_str_list
 
 #: leaf names of output heads that "all-linear" leaves alone (train them via trainable_modules)
 OUTPUT_HEAD_NAMES = ("lm_head", "head", "classifier", "score")
@@ -121,6 +122,7 @@ def resolve_targets(model: nn.Module, spec: AdapterSpec, protected: Sequence[str
         chosen = [n for n in modules if pattern.fullmatch(n)]
     else:
         chosen = [n for n in modules if any(name_matches(n, e) for e in targets)]
+    before_exclusion = [n for n in chosen if spec.supports(modules[n])]
     chosen = [n for n in chosen if not excluded(n)]
     supported = [n for n in chosen if spec.supports(modules[n])]
 
@@ -128,6 +130,19 @@ def resolve_targets(model: nn.Module, spec: AdapterSpec, protected: Sequence[str
     for entry in targets if isinstance(targets, list) else []:
         hits = [n for n in chosen if name_matches(n, entry)]
         if not any(n in supported for n in hits):
+            matched = [n for n in modules if name_matches(n, entry)]
+            removed = [n for n in matched if any(name_matches(n, e) for e in spec.exclude_modules)]
+            if matched and not hits and removed:
+                rules = sorted({e for n in removed for e in spec.exclude_modules if name_matches(n, e)})
+                raise ValueError(
+                    f"target {entry!r} matches {removed[:5]}, but exclude_modules {rules} removed every match. "
+                    f"Remove {entry!r} from target_modules or narrow exclude_modules"
+                )
+            if matched and not hits:  # every match is an adapter layer already, or inside one
+                raise ValueError(
+                    f"target {entry!r} matches {matched[:5]}, which are already adapted; give each module one adapter "
+                    f"(remove {entry!r} from target_modules)"
+                )
             if hits:
                 kinds = sorted({type(modules[n]).__name__ for n in hits})
                 inner = [n for n in modules if n.startswith(hits[0] + ".") and spec.supports(modules[n])][:5]
@@ -140,6 +155,11 @@ def resolve_targets(model: nn.Module, spec: AdapterSpec, protected: Sequence[str
                 f"Nearest module names: {_nearest_names(entry, list(modules))}"
             )
     if not supported:
+        if spec.exclude_modules and not chosen and before_exclusion:
+            raise ValueError(
+                f"{type(spec).__name__}(target_modules={targets!r}) matches {before_exclusion[:5]}, but exclude_modules "
+                f"{spec.exclude_modules} removed every match; narrow exclude_modules or widen target_modules"
+            )
         linear = [n for n, m in modules.items() if spec.supports(m)][:8]
         raise ValueError(
             f"{type(spec).__name__}(target_modules={targets!r}) matches no module it can adapt in {type(model).__name__}. "
@@ -174,7 +194,10 @@ def combine_fingerprints(per_module: dict[str, str]) -> str:
 # --------------------------------------------------------------------------------------------
 # Injection
 # --------------------------------------------------------------------------------------------
-def _resolve_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+def _resolve_trainable(model: nn.Module, patterns: Sequence[str] | None) -> list[str]:
+    patterns = check_str_list("trainable_modules", patterns, allow_none=True, allow_empty=True) or []
+    for entry in patterns:
+        check_name_pattern("trainable_modules", entry)
     modules = dict(model.named_modules())
     chosen: list[str] = []
     for entry in patterns:
@@ -203,14 +226,13 @@ def apply_adapter(
     ``"freeze"`` makes them always normalise with the base's statistics (see
     ``lightning_peft.trained_buffers``).
     """
-    if norm_stats not in ("train", "freeze"):
-        raise ValueError(f"norm_stats must be 'train' (update running statistics, keep them) or 'freeze', got {norm_stats!r}")
+    check_choice("norm_stats", norm_stats, ("train", "freeze"))
     specs = [adapter] if isinstance(adapter, AdapterSpec) else list(adapter)
     if not specs or not all(isinstance(s, AdapterSpec) for s in specs):
         raise TypeError(f"adapter must be an AdapterSpec (LoRA, QLoRA, BitFit, ...) or a list of them, got {adapter!r}")
     if getattr(model, RECORD_ATTRIBUTE, None) is not None or any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already has adapters; load or remove them instead of applying twice")
-    trainable = _resolve_trainable(model, list(trainable_modules or []))
+    trainable = _resolve_trainable(model, trainable_modules)
 
     # 1. resolve and validate every target, build every replacement: nothing is changed yet
     claimed: dict[str, AdapterSpec] = {}

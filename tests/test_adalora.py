@@ -41,12 +41,19 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
 
 
+def assert_scaled_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
+    """``|got - want| <= rel * (|want| + max(1, max|want|))``: float32 sums taken in another order
+    (another kernel, a merged weight, peft's code) differ by about eps times the magnitude, so an
+    absolute tolerance flakes on large outputs (1e-5 failed once on logits of magnitude ~21)."""
+    torch.testing.assert_close(got, want, rtol=rel, atol=rel * max(1.0, float(want.detach().abs().max())))
+
+
 def test_layer_starts_at_base_merges_and_counts_effective_parameters():
     model = mlp()
     x = torch.randn(5, 8)
     ref = model(x)
     report = apply_adapter(model, AdaLoRA(init_rank=4, target_rank=2, target_modules=["0", "2"], total_steps=10))
-    assert torch.allclose(model(x), ref)
+    assert_scaled_close(model(x), ref)
     layers = adalora_layers(model)
     assert report.trainable == 4 * (8 + 16 + 1) + 4 * (16 + 16 + 1)
     with torch.no_grad():
@@ -59,9 +66,9 @@ def test_layer_starts_at_base_merges_and_counts_effective_parameters():
     assert not torch.allclose(out, ref)
     with torch.no_grad():
         merge_adapter(model)
-        assert torch.allclose(model(x), out, atol=1e-6)
+        assert_scaled_close(model(x), out)
         unmerge_adapter(model)
-        assert torch.allclose(model(x), out, atol=1e-6)
+        assert_scaled_close(model(x), out)
     assert torch.equal(model[0].base_layer.weight, mlp()[0].weight)
 
 
@@ -159,7 +166,7 @@ def test_export_import_keeps_masks(tmp_path):
     fresh = mlp()
     load_adapter(fresh, tmp_path / "a")
     assert fresh[2].rank == 2 and fresh[0].rank == 4
-    assert torch.allclose(fresh(x), want, atol=1e-6)
+    assert_scaled_close(fresh(x), want)
     assert isinstance(fresh[0], AdaLoRALinear)
 
 

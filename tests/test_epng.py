@@ -63,7 +63,7 @@ def test_plan_budget_invariant_random(seed):
 
 
 def test_orthogonal_rows_are_orthogonal_and_deterministic():
-    existing = torch.randn(5, 16, dtype=torch.float64)
+    existing = torch.randn(5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     a = orthogonal_rows(existing, 4, slot_generator(0, 3, 1))
     b = orthogonal_rows(existing, 4, slot_generator(0, 3, 1))
     assert torch.equal(a, b)
@@ -101,13 +101,15 @@ def test_growth_preserves_outputs_rows_orthogonal_and_fresh_moments():
     assert new_slots == [2, 3, 4] and layer.ranks[1] == 5
     with torch.no_grad():
         after = module(batch["input_ids"]).logits
-    assert (after - before).abs().max() < 1e-5  # function preserved at the moment of growth
+    # function preserved at the moment of growth (tolerance scaled to the logits' magnitude)
+    assert (after - before).abs().max() < 1e-5 * max(1.0, float(before.abs().max()))
     for p in layer.shapes:
         a = layer.lora_A[p][1].detach()
         assert torch.equal(a[:2], old_a[p])
-        assert (a[2:5] @ a[:2].t()).abs().max() < 1e-5  # grown rows orthogonal to the existing ones
+        scale = max(1.0, float(a.norm(dim=1).max()) ** 2)  # dot products scale with the rows' norms
+        assert (a[2:5] @ a[:2].t()).abs().max() < 1e-5 * scale  # grown rows orthogonal to the existing ones
         gram = a[2:5] @ a[2:5].t()
-        assert (gram - torch.diag(torch.diagonal(gram))).abs().max() < 1e-5  # and to each other
+        assert (gram - torch.diag(torch.diagonal(gram))).abs().max() < 1e-5 * scale  # and to each other
         assert layer.lora_B[p][1][:, 2:5].abs().max() == 0
         for key in ("exp_avg", "exp_avg_sq"):
             for param in (layer.lora_A[p], layer.lora_B[p]):

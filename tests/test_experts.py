@@ -117,6 +117,13 @@ def ids_batch(seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
+def assert_scaled_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
+    """``|got - want| <= rel * (|want| + max(1, max|want|))``: float32 sums taken in another order
+    (another kernel, a merged weight, peft's code) differ by about eps times the magnitude, so an
+    absolute tolerance flakes on large outputs (1e-5 failed once on logits of magnitude ~21)."""
+    torch.testing.assert_close(got, want, rtol=rel, atol=rel * max(1.0, float(want.detach().abs().max())))
+
+
 @torch.no_grad()
 def randomize(model: nn.Module, seed: int = 3) -> None:
     """Give every expert adapter non-zero B (and distinct ranks, one pruned expert)."""
@@ -136,7 +143,7 @@ def test_starts_equal_to_base_and_counts_effective_parameters(kind):
     x = ids_batch()
     ref = logits(model, x)
     report = apply_adapter(model, ExpertLoRA(rank=2, max_rank=4))
-    assert torch.allclose(logits(model, x), ref, atol=1e-5)
+    assert_scaled_close(logits(model, x), ref)
     layers = expert_layers(model)
     assert len(layers) == 2
     expected = sum(layer.num_experts * 2 * layer.slot_cost() for layer in layers.values())
@@ -183,7 +190,7 @@ def test_fused_layer_matches_dense_reference_values_and_gradients(kind):
     weights = torch.rand(20, 2)
     out = layer(hidden, idx, weights)
     ref = _reference_fused(layer, hidden, idx, weights)
-    assert torch.allclose(out, ref, atol=1e-5)
+    assert_scaled_close(out, ref)
     grad = torch.randn_like(out)
     params = [hidden, *layer.lora_A.values(), *layer.lora_B.values()]
     got = torch.autograd.grad(out, params, grad)
@@ -216,7 +223,7 @@ def test_module_list_experts_train_only_on_routed_tokens():
     apply_adapter(model, ExpertLoRA(rank=2, max_rank=3))
     layer = model.blocks[0].experts
     assert isinstance(layer, ModuleListExpertsLoRA) and len(layer) == 4 and isinstance(layer[1], Expert)
-    assert torch.allclose(logits(model, x), ref, atol=1e-6)
+    assert_scaled_close(logits(model, x), ref)
     randomize(model)
     # expert 2 receives no token at all: its factors get no gradient, every routed one does
     def never_two(module, args, out):
@@ -307,7 +314,7 @@ def test_export_import_keeps_per_expert_ranks_including_zero(kind, tmp_path):
     load_adapter(fresh, tmp_path / "adapter")
     assert {n: l.ranks for n, l in expert_layers(fresh).items()} == ranks
     with torch.no_grad():
-        assert torch.allclose(logits(fresh, x), want, atol=1e-5)
+        assert_scaled_close(logits(fresh, x), want)
 
 
 def test_our_format_when_peft_cannot_represent_it(tmp_path):
@@ -325,7 +332,7 @@ def test_our_format_when_peft_cannot_represent_it(tmp_path):
     load_adapter(fresh, tmp_path / "ours")
     assert [l.ranks for l in expert_layers(fresh).values()] == [l.ranks for l in expert_layers(model).values()]
     with torch.no_grad():
-        assert torch.allclose(logits(fresh, x), want, atol=1e-6)
+        assert_scaled_close(logits(fresh, x), want)
 
 
 @pytest.mark.parametrize("kind", ["olmoe", "mixtral", "list"])
@@ -335,10 +342,11 @@ def test_peft_loads_the_export_with_the_same_outputs(kind, tmp_path):
     targets = ["head"] if kind == "list" else ["q_proj", "v_proj"]
     apply_adapter(model, [ExpertLoRA(rank=2, max_rank=4), LoRA(rank=3, alpha=6.0, target_modules=targets)])
     randomize(model)
+    g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n and p.ndim == 2:
-                p.normal_(std=0.2)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     x = ids_batch()
     with torch.no_grad():
         want = logits(model, x)
@@ -348,7 +356,7 @@ def test_peft_loads_the_export_with_the_same_outputs(kind, tmp_path):
         peft_model = peft.PeftModel.from_pretrained(make(kind), str(tmp_path / "adapter"))
     with torch.no_grad():
         got = logits(peft_model, x)
-    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert_scaled_close(got, want, rel=1e-4)  # peft's own code: another summation order
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,7 +447,7 @@ def test_loop_fallback_equals_grouped_mm(monkeypatch):
     monkeypatch.setattr(experts, "_gmm_usable", lambda kind, t: False)
     loop = logits(model, x)
     loop.square().mean().backward()
-    assert torch.allclose(loop, out, atol=1e-5)
+    assert_scaled_close(loop, out)
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
@@ -457,10 +465,10 @@ def test_torch_compile_one_graph_no_recompile_on_rank_change():
     compiled = torch.compile(model, backend=backend)
     got = compiled(x).logits
     got.sum().backward()
-    assert torch.allclose(got, want, atol=1e-6)
+    assert_scaled_close(got, want)
     assert backend.frame_count == 1  # no graph break (custom autograd node, opaque loop ops)
     for layer in expert_layers(model).values():
         layer.set_ranks([4, 0, 2, 3])  # static shapes: a rank change is a buffer write, not a new graph
     again = compiled(x).logits
     assert backend.frame_count == 1
-    assert torch.allclose(again, logits(model, x), atol=1e-6)
+    assert_scaled_close(again, logits(model, x))

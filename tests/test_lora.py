@@ -145,11 +145,11 @@ def test_merge_unmerge_exact_and_without_copy():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"rank": 0}, "rank must be > 0"),
-        ({"rank": -2}, "rank must be > 0"),
-        ({"rank": 2.5}, "rank must be a int"),
-        ({"alpha": 0}, "alpha must be > 0"),
-        ({"dropout": 1.0}, "dropout must be in"),
+        ({"rank": 0}, "rank must be an int >= 1"),
+        ({"rank": -2}, "rank must be an int >= 1"),
+        ({"rank": 2.5}, "rank must be an int"),
+        ({"alpha": 0}, "alpha must be a finite number > 0"),
+        ({"dropout": 1.0}, "dropout must be a number in"),
         ({"init": "orthogonal"}, "init must be"),
         ({"target_modules": []}, "empty list"),
         ({"rank_pattern": {"q": 0}}, "rank_pattern"),

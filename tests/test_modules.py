@@ -152,7 +152,8 @@ def test_text_mean_pooling_ignores_padding():
     ids = torch.randint(1000, 2000, (1, 6))
     padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
     mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 4)], dim=1).long()
-    torch.testing.assert_close(model(ids), model(padded, mask), atol=1e-5, rtol=1e-5)
+    ref = model(ids)  # padding changes the attention sums' order: tolerance scaled to the logits
+    torch.testing.assert_close(model(padded, mask), ref, atol=1e-5 * max(1.0, float(ref.abs().max())), rtol=1e-5)
 
 
 def test_text_encoder_dropout_override():
@@ -160,7 +161,7 @@ def test_text_encoder_dropout_override():
     probs = {m.p for m in model.encoder.modules() if isinstance(m, torch.nn.Dropout)}
     assert probs == {0.0}
     # with no dropout left, train mode is deterministic
-    ids = torch.randint(1000, 2000, (2, 8))
+    ids = torch.randint(1000, 2000, (2, 8), generator=torch.Generator().manual_seed(0))
     model.train()
     torch.testing.assert_close(model(ids), model(ids))
     default = TextClassifier(config=TINY_BERT)

@@ -167,7 +167,7 @@ def test_clipped_loss_matches_hand_computation(task: str):
 
 def test_observation_normaliser_running_statistics():
     model = PPO("Acrobot-v1")
-    data = torch.randn(300, 6) * torch.arange(1, 7) + 3.0
+    data = torch.randn(300, 6, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 7) + 3.0
     for chunk in data.split(70):
         model.normalize(chunk, update=True)
     torch.testing.assert_close(model.obs_norm.mean, data.mean(0), rtol=1e-3, atol=1e-3)
@@ -319,7 +319,7 @@ def test_lora_adaptation_freezes_the_base_and_keeps_obs_statistics(tmp_path: Pat
     from lightning_peft import AdapterCallback
 
     base = PPO("CartPole-v1", normalize_observations=True)
-    base.normalize(torch.randn(64, 4) * 2 + 1, update=True)
+    base.normalize(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)) * 2 + 1, update=True)
     base_file = base.save_policy(tmp_path / "base.safetensors")
     model = PPO("CartPole-v1/long-pole", base_checkpoint=str(base_file), normalize_observations=True)
     assert model.update_obs_norm is False  # adapting: the base's statistics stay
@@ -374,7 +374,13 @@ def test_policy_library_add_activate_merge_report(tmp_path: Path, base_file: Pat
         layers_before = layers
     live = lib.activate(tasks[0], merge=True)
     assert lib.merged and all(m.merged for m in live.modules() if isinstance(m, AdapterLayer))
-    torch.testing.assert_close(outputs(live), outputs(trained[tasks[0]]), rtol=1e-5, atol=1e-5)
+    want = outputs(trained[tasks[0]])  # merged weights: another summation order, tolerance scaled to the outputs
+
+    def leaves(x):
+        return [x] if isinstance(x, torch.Tensor) else [t for item in x for t in leaves(item)]
+
+    scale = max(1.0, *(float(t.abs().max()) for t in leaves(want)))
+    torch.testing.assert_close(outputs(live), want, rtol=1e-5, atol=1e-5 * scale)
     live = lib.activate(tasks[1])  # unmerges first
     torch.testing.assert_close(outputs(live), outputs(trained[tasks[1]]))
     plain = PPO.from_policy_file(base_file)

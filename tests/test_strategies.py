@@ -189,12 +189,13 @@ def test_fsdp2_adapter_strategy(tmp_path: Path) -> None:
     single.eval()
     x = probe_input()
     with torch.no_grad():
-        torch.testing.assert_close(single(x), sharded["logits"], atol=1e-5, rtol=1e-5)
+        ref = sharded["logits"]  # tolerance scaled to the logits' magnitude (sums run in another order)
+        torch.testing.assert_close(single(x), ref, atol=1e-5 * max(1.0, float(ref.abs().max())), rtol=1e-5)
     # so does the export written at fit end (gathered from the shards)
     torch.manual_seed(0)
     exported = load_adapter(Classifier().eval(), tmp_path / "export")
     with torch.no_grad():
-        torch.testing.assert_close(exported(x), sharded["logits"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(exported(x), ref, atol=1e-5 * max(1.0, float(ref.abs().max())), rtol=1e-5)
 
     # the optimizer state is a plain torch.optim state dict over the trainable parameters
     optimizer = torch.optim.AdamW([p for p in single.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
@@ -228,4 +229,5 @@ def test_fsdp2_qlora_keeps_quantized_weights_whole(tmp_path: Path) -> None:
     apply_adapter(single, QLoRA(rank=4, alpha=8, target_modules=["fc1", "fc2"], compute_dtype="float32"), trainable_modules=["model.head"])
     single.load_state_dict(checkpoint["state_dict"], strict=False)
     with torch.no_grad():  # train mode, as in the script (bitsandbytes' CPU eval path repacks weights)
-        torch.testing.assert_close(single(probe_input()), torch.load(tmp_path / "logits.pt"), atol=1e-5, rtol=1e-5)
+        ref = torch.load(tmp_path / "logits.pt")
+        torch.testing.assert_close(single(probe_input()), ref, atol=1e-5 * max(1.0, float(ref.abs().max())), rtol=1e-5)

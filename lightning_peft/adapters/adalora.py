@@ -43,6 +43,12 @@ from lightning_peft.adapters.base import (
 )
 from lightning_peft.adapters.lora import lora_forward
 from lightning_peft.adapters.rank_ops import drop_slots, effective_parameters, masked
+from lightning_peft.validation import (
+    InvalidArgumentError,
+    check_bool,
+    check_float,
+    check_int,
+)
 
 #: training forwards without an allocator update before AdaLoRA warns that ranks never change
 UNDRIVEN_FORWARDS = 200
@@ -187,18 +193,24 @@ class AdaLoRA(AdapterSpec):
         check_positive("alpha", alpha, float)
         check_positive("interval", interval, int)
         if target_rank > init_rank:
-            raise ValueError(f"target_rank={target_rank} exceeds init_rank={init_rank}: AdaLoRA only prunes")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        for name, value in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if init_warmup < 0 or final_warmup < 0 or orth_reg_weight < 0:
-            raise ValueError("init_warmup, final_warmup and orth_reg_weight must be >= 0")
+            raise InvalidArgumentError(
+                "target_rank", f"target_rank={target_rank} exceeds init_rank={init_rank}: AdaLoRA only prunes; use target_rank <= init_rank"
+            )
+        check_float("dropout", dropout, 0.0, 1.0, high_open=True)
+        check_float("beta1", beta1, 0.0, 1.0, high_open=True)
+        check_float("beta2", beta2, 0.0, 1.0, high_open=True)
+        check_int("init_warmup", init_warmup, low=0)
+        check_int("final_warmup", final_warmup, low=0)
+        check_float("orth_reg_weight", orth_reg_weight, low=0.0)
+        check_bool("recompute_input", recompute_input)
         if total_steps is not None:
             check_positive("total_steps", total_steps, int)
             if init_warmup + final_warmup >= total_steps:
-                raise ValueError(f"init_warmup + final_warmup ({init_warmup + final_warmup}) must be < total_steps ({total_steps})")
+                raise InvalidArgumentError(
+                    "total_steps",
+                    f"init_warmup + final_warmup ({init_warmup + final_warmup}) must be < total_steps ({total_steps}): "
+                    "shorten the warmups or raise total_steps",
+                )
         self.init_rank, self.target_rank, self.alpha, self.dropout = init_rank, target_rank, float(alpha), float(dropout)
         self.init_warmup, self.final_warmup, self.interval = init_warmup, final_warmup, interval
         self.beta1, self.beta2, self.orth_reg_weight = float(beta1), float(beta2), float(orth_reg_weight)

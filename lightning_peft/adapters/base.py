@@ -15,6 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_peft.validation import (  # noqa: F401  (check_positive: re-exported for the spec files)
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    check_name_pattern,
+    check_positive,
+    check_regex,
+    check_str,
+    check_str_list,
+)
+
 
 def name_matches(name: str, entry: str) -> bool:
     """``entry`` matches the dotted module ``name`` if equal to it or to a dotted suffix of it;
@@ -26,6 +36,28 @@ def name_matches(name: str, entry: str) -> bool:
 
 def first_match(name: str, entries: Iterable[str]) -> str | None:
     return next((entry for entry in entries if name_matches(name, entry)), None)
+
+
+def check_targets(name: str, targets: object) -> None:
+    """``target_modules``: ``None``, ``"all-linear"``, one regular expression (a string), or a
+    non-empty list of names / ``"re:"`` expressions; every expression must compile."""
+    if targets is None:
+        return
+    if isinstance(targets, str):
+        if not targets.strip():
+            raise InvalidArgumentError(name, f"{name} must not be an empty string (got {targets!r}): use 'all-linear', a regular expression, or a list of module names")
+        if targets != "all-linear":
+            check_regex(name, targets.removeprefix("re:"), repr(targets))
+        return
+    if not isinstance(targets, (list, tuple)):
+        raise InvalidArgumentTypeError(
+            name, f"{name} must be 'all-linear', a regular expression (str) or a list of module names, got {targets!r} ({type(targets).__name__})"
+        )
+    if len(targets) == 0:
+        raise InvalidArgumentError(name, f"{name} must not be an empty list: name at least one module, or use 'all-linear'")
+    check_str_list(name, targets)
+    for entry in targets:
+        check_name_pattern(name, entry)
 
 
 class AdapterSpec:
@@ -53,10 +85,13 @@ class AdapterSpec:
         exclude_modules: list[str] | None = None,
         module_path: str | None = None,
     ) -> None:
-        if isinstance(target_modules, (list, tuple)) and len(target_modules) == 0:
-            raise ValueError("target_modules is an empty list: name at least one module, or use 'all-linear'")
-        self.target_modules = list(target_modules) if isinstance(target_modules, tuple) else target_modules
-        self.exclude_modules = list(exclude_modules or [])
+        check_targets("target_modules", target_modules)
+        exclude = check_str_list("exclude_modules", exclude_modules, allow_none=True, allow_empty=True)
+        for entry in exclude or []:
+            check_name_pattern("exclude_modules", entry)
+        check_str("module_path", module_path, allow_none=True)
+        self.target_modules = list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
+        self.exclude_modules = list(exclude or [])
         self.module_path = module_path
 
     # --- selection -----------------------------------------------------------------------
@@ -148,13 +183,6 @@ class AdapterLayer(nn.Module):
         """Inverse of ``peft_state_dict``: ``adapter_state_dict`` keys from peft-layout tensors
         and this layer's saved metadata ``entry`` (what ``peft_metadata`` returned)."""
         return tensors
-
-
-def check_positive(name: str, value: float, kind: type = int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise TypeError(f"{name} must be a {kind.__name__}, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
 @torch.no_grad()

@@ -61,6 +61,12 @@ from lightning_peft.adapters.rank_ops import (
     write_rows,
     zero_slots,
 )
+from lightning_peft.validation import (
+    InvalidArgumentError,
+    check_bool,
+    check_choice,
+    check_str_list,
+)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -811,11 +817,15 @@ class ExpertLoRA(AdapterSpec):
         if max_rank is not None:
             check_positive("max_rank", max_rank, int)
             if max_rank < rank:
-                raise ValueError(f"max_rank={max_rank} is below rank={rank}; use max_rank >= rank (e.g. 2 * rank for EPnG)")
-        if init not in ("kaiming", "gaussian"):
-            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
-        if projections is not None and len(projections) == 0:
-            raise ValueError("projections is an empty list: name at least one expert matrix, or leave it None for all")
+                raise InvalidArgumentError(
+                    "max_rank", f"max_rank={max_rank} is below rank={rank}; use max_rank >= rank (e.g. 2 * rank for EPnG)"
+                )
+        check_choice("init", init, ("kaiming", "gaussian"))
+        if projections is not None and isinstance(projections, (list, tuple)) and len(projections) == 0:
+            raise InvalidArgumentError("projections", "projections must not be an empty list: name at least one expert matrix, or use None for all of them")
+        check_str_list("projections", projections, allow_none=True)
+        check_bool("use_rslora", use_rslora)
+        check_bool("recompute_input", recompute_input)
         self.rank, self.alpha, self.max_rank = rank, float(alpha), max_rank
         self.projections = None if projections is None else list(projections)
         self.use_rslora, self.init, self.recompute_input = use_rslora, init, recompute_input

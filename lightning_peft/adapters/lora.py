@@ -39,6 +39,13 @@ from lightning_peft.adapters.base import (
     first_match,
     restore_weight,
 )
+from lightning_peft.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_mapping,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,14 +412,12 @@ class LoRA(AdapterSpec):
         super().__init__(target_modules, exclude_modules, module_path)
         check_positive("rank", rank, int)
         check_positive("alpha", alpha, float)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if init not in ("kaiming", "gaussian"):
-            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
-        for pattern, value in (rank_pattern or {}).items():
-            check_positive(f"rank_pattern[{pattern!r}]", value, int)
-        for pattern, value in (alpha_pattern or {}).items():
-            check_positive(f"alpha_pattern[{pattern!r}]", value, float)
+        check_float("dropout", dropout, 0.0, 1.0, high_open=True)
+        check_bool("use_rslora", use_rslora)
+        check_choice("init", init, ("kaiming", "gaussian"))
+        check_mapping("rank_pattern", rank_pattern, lambda key, v: check_int(key, v, low=1))
+        check_mapping("alpha_pattern", alpha_pattern, lambda key, v: check_float(key, v, low=0.0, low_open=True))
+        check_bool("recompute_input", recompute_input)
         self.rank, self.alpha, self.dropout, self.use_rslora, self.init = rank, float(alpha), float(dropout), use_rslora, init
         self.rank_pattern = dict(rank_pattern or {})
         self.alpha_pattern = {k: float(v) for k, v in (alpha_pattern or {}).items()}

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightning_peft.adapters.lora import LoRA, LoRALinear
+from lightning_peft.validation import check_bool, check_choice
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,12 +62,10 @@ class QLoRA(LoRA):
         super().__init__(
             rank, alpha, target_modules, exclude_modules, module_path, dropout, use_rslora, init, rank_pattern, alpha_pattern, recompute_input
         )
-        if quant_type not in ("nf4", "fp4", "int8"):
-            raise ValueError(f"quant_type must be 'nf4', 'fp4' or 'int8', got {quant_type!r}")
-        if compute_dtype not in _DTYPES:
-            raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {compute_dtype!r}")
-        if quant_storage not in ("uint8", *_DTYPES):
-            raise ValueError(f"quant_storage must be 'uint8' or one of {sorted(_DTYPES)}, got {quant_storage!r}")
+        check_choice("quant_type", quant_type, ("nf4", "fp4", "int8"))
+        check_choice("compute_dtype", compute_dtype, tuple(_DTYPES))
+        check_bool("double_quant", double_quant)
+        check_choice("quant_storage", quant_storage, ("uint8", *_DTYPES))
         self.quant_type, self.compute_dtype, self.double_quant, self.quant_storage = quant_type, compute_dtype, double_quant, quant_storage
 
     def supports(self, module: nn.Module) -> bool:

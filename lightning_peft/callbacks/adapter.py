@@ -35,6 +35,14 @@ from lightning_peft.targeting import (
     trainable_state_keys,
 )
 from lightning_peft.trained_buffers import NormStats
+from lightning_peft.validation import (
+    InvalidArgumentTypeError,
+    check_bool,
+    check_choice,
+    check_name_pattern,
+    check_str,
+    check_str_list,
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -97,15 +105,26 @@ class AdapterCallback(Callback):
     ) -> None:
         specs = adapter if isinstance(adapter, (list, tuple)) else [adapter]
         if not specs or not all(isinstance(s, AdapterSpec) for s in specs):
-            raise TypeError(f"adapter must be an AdapterSpec (LoRA, QLoRA, BitFit, ...) or a list of them, got {adapter!r}")
+            raise InvalidArgumentTypeError(
+                "adapter", f"adapter must be an AdapterSpec (LoRA, QLoRA, BitFit, ...) or a non-empty list of them, got {adapter!r}"
+            )
         self.adapter = list(specs)
-        self.trainable_modules = list(trainable_modules or [])
+        trainable = check_str_list("trainable_modules", trainable_modules, allow_none=True, allow_empty=True)
+        for entry in trainable or []:
+            check_name_pattern("trainable_modules", entry)
+        check_str("export_dir", export_dir, allow_none=True)
+        check_choice("export_weights", export_weights, ("best", "last"))
+        for flag, value in (
+            ("merge_on_fit_end", merge_on_fit_end),
+            ("check_gradients", check_gradients),
+            ("adapter_only_checkpoints", adapter_only_checkpoints),
+            ("atomic_checkpoints", atomic_checkpoints),
+        ):
+            check_bool(flag, value)
+        self.trainable_modules = list(trainable or [])
         self.export_dir = export_dir
-        if export_weights not in ("best", "last"):
-            raise ValueError(f"export_weights must be 'best' or 'last', got {export_weights!r}")
         self.export_weights = export_weights
-        if norm_stats not in ("train", "freeze"):
-            raise ValueError(f"norm_stats must be 'train' (update running statistics, keep them) or 'freeze', got {norm_stats!r}")
+        check_choice("norm_stats", norm_stats, ("train", "freeze"))
         self.norm_stats = norm_stats
         self.merge_on_fit_end = merge_on_fit_end
         self.check_gradients = check_gradients

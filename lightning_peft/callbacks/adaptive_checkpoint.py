@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import math
+import numbers
 import time
 from collections import deque
 from collections.abc import Callable
@@ -56,6 +57,16 @@ from lightning_peft.memory import (
     find_blocks,
     format_bytes,
     parse_bytes,
+)
+from lightning_peft.validation import (
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_str,
+    check_str_list,
 )
 
 __all__ = ["AdaptiveCheckpointCallback"]
@@ -115,13 +126,69 @@ def _dominates(big: list[list[int]], small: list[list[int]]) -> bool:
     return all(len(a) == len(b) and all(x >= y for x, y in zip(a, b)) for a, b in zip(big, small))
 
 
+_BUDGET_FORMS = (
+    "bytes (an int >= 1 or a string with a unit: '2GiB', '512MB'), a fraction of device memory "
+    "(a float in (0, 1], e.g. 0.5, or the same as a string, '0.5'), or a percentage string ('40%')"
+)
+
+
+def parse_budget(budget: int | float | str | None) -> tuple[Literal["bytes", "fraction"], float] | None:
+    """``("bytes", n)`` or ``("fraction", f)`` for a budget, ``None`` for none. Accepted: an int
+    (bytes), a float in ``(0, 1]`` (fraction of device memory) or ``>= 1024`` (bytes), a string
+    with a unit (``"2GiB"``), a percentage (``"40%"``), or a unit-less number string read as
+    the number it spells (``"0.5"``: a fraction, as the float; ``"1e9"``: bytes). NaN and infinities are refused."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (numbers.Real, str)):
+        raise InvalidArgumentTypeError("budget", f"budget must be {_BUDGET_FORMS}; got {budget!r} ({type(budget).__name__})")
+    if isinstance(budget, numbers.Real) and not isinstance(budget, str):  # numpy scalars too
+        budget = int(budget) if isinstance(budget, numbers.Integral) else float(budget)
+    if isinstance(budget, str):
+        text = budget.strip()
+        if text.endswith("%"):
+            try:
+                percent = float(text[:-1])
+            except ValueError:
+                percent = math.nan
+            if not 0 < percent <= 100:  # False for NaN too
+                raise InvalidArgumentError("budget", f"a percentage budget must be in (0, 100]%, got {budget!r}; budget must be {_BUDGET_FORMS}")
+            return "fraction", percent / 100.0
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+        if number is not None and not math.isfinite(number):
+            raise InvalidArgumentError("budget", f"budget must be {_BUDGET_FORMS}; got {budget!r}")
+        if number is not None and 0 < number <= 1 and not text.isdigit():  # "0.5", "1.0": as the float
+            return "fraction", number
+        try:
+            size = parse_bytes(text)
+        except ValueError:
+            raise InvalidArgumentError("budget", f"budget must be {_BUDGET_FORMS}; cannot read {budget!r}") from None
+        if not size >= 1:
+            raise InvalidArgumentError("budget", f"got budget={budget!r}, not a positive size; budget must be {_BUDGET_FORMS}")
+        return "bytes", float(size)
+    if isinstance(budget, float):
+        if math.isfinite(budget) and 0.0 < budget <= 1.0:
+            return "fraction", budget
+        if math.isfinite(budget) and budget >= 1024:
+            return "bytes", float(int(budget))
+        raise InvalidArgumentError(
+            "budget", f"got budget={budget!r}: a float budget is a fraction of the device's total memory in (0, 1]; budget must be {_BUDGET_FORMS}"
+        )
+    if budget < 1:
+        raise InvalidArgumentError("budget", f"got budget={budget!r}, not a positive size; budget must be {_BUDGET_FORMS}")
+    return "bytes", float(budget)
+
+
 class AdaptiveCheckpointCallback(Callback):
     """Checkpoint (or offload) the fewest, cheapest blocks that keep the peak under a budget.
 
     Args:
         budget: the memory budget: bytes (``int``), a fraction of the device's total memory
             (``float`` in ``(0, 1]``, needs a source that knows the total, e.g. CUDA), or a string
-            (``"2GiB"``, ``"512MB"``, ``"40%"``). With the saved-activation meter (CPU) the
+            (``"2GiB"``, ``"512MB"``, ``"40%"``, or a fraction written as a string, ``"0.5"``).
+            NaN, infinities and non-positive sizes are refused (see ``parse_budget``). With the saved-activation meter (CPU) the
             budget is in activation bytes. Required for ``mode="adaptive"``.
         mode: ``"adaptive"`` (plan for the budget) or a static plan for comparison: ``"none"``,
             ``"all"``, ``"every_k"`` (blocks ``0, k, 2k, ...``), ``"first_k"`` (blocks ``0..k-1``).
@@ -147,7 +214,7 @@ class AdaptiveCheckpointCallback(Callback):
             this (sticky: relaxing never undoes it).
         use_reentrant: use reentrant checkpointing (refused with a frozen base, see below).
         log_every_n_steps: log the per-step metrics every this many steps (through the trainer's
-            loggers, as ``adaptive_ckpt/*``).
+            loggers, as ``adaptive_ckpt/*``); ``0``: never.
         verbose: print plan changes (rank zero).
 
     Attributes:
@@ -176,38 +243,31 @@ class AdaptiveCheckpointCallback(Callback):
         log_every_n_steps: int = 1,
         verbose: bool = True,
     ) -> None:
-        if isinstance(budget, bool):
-            raise TypeError("budget must be bytes (int), a fraction of device memory (float) or a string like '2GiB'")
-        if isinstance(budget, float) and not (0.0 < budget <= 1.0) and budget < 1024:
-            raise ValueError(
-                f"a float budget is a fraction of the device's total memory and must be in (0, 1], got {budget}; "
-                "pass bytes as an int or a string such as '2GiB'"
-            )
-        if isinstance(budget, int) and budget <= 0:
-            raise ValueError(f"budget must be positive bytes, got {budget}")
-        if isinstance(budget, str):
-            self._check_budget_string(budget)
-        if mode not in ("adaptive", "none", "all", "every_k", "first_k"):
-            raise ValueError(f"mode must be adaptive, none, all, every_k or first_k, got {mode!r}")
+        self._budget_value = parse_budget(budget)
+        check_choice("mode", mode, ("adaptive", "none", "all", "every_k", "first_k"))
         if mode == "adaptive" and budget is None:
-            raise ValueError("mode='adaptive' needs a budget, e.g. budget='8GiB' or budget=0.5 (of device memory)")
-        if k < (1 if mode == "every_k" else 0):
-            raise ValueError(f"k must be >= {1 if mode == 'every_k' else 0} for mode={mode!r}, got {k}")
-        if not 0.0 <= headroom < 1.0:
-            raise ValueError(f"headroom must be in [0, 1), got {headroom}")
-        if not 0.0 <= hysteresis < 1.0:
-            raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis}")
-        if relax_after < 1:
-            raise ValueError(f"relax_after must be >= 1, got {relax_after}")
-        if shape_bucket is not None and shape_bucket < 1:
-            raise ValueError(f"shape_bucket must be a positive integer or None, got {shape_bucket}")
-        if not 0.0 < oom_backoff < 1.0:
-            raise ValueError(f"oom_backoff must be in (0, 1), got {oom_backoff}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        if not (memory_source in ("auto", "cuda", "saved_tensors") or isinstance(memory_source, MemorySource)):
-            raise TypeError(
-                f"memory_source must be 'auto', 'cuda', 'saved_tensors' or a MemorySource, got {memory_source!r}"
+            raise InvalidArgumentError("budget", "mode='adaptive' needs a budget, e.g. budget='8GiB' or budget=0.5 (of device memory)")
+        check_int("k", k, low=1 if mode == "every_k" else 0)
+        if blocks is not None and not isinstance(blocks, str):
+            check_str_list("blocks", blocks)
+        elif isinstance(blocks, str):
+            check_str("blocks", blocks)
+        check_float("headroom", headroom, 0.0, 1.0, high_open=True)
+        check_float("hysteresis", hysteresis, 0.0, 1.0, high_open=True)
+        check_int("relax_after", relax_after, low=1)
+        check_int("shape_bucket", shape_bucket, low=1, allow_none=True)
+        check_choice("cost", cost, ("auto", "flops", "time"))
+        if selective != "auto":
+            check_bool("selective", selective)
+        check_bool("offload", offload)
+        check_int("max_retries", max_retries, low=0)
+        check_float("oom_backoff", oom_backoff, 0.0, 1.0, low_open=True, high_open=True)
+        check_bool("use_reentrant", use_reentrant)
+        check_int("log_every_n_steps", log_every_n_steps, low=0)  # 0: never
+        check_bool("verbose", verbose)
+        if not (isinstance(memory_source, MemorySource) or (isinstance(memory_source, str) and memory_source in ("auto", "cuda", "saved_tensors"))):
+            raise InvalidArgumentTypeError(
+                "memory_source", f"memory_source must be 'auto', 'cuda', 'saved_tensors' or a MemorySource, got {memory_source!r}"
             )
         self.budget = budget
         self.mode = mode
@@ -249,17 +309,6 @@ class AdaptiveCheckpointCallback(Callback):
         self._step_t0 = 0.0
         self._aux_meter: SavedTensorMeter | None = None
         self._warned_floor = False
-
-    @staticmethod
-    def _check_budget_string(budget: str) -> None:
-        text = budget.strip()
-        if text.endswith("%"):
-            value = float(text[:-1])
-            if not 0 < value <= 100:
-                raise ValueError(f"a percentage budget must be in (0, 100]%, got {budget!r}")
-        else:
-            if parse_bytes(text) <= 0:
-                raise ValueError(f"budget {budget!r} is not a positive size")
 
     # ------------------------------------------------------------------------------------------
     # public read-outs
@@ -377,24 +426,17 @@ class AdaptiveCheckpointCallback(Callback):
         return SavedTensorSource()
 
     def _resolve_budget(self, total: int | None) -> int | None:
-        b = self.budget
-        if b is None:
+        if self._budget_value is None:
             return None
-        fraction = None
-        if isinstance(b, str) and b.strip().endswith("%"):
-            fraction = float(b.strip()[:-1]) / 100.0
-        elif isinstance(b, float) and b <= 1.0:
-            fraction = b
-        if fraction is not None:
+        kind, value = self._budget_value
+        if kind == "fraction":
             if total is None:
                 raise ValueError(
-                    f"budget={b!r} is a fraction of device memory, but the memory source "
+                    f"budget={self.budget!r} is a fraction of device memory, but the memory source "
                     f"({type(self._source).__name__}) knows no device total; give bytes instead, e.g. '64MiB'"
                 )
-            return int(fraction * total)
-        if isinstance(b, str):
-            return parse_bytes(b)
-        return int(b)
+            return int(value * total)
+        return int(value)
 
     @staticmethod
     def _measure_bandwidth(device: torch.device) -> float:

@@ -38,11 +38,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_peft.adapters.experts import ExpertsLoRALayer, expert_layers, find_router, plan_prune_grow, router_logits
 from lightning_peft.adapters.rank_ops import check_budget, effective_parameters, slot_generator
+from lightning_peft.validation import check_bool, check_choice, check_float, check_int, check_str, check_str_list
 
 
 def _fraction(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    check_float(name, value, 0.0, 1.0, high_open=True)
 
 
 class ExpertImportanceCallback(Callback):
@@ -87,14 +87,15 @@ class ExpertImportanceCallback(Callback):
         _fraction("prune_fraction", prune_fraction)
         _fraction("grow_fraction", grow_fraction)
         _fraction("decay", decay)
-        if not 0.0 <= min_active_fraction <= 1.0:
-            raise ValueError(f"min_active_fraction must be in [0, 1], got {min_active_fraction!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        if not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an int >= 1, got {interval!r}")
-        if scope not in ("global", "layer"):
-            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+        check_float("min_active_fraction", min_active_fraction, 0.0, 1.0)
+        check_int("warmup_steps", warmup_steps, low=0)
+        check_int("interval", interval, low=1)
+        check_choice("scope", scope, ("global", "layer"))
+        check_str_list("router_names", router_names, allow_none=True)
+        check_int("seed", seed)
+        check_bool("log_per_expert", log_per_expert)
+        check_str("output_dir", output_dir, allow_none=True)
+        check_bool("heatmap", heatmap)
         self.prune_fraction, self.grow_fraction = float(prune_fraction), float(grow_fraction)
         self.warmup_steps, self.interval, self.decay, self.scope = warmup_steps, interval, float(decay), scope
         self.min_active_fraction = float(min_active_fraction)
@@ -388,8 +389,7 @@ class AdaLoRACallback(Callback):
     """
 
     def __init__(self, total_steps: int | None = None) -> None:
-        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
-            raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
+        check_int("total_steps", total_steps, low=1, allow_none=True)
         self.total_steps = total_steps
         self.allocator: Any = None
         self._loaded: dict[str, Any] | None = None

@@ -51,14 +51,25 @@ def stratified_split(
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}.")
+    from lightning_peft.validation import InvalidArgumentError, check_float
+
+    check_float("val_fraction", val_fraction, 0.0, 1.0, high_open=True)
+    check_float("test_fraction", test_fraction, 0.0, 1.0, high_open=True)
     if val_fraction + test_fraction >= 1.0:
-        raise ValueError(
+        raise InvalidArgumentError(
+            "val_fraction",
             f"val_fraction + test_fraction must be < 1 (got {val_fraction} + {test_fraction}); "
-            "nothing would be left to train on."
+            "nothing would be left to train on.",
         )
+
+
+def _check_loader_args(batch_size: int, eval_batch_size: int | None, seed: int, num_workers: int) -> None:
+    from lightning_peft.validation import check_int
+
+    check_int("batch_size", batch_size, low=1)
+    check_int("eval_batch_size", eval_batch_size, low=1, allow_none=True)
+    check_int("seed", seed)
+    check_int("num_workers", num_workers, low=0)
 
 
 class SplitDataModule(L.LightningDataModule):

@@ -45,6 +45,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_peft.validation import check_bool, check_int, check_str
+
 __all__ = ["RLDataModule", "RolloutDataset", "evaluate_policy", "check_policy_fits_task"]
 
 _REQUIRED = ("rollout_step", "state_value", "normalize", "compute_advantages",
@@ -317,7 +319,7 @@ class RLDataModule(L.LightningDataModule):
         super().__init__()
         from lightning_peft.rl_tasks import get_task
 
-        self.task = get_task(task).name  # unknown task -> ValueError listing registered tasks
+        check_str("task", task)
         for name, value in (
             ("num_envs", num_envs),
             ("rollout_steps", rollout_steps),
@@ -325,8 +327,10 @@ class RLDataModule(L.LightningDataModule):
             ("update_epochs", update_epochs),
             ("episode_window", episode_window),
         ):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            check_int(name, value, low=1)
+        check_int("seed", seed)
+        check_bool("normalize_rewards", normalize_rewards)
+        self.task = get_task(task).name  # unknown task -> ValueError listing registered tasks
         self.save_hyperparameters()
         self.dataset = RolloutDataset(
             self.task,

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_peft.datamodules.base import SplitDataModule, _check_fractions, stratified_split
+from lightning_peft.datamodules.base import SplitDataModule, _check_fractions, _check_loader_args, stratified_split
+from lightning_peft.validation import check_float, check_int, check_str
 
 
 def default_text_model_path() -> str:
@@ -142,12 +143,10 @@ class BBCNewsDataModule(SplitDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {max_length}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        if max_per_class is not None and max_per_class < 1:
-            raise ValueError(f"max_per_class must be positive or None, got {max_per_class}.")
+        check_str("tokenizer_path", tokenizer_path, allow_none=True)
+        check_int("max_length", max_length, low=2)
+        _check_loader_args(batch_size, eval_batch_size, seed, num_workers)
+        check_int("max_per_class", max_per_class, low=1, allow_none=True)
         _check_fractions(val_fraction, test_fraction)
         self.save_hyperparameters()
         self.tokenizer_path = tokenizer_path
@@ -256,14 +255,11 @@ class BBCLanguageModelingDataModule(SplitDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {seq_len}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
-        if max_articles is not None and max_articles < 2:
-            raise ValueError(f"max_articles must be >= 2 or None, got {max_articles}.")
+        check_int("seq_len", seq_len, low=2)
+        check_str("tokenizer_path", tokenizer_path, allow_none=True)
+        _check_loader_args(batch_size, eval_batch_size, seed, num_workers)
+        check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        check_int("max_articles", max_articles, low=2, allow_none=True)
         self.save_hyperparameters()
         self.seq_len = seq_len
         self.tokenizer_path = tokenizer_path

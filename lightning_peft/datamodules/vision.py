@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_peft.datamodules.base import SplitDataModule, _check_fractions, stratified_split
+from lightning_peft.datamodules.base import SplitDataModule, _check_fractions, _check_loader_args, stratified_split
+from lightning_peft.validation import InvalidArgumentError, InvalidArgumentTypeError, check_int
 
 # Statistics of ``load_digits().images / 16`` over all 1,797 images. They are fixed constants
 # (not recomputed per split or per class filter) so that a base pretrained on digits 0-4 and an
@@ -49,19 +50,21 @@ class DigitsDataModule(SplitDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        check_int("image_size", image_size, low=1)
+        _check_loader_args(batch_size, eval_batch_size, seed, num_workers)
         _check_fractions(val_fraction, test_fraction)
         if classes is not None:
+            if isinstance(classes, (str, bytes)) or not isinstance(classes, (list, tuple)):
+                raise InvalidArgumentTypeError("classes", f"classes must be a list of digits 0-9 or None, got {classes!r}")
             if len(classes) < 2:
-                raise ValueError(f"classes needs at least two digits, got {classes}.")
-            bad = [c for c in classes if not 0 <= int(c) <= 9]
+                raise InvalidArgumentError("classes", f"classes must be at least two digits 0-9, got {classes}.")
+            for i, c in enumerate(classes):
+                check_int(f"classes[{i}]", c)
+            bad = [c for c in classes if not 0 <= c <= 9]
             if bad:
-                raise ValueError(f"classes must be digits 0-9; got {bad}.")
+                raise InvalidArgumentError("classes", f"classes must be digits 0-9, got {bad} in {classes}.")
             if len(set(classes)) != len(classes):
-                raise ValueError(f"classes has duplicates: {classes}.")
+                raise InvalidArgumentError("classes", f"classes must be distinct digits, got duplicates: {classes}; list each digit once.")
         self.save_hyperparameters()
         self.image_size = image_size
         self.classes = list(classes) if classes is not None else None

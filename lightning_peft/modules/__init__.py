@@ -37,13 +37,13 @@ __all__ = sorted(
 Schedule = Literal["constant", "linear", "cosine"]
 
 
-def _check_optim_args(lr: float, weight_decay: float, warmup_steps: int) -> None:
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}.")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+def _check_optim_args(lr: float, weight_decay: float, warmup_steps: int, schedule: str = "constant") -> None:
+    from lightning_peft.validation import check_choice, check_float, check_int
+
+    check_float("lr", lr, low=0.0, low_open=True)
+    check_float("weight_decay", weight_decay, low=0.0)
+    check_int("warmup_steps", warmup_steps, low=0)
+    check_choice("schedule", schedule, ("constant", "linear", "cosine"))
 
 
 def configure_adamw(

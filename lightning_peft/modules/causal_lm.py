@@ -10,6 +10,7 @@ import torch
 
 from lightning_peft.modules import Schedule, _check_optim_args, check_datamodule_fits, configure_adamw
 from lightning_peft.modules.text import build_transformers_model
+from lightning_peft.validation import check_mapping, check_str
 
 #: A small Llama (about 0.5M parameters) whose vocabulary matches the byte-level
 #: ``BBCLanguageModelingDataModule`` (256 bytes + BOS + EOS). Layer widths are multiples of 32,
@@ -63,7 +64,9 @@ class CausalLM(L.LightningModule):
         schedule: Schedule = "constant",
     ) -> None:
         super().__init__()
-        _check_optim_args(lr, weight_decay, warmup_steps)
+        check_str("model_path", model_path, allow_none=True)
+        check_mapping("config", config, lambda key, v: v)
+        _check_optim_args(lr, weight_decay, warmup_steps, schedule)
         self.save_hyperparameters()
         if model_path is None and config is None:
             config = dict(DEFAULT_LLAMA_CONFIG)

@@ -16,6 +16,7 @@ from lightning_peft.modules import (
     configure_adamw,
     load_base_state_dict,
 )
+from lightning_peft.validation import check_float, check_int, check_mapping, check_str
 
 
 class ImageClassifier(L.LightningModule):
@@ -54,11 +55,12 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}.")
-        _check_optim_args(lr, weight_decay, warmup_steps)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        check_str("model_name", model_name)
+        check_int("num_classes", num_classes, low=1)
+        check_mapping("model_kwargs", model_kwargs, lambda key, v: v)
+        check_str("base_checkpoint", base_checkpoint, allow_none=True)
+        _check_optim_args(lr, weight_decay, warmup_steps, schedule)
+        check_float("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
         self.save_hyperparameters()
         import timm
 

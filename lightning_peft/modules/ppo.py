@@ -45,6 +45,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.io import atomic_write_file, state_mismatch
+from lightning_peft.validation import (
+    InvalidArgumentTypeError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_str,
+)
 
 __all__ = ["PPO", "LogStd", "RunningObsNorm", "gae", "policy_fingerprint"]
 
@@ -225,20 +233,29 @@ class PPO(L.LightningModule):
         super().__init__()
         from lightning_peft.rl_tasks import get_task, task_spaces
 
-        hidden_sizes = [int(h) for h in hidden_sizes]
-        if not hidden_sizes or any(h < 1 for h in hidden_sizes):
-            raise ValueError(f"hidden_sizes must be positive widths, got {hidden_sizes}")
-        for name, value, low, high in (
-            ("gamma", gamma, 0.0, 1.0),
-            ("gae_lambda", gae_lambda, 0.0, 1.0),
-            ("clip_epsilon", clip_epsilon, 0.0, 1.0),
+        check_str("task", task)
+        if isinstance(hidden_sizes, (str, bytes)) or not isinstance(hidden_sizes, (list, tuple)) or not hidden_sizes:
+            raise InvalidArgumentTypeError("hidden_sizes", f"hidden_sizes must be a non-empty list of positive widths, e.g. [64, 64], got {hidden_sizes!r}")
+        hidden_sizes = [check_int(f"hidden_sizes[{i}]", h, low=1) for i, h in enumerate(hidden_sizes)]
+        check_choice("activation", activation, ("tanh", "relu"))
+        check_float("learning_rate", learning_rate, low=0.0, low_open=True)
+        check_choice("lr_schedule", lr_schedule, ("constant", "linear"))
+        for name, value in (("gamma", gamma), ("gae_lambda", gae_lambda), ("clip_epsilon", clip_epsilon)):
+            check_float(name, value, 0.0, 1.0, low_open=True)
+        check_float("value_coef", value_coef, low=0.0)
+        check_float("entropy_coef", entropy_coef, low=0.0)
+        for name, flag in (
+            ("normalize_advantage", normalize_advantage),
+            ("clip_value_loss", clip_value_loss),
+            ("normalize_observations", normalize_observations),
         ):
-            if not low < value <= high:
-                raise ValueError(f"{name} must be in ({low}, {high}], got {value}")
-        if cpu_threads is not None and cpu_threads < 1:
-            raise ValueError(f"cpu_threads must be >= 1 or None, got {cpu_threads}")
-        if learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+            check_bool(name, flag)
+        check_bool("update_obs_norm", update_obs_norm, allow_none=True)
+        check_float("init_log_std", init_log_std)
+        check_float("max_grad_norm", max_grad_norm, low=0.0, low_open=True, allow_none=True)
+        check_str("base_checkpoint", base_checkpoint, allow_none=True)
+        check_str("export_path", export_path, allow_none=True)
+        check_int("cpu_threads", cpu_threads, low=1, allow_none=True)
         spec = get_task(task)  # unknown task -> ValueError listing the registered ones
         self.save_hyperparameters()
         self.hparams["hidden_sizes"] = hidden_sizes

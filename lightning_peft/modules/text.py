@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_peft.datamodules.text import _offline, default_text_model_path
 from lightning_peft.modules import Schedule, _check_optim_args, check_num_classes, classification_step, configure_adamw
+from lightning_peft.validation import check_choice, check_float, check_int, check_mapping, check_str
 
 
 def build_transformers_model(
@@ -93,14 +94,13 @@ class TextClassifier(L.LightningModule):
         schedule: Schedule = "constant",
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}.")
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}.")
-        for name, value in (("classifier_dropout", classifier_dropout), ("encoder_dropout", encoder_dropout)):
-            if value is not None and not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}.")
-        _check_optim_args(lr, weight_decay, warmup_steps)
+        check_str("model_path", model_path, allow_none=True)
+        check_mapping("config", config, lambda key, v: v)
+        check_int("num_classes", num_classes, low=1)
+        check_choice("pooling", pooling, ("mean", "cls"))
+        check_float("encoder_dropout", encoder_dropout, 0.0, 1.0, high_open=True, allow_none=True)
+        check_float("classifier_dropout", classifier_dropout, 0.0, 1.0, high_open=True)
+        _check_optim_args(lr, weight_decay, warmup_steps, schedule)
         self.save_hyperparameters()
         default_path = default_text_model_path() if model_path is None and config is None else None
         self.encoder = build_transformers_model("AutoModel", model_path, config, default_path)
