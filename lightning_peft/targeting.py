@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, name_matches
+from lightning_peft.gradient_check import GradientCheck
 
 #: leaf names of output heads that "all-linear" leaves alone (train them via trainable_modules)
 OUTPUT_HEAD_NAMES = ("lm_head", "head", "classifier", "score")
@@ -39,6 +41,9 @@ class AdapterReport:
     rows: list[tuple[str, str, str, int]] = field(default_factory=list)  # (module, kind, detail, trainable)
     trainable: int = 0
     total: int = 0
+    notes: list[str] = field(default_factory=list)  # printed under the table
+    tied: dict[str, list[str]] = field(default_factory=dict)  # trained parameter -> names it is tied to
+    trainable_matches: dict[str, list[str]] = field(default_factory=dict)  # trainable_modules entry -> full names
 
     @property
     def trainable_fraction(self) -> float:
@@ -49,6 +54,7 @@ class AdapterReport:
         lines = [f"{'module':<{width}}  {'adapter':<8}  {'detail':<22}  {'trainable':>11}"]
         lines += [f"{m:<{width}}  {k:<8}  {d:<22}  {n:>11,}" for m, k, d, n in self.rows]
         lines.append(f"trainable {self.trainable:,} / total {self.total:,} parameters ({100 * self.trainable_fraction:.3f}%)")
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -164,17 +170,30 @@ def combine_fingerprints(per_module: dict[str, str]) -> str:
 # --------------------------------------------------------------------------------------------
 # Injection
 # --------------------------------------------------------------------------------------------
-def _resolve_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+def trainable_matches(model: nn.Module, patterns: Sequence[str]) -> dict[str, list[str]]:
+    """``entry -> full module names`` each ``trainable_modules`` entry selects (outermost
+    matches only: a match inside another match of the same entry trains with it). Names inside
+    adapter layers (``base_layer``, ``lora_A`` ...) are never selected."""
     modules = dict(model.named_modules())
-    chosen: list[str] = []
+    layers = [n for n, m in modules.items() if isinstance(m, AdapterLayer)]
+    names = [n for n in modules if n and not any(n.startswith(a + ".") for a in layers)]
+    matches: dict[str, list[str]] = {}
     for entry in patterns:
-        hits = [n for n in modules if n and name_matches(n, entry)]
+        hits = [n for n in names if name_matches(n, entry)]
+        matches[entry] = [h for h in hits if not any(h.startswith(c + ".") for c in hits if c != h)]
+    return matches
+
+
+def _resolve_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    chosen: list[str] = []
+    for entry, hits in trainable_matches(model, patterns).items():
         if not hits:
+            names = [n for n, _ in model.named_modules()]
             raise ValueError(
                 f"trainable_modules entry {entry!r} matches no module of {type(model).__name__}. "
-                f"Nearest module names: {_nearest_names(entry, list(modules))}"
+                f"Nearest module names: {_nearest_names(entry, names)}"
             )
-        chosen += [h for h in hits if not any(h.startswith(c + ".") for c in hits if c != h)]
+        chosen += hits
     return list(dict.fromkeys(chosen))
 
 
@@ -182,13 +201,20 @@ def apply_adapter(
     model: nn.Module,
     adapter: AdapterSpec | Sequence[AdapterSpec],
     trainable_modules: Sequence[str] | None = None,
+    check_gradients: bool = True,
 ) -> AdapterReport:
     """Inject ``adapter`` (one spec or several, e.g. ``[ExpertLoRA(...), LoRA(...)]``) into
     ``model`` in place, freeze everything else, and return the trainable-parameter report.
 
     ``trainable_modules`` are module-name patterns (same matching as targets) whose parameters
     train fully, e.g. a new classification head.
+
+    ``check_gradients``: watch the first 3 backward passes and warn once, naming every adapter
+    layer whose gradients were all ``None`` or zero (``lightning_peft.gradient_check``); the
+    hooks then remove themselves. ``AdapterCallback`` passes ``False`` and checks itself.
     """
+    if not isinstance(check_gradients, bool):
+        raise TypeError(f"check_gradients must be True or False, got {check_gradients!r}")
     specs = [adapter] if isinstance(adapter, AdapterSpec) else list(adapter)
     if not specs or not all(isinstance(s, AdapterSpec) for s in specs):
         raise TypeError(f"adapter must be an AdapterSpec (LoRA, QLoRA, BitFit, ...) or a list of them, got {adapter!r}")
@@ -237,7 +263,9 @@ def apply_adapter(
         module.requires_grad_(True)
         rows.append((name, "trained", "all parameters", sum(p.numel() for p in module.parameters())))
     object.__setattr__(model, RECORD_ATTRIBUTE, AdapterRecord(specs, {n: s.kind for n, s in claimed.items()}, trainable))
-    return make_report(model, rows)
+    if check_gradients:
+        GradientCheck(model)  # lives in the parameters' hooks until it concludes
+    return make_report(model, rows, list(trainable_modules or []))
 
 
 def parameter_count(param: torch.Tensor) -> int:
@@ -246,13 +274,58 @@ def parameter_count(param: torch.Tensor) -> int:
     return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
 
 
-def make_report(model: nn.Module, rows: list[tuple[str, str, str, int]]) -> AdapterReport:
+def tied_parameters(model: nn.Module, module_name: str) -> dict[str, list[str]]:
+    """Parameters of submodule ``module_name`` that are the same ``Parameter`` as one registered
+    outside it (e.g. an LM head tied to the input embedding): ``own name -> outside names``,
+    full names. Training the module trains those too."""
+    prefix = module_name + "."
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    tied: dict[str, list[str]] = {}
+    for names in names_of.values():
+        inside = [n for n in names if n.startswith(prefix)]
+        outside = [n for n in names if not n.startswith(prefix)]
+        for own in inside:
+            if outside:
+                tied[own] = outside
+    return tied
+
+
+def make_report(
+    model: nn.Module, rows: list[tuple[str, str, str, int]], trainable_patterns: Sequence[str] = ()
+) -> AdapterReport:
+    """The report of ``model`` as adapted: ``rows`` plus, for fully trained modules (rows of
+    kind ``"trained"``), the parameters they share with other modules (tied weights train
+    both) and, for ``trainable_patterns`` entries, the full module names they matched."""
     params = list(model.parameters())  # deduplicated (tied weights count once)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     for layer in model.modules():
         if isinstance(layer, AdapterLayer):  # storage -> effective count (equal for plain LoRA)
             trainable += layer.num_trainable() - sum(p.numel() for p in layer.adapter_parameters() if p.requires_grad)
-    return AdapterReport(rows=rows, trainable=trainable, total=sum(parameter_count(p) for p in params))
+    notes: list[str] = []
+    tied_all: dict[str, list[str]] = {}
+    out_rows: list[tuple[str, str, str, int]] = []
+    for name, kind, detail, count in rows:
+        tied = tied_parameters(model, name) if kind == "trained" else {}
+        if tied:
+            tied_all.update(tied)
+            others = sorted({o for outside in tied.values() for o in outside})
+            detail = f"{detail}; tied with {', '.join(others)}"
+            for own, outside in tied.items():
+                notes.append(
+                    f"{own} is tied to {', '.join(outside)} (one tensor): training {name!r} also trains "
+                    f"{', '.join(sorted({o.rsplit('.', 1)[0] for o in outside}))}"
+                )
+        out_rows.append((name, kind, detail, count))
+    matches = trainable_matches(model, trainable_patterns) if trainable_patterns else {}
+    for entry, hits in matches.items():
+        if hits != [entry]:
+            notes.append(f"trainable_modules {json.dumps(entry)} -> {json.dumps(hits)}")
+    return AdapterReport(
+        rows=out_rows, trainable=trainable, total=sum(parameter_count(p) for p in params),
+        notes=notes, tied=tied_all, trainable_matches=matches,
+    )
 
 
 def adapter_record(model: nn.Module) -> tuple[str, AdapterRecord] | None:
