@@ -3,8 +3,9 @@
 At ``setup`` (before the strategy wraps the model and before optimizers are built) it injects
 the adapter, freezes the base and prints the trainable-parameter table. Checkpoints then hold
 only what trains (plus optimizer/loop/callback state) and are written atomically; resuming with
-``trainer.fit(ckpt_path=...)`` checks that the checkpoint fits the adapter. After the first
-backward it warns loudly about adapter parameters that received no gradient. At the end of
+``trainer.fit(ckpt_path=...)`` checks that the checkpoint fits the adapter. Over the first
+optimizer steps it warns loudly about adapter layers whose gradients stay None or zero, and at
+the first save about saved hyperparameters that pickle whole modules. At the end of
 ``fit`` it can export the adapter (peft-compatible files) and merge it.
 """
 
