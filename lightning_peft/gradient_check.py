@@ -21,6 +21,7 @@ Three entry points:
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,6 +96,10 @@ def silent_layers_message(silent: Sequence[str], total: int, window: str) -> str
     )
 
 
+#: the unfinished check of each model (weak: a model that is gone takes its entry with it)
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, GradientCheck] = weakref.WeakKeyDictionary()
+
+
 class GradientCheck:
     """Hooks on every trainable parameter of ``model`` for its first ``steps`` backward passes;
     then one ``UserWarning`` naming the adapter layers that only got ``None``/zero gradients,
@@ -109,7 +114,8 @@ class GradientCheck:
     ``copy.deepcopy`` and pickling drop and ``torch.compile``/DDP leave alone. ``fully_shard``
     (FSDP2) replaces the parameters, so the check never concludes there: use
     :func:`check_adapter_gradients` or ``AdapterCallback`` (which reduces across ranks). The
-    check holds no reference to the parameters or the model.
+    check holds no reference to the parameters or the model; a new check on the same model
+    replaces an unfinished one.
     """
 
     def __init__(self, model: nn.Module, steps: int = 3) -> None:
@@ -134,7 +140,12 @@ class GradientCheck:
         for p in model.parameters():
             if p.requires_grad and id(p) not in adapter_ids:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._count_hook))
-        if not self._names:
+        previous = _ACTIVE.get(model)
+        if previous is not None:
+            previous.remove()  # adapters applied again (e.g. a library switching adapters): one check per model
+        if self._names:
+            _ACTIVE[model] = self
+        else:
             self.remove()
 
     # hooks ---------------------------------------------------------------------------------

@@ -136,7 +136,10 @@ def test_gradient_check_validates_steps_and_counts_passes_with_a_detached_adapte
     with pytest.raises(ValueError, match="steps must be a positive int"):
         GradientCheck(nn.Linear(2, 2), steps=0)
     net = adapted("detach", check_gradients=False)
+    stale = GradientCheck(net)
+    before = hook_count(net)
     check = GradientCheck(net, steps=1)  # the head's hooks count the pass: b never fires
+    assert stale.done and hook_count(net) == before  # a new check replaces an unfinished one
     with pytest.warns(UserWarning, match=r"first 1 backward pass and will not train: \['b'\]"):
         net(torch.randn(2, 4)).sum().backward()
     assert check.done and check.silent == ["b"] and check.backward_passes == 1
