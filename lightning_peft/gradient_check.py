@@ -52,15 +52,24 @@ def _adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
 
+def _inactive(layer: AdapterLayer) -> bool:
+    """A layer with no active trainable slot (AdaLoRA pruned it to rank 0): nothing to check."""
+    return layer.num_trainable() == 0
+
+
 def gradient_flags(model: nn.Module, device: torch.device | str | None = None) -> tuple[list[str], torch.Tensor]:
     """``(names, flags)``: the adapter layers of ``model`` and, per layer, whether any of its
     adapter parameters holds a non-zero gradient in ``.grad`` right now (``flags``: bool
     ``[num_layers]`` on ``device``, default the first gradient's device). Sharded gradients
-    count their local shard: reduce the flags across ranks (max) for the global answer."""
+    count their local shard: reduce the flags across ranks (max) for the global answer. A layer
+    with no active slot (rank pruned to 0) is flagged ``True``: it does not train by design."""
     names: list[str] = []
-    per_layer: list[torch.Tensor | None] = []
+    per_layer: list[torch.Tensor | bool | None] = []
     for name, layer in _adapter_layers(model):
         names.append(name)
+        if _inactive(layer):  # nothing to train by design: counts as fine
+            per_layer.append(True)
+            continue
         flag: torch.Tensor | None = None
         for p in layer.adapter_parameters():
             if p.grad is not None:
@@ -68,10 +77,12 @@ def gradient_flags(model: nn.Module, device: torch.device | str | None = None) -
                 flag = nz if flag is None else flag | nz.to(flag.device)
         per_layer.append(flag)
     if device is None:
-        device = next((f.device for f in per_layer if f is not None), torch.device("cpu"))
+        device = next((f.device for f in per_layer if isinstance(f, torch.Tensor)), torch.device("cpu"))
     flags = torch.zeros(len(names), dtype=torch.bool, device=device)
     for i, flag in enumerate(per_layer):
-        if flag is not None:
+        if flag is True:
+            flags[i] = True
+        elif isinstance(flag, torch.Tensor):
             flags[i] = flag.to(device)  # a device-side copy, no host sync
     return names, flags
 
@@ -126,6 +137,7 @@ class GradientCheck:
         self.done = False
         self.silent: list[str] | None = None  # set when the check concludes
         self._names: list[str] = []
+        self._layers: list[weakref.ref[AdapterLayer]] = []  # weak: the check keeps no module alive
         self._flags: list[list[torch.Tensor | None]] = []  # [layer][parameter]
         self._handles: list[Any] = []
         self._task: int | None = None
@@ -133,6 +145,7 @@ class GradientCheck:
         for index, (name, layer) in enumerate(_adapter_layers(model)):
             params = [p for p in layer.adapter_parameters() if p.requires_grad]
             self._names.append(name)
+            self._layers.append(weakref.ref(layer))
             self._flags.append([None] * len(params))
             for slot, p in enumerate(params):
                 adapter_ids.add(id(p))
@@ -182,7 +195,9 @@ class GradientCheck:
         """Judge now (one host sync), warn if any layer is silent, remove the hooks."""
         if self.silent is None:
             self.silent = [
-                name for name, flags in zip(self._names, self._flags) if not any(bool(f) for f in flags if f is not None)
+                name
+                for name, ref, flags in zip(self._names, self._layers, self._flags)
+                if not any(bool(f) for f in flags if f is not None) and not ((layer := ref()) is not None and _inactive(layer))
             ]
             if self.silent:
                 window = f"in the first {self.backward_passes} backward pass{'es' if self.backward_passes != 1 else ''}"

@@ -190,3 +190,16 @@ def test_callback_run_shorter_than_the_window_is_judged_at_train_end(tmp_path: P
     assert fit(tmp_path, Classifier(), lora_callback(), max_steps=2) == []  # plain LoRA: nothing
     with pytest.raises(ValueError, match="gradient_check_steps must be a positive int"):
         lora_callback(gradient_check_steps=0)
+
+
+def test_a_layer_pruned_to_rank_zero_is_not_silent_by_mistake() -> None:
+    from lightning_peft import AdaLoRA
+
+    torch.manual_seed(0)
+    net = Net("plain")
+    apply_adapter(net, AdaLoRA(init_rank=2, target_rank=1, target_modules=["a", "b"], total_steps=10), trainable_modules=["head"])
+    net.b.rank_mask.fill_(False)  # the allocator gave b no rank: its gradients are zero by design
+    assert train(net, 4) == []
+    assert check_adapter_gradients(net) == []
+    names, flags = gradient_flags(net)
+    assert names == ["a", "b"] and flags.tolist() == [True, True]
