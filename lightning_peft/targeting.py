@@ -12,6 +12,7 @@ import difflib
 import functools
 import hashlib
 import inspect
+import json
 import re
 import textwrap
 from collections.abc import Sequence
@@ -21,8 +22,9 @@ import torch
 from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, name_matches
+from lightning_peft.gradient_check import GradientCheck
 from lightning_peft.trained_buffers import BufferWatch, NormStats, freeze_running_stats, running_stat_buffers
-from lightning_peft.validation import check_choice, check_name_pattern, check_str_list
+from lightning_peft.validation import check_bool, check_choice, check_name_pattern, check_str_list
 
 #: leaf names of output heads that "all-linear" leaves alone (train them via trainable_modules)
 OUTPUT_HEAD_NAMES = ("lm_head", "head", "classifier", "score")
@@ -50,6 +52,9 @@ class AdapterReport:
     rows: list[tuple[str, str, str, int]] = field(default_factory=list)  # (module, kind, detail, trainable)
     trainable: int = 0
     total: int = 0
+    notes: list[str] = field(default_factory=list)  # printed under the table
+    tied: dict[str, list[str]] = field(default_factory=dict)  # trained parameter -> names it is tied to
+    trainable_matches: dict[str, list[str]] = field(default_factory=dict)  # trainable_modules entry -> full names
 
     @property
     def trainable_fraction(self) -> float:
@@ -60,6 +65,7 @@ class AdapterReport:
         lines = [f"{'module':<{width}}  {'adapter':<8}  {'detail':<22}  {'trainable':>11}"]
         lines += [f"{m:<{width}}  {k:<8}  {d:<22}  {n:>11,}" for m, k, d, n in self.rows]
         lines.append(f"trainable {self.trainable:,} / total {self.total:,} parameters ({100 * self.trainable_fraction:.3f}%)")
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -194,20 +200,33 @@ def combine_fingerprints(per_module: dict[str, str]) -> str:
 # --------------------------------------------------------------------------------------------
 # Injection
 # --------------------------------------------------------------------------------------------
+def trainable_matches(model: nn.Module, patterns: Sequence[str]) -> dict[str, list[str]]:
+    """``entry -> full module names`` each ``trainable_modules`` entry selects (outermost
+    matches only: a match inside another match of the same entry trains with it). Names inside
+    adapter layers (``base_layer``, ``lora_A`` ...) are never selected."""
+    modules = dict(model.named_modules())
+    layers = [n for n, m in modules.items() if isinstance(m, AdapterLayer)]
+    names = [n for n in modules if n and not any(n.startswith(a + ".") for a in layers)]
+    matches: dict[str, list[str]] = {}
+    for entry in patterns:
+        hits = [n for n in names if name_matches(n, entry)]
+        matches[entry] = [h for h in hits if not any(h.startswith(c + ".") for c in hits if c != h)]
+    return matches
+
+
 def _resolve_trainable(model: nn.Module, patterns: Sequence[str] | None) -> list[str]:
     patterns = check_str_list("trainable_modules", patterns, allow_none=True, allow_empty=True) or []
     for entry in patterns:
         check_name_pattern("trainable_modules", entry)
-    modules = dict(model.named_modules())
     chosen: list[str] = []
-    for entry in patterns:
-        hits = [n for n in modules if n and name_matches(n, entry)]
+    for entry, hits in trainable_matches(model, patterns).items():
         if not hits:
+            names = [n for n, _ in model.named_modules()]
             raise ValueError(
                 f"trainable_modules entry {entry!r} matches no module of {type(model).__name__}. "
-                f"Nearest module names: {_nearest_names(entry, list(modules))}"
+                f"Nearest module names: {_nearest_names(entry, names)}"
             )
-        chosen += [h for h in hits if not any(h.startswith(c + ".") for c in hits if c != h)]
+        chosen += hits
     return list(dict.fromkeys(chosen))
 
 
@@ -216,6 +235,7 @@ def apply_adapter(
     adapter: AdapterSpec | Sequence[AdapterSpec],
     trainable_modules: Sequence[str] | None = None,
     norm_stats: NormStats = "train",
+    check_gradients: bool = True,
 ) -> AdapterReport:
     """Inject ``adapter`` (one spec or several, e.g. ``[ExpertLoRA(...), LoRA(...)]``) into
     ``model`` in place, freeze everything else, and return the trainable-parameter report.
@@ -225,14 +245,20 @@ def apply_adapter(
     layers update their running statistics as usual (checkpoints and exports keep them);
     ``"freeze"`` makes them always normalise with the base's statistics (see
     ``lightning_peft.trained_buffers``).
+
+    ``check_gradients``: watch the first 3 backward passes and warn once, naming every adapter
+    layer whose gradients were all ``None`` or zero (``lightning_peft.gradient_check``); the
+    hooks then remove themselves. ``AdapterCallback`` passes ``False`` and checks itself.
     """
     check_choice("norm_stats", norm_stats, ("train", "freeze"))
+    check_bool("check_gradients", check_gradients)
     specs = [adapter] if isinstance(adapter, AdapterSpec) else list(adapter)
     if not specs or not all(isinstance(s, AdapterSpec) for s in specs):
         raise TypeError(f"adapter must be an AdapterSpec (LoRA, QLoRA, BitFit, ...) or a list of them, got {adapter!r}")
     if getattr(model, RECORD_ATTRIBUTE, None) is not None or any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already has adapters; load or remove them instead of applying twice")
-    trainable = _resolve_trainable(model, trainable_modules)
+    trainable = _resolve_trainable(model, trainable_modules)  # validates the entries
+    trainable_patterns = list(trainable_modules or [])
 
     # 1. resolve and validate every target, build every replacement: nothing is changed yet
     claimed: dict[str, AdapterSpec] = {}
@@ -282,7 +308,9 @@ def apply_adapter(
     record = AdapterRecord(specs, {n: s.kind for n, s in claimed.items()}, trainable, buffers, norm_stats)
     record.buffer_watch = BufferWatch(model, ignore=set(buffers) | set(trainable_state_keys(model)))
     object.__setattr__(model, RECORD_ATTRIBUTE, record)
-    return make_report(model, rows)
+    if check_gradients:
+        GradientCheck(model)  # lives in the parameters' hooks until it concludes
+    return make_report(model, rows, trainable_patterns)
 
 
 def parameter_count(param: torch.Tensor) -> int:
@@ -291,13 +319,64 @@ def parameter_count(param: torch.Tensor) -> int:
     return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
 
 
-def make_report(model: nn.Module, rows: list[tuple[str, str, str, int]]) -> AdapterReport:
+def tied_parameters(model: nn.Module, module_name: str) -> dict[str, list[str]]:
+    """Parameters of submodule ``module_name`` that are the same ``Parameter`` as one registered
+    outside it (e.g. an LM head tied to the input embedding): ``own name -> outside names``,
+    full names. Training the module trains those too."""
+    prefix = module_name + "."
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    tied: dict[str, list[str]] = {}
+    for names in names_of.values():
+        inside = [n for n in names if n.startswith(prefix)]
+        outside = [n for n in names if not n.startswith(prefix)]
+        for own in inside:
+            if outside:
+                tied[own] = outside
+    return tied
+
+
+def make_report(
+    model: nn.Module, rows: list[tuple[str, str, str, int]], trainable_patterns: Sequence[str] = ()
+) -> AdapterReport:
+    """The report of ``model`` as adapted: ``rows`` plus, for fully trained modules (rows of
+    kind ``"trained"``), the parameters they share with other modules (tied weights train
+    both) and, for ``trainable_patterns`` entries, the full module names they matched."""
     params = list(model.parameters())  # deduplicated (tied weights count once)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     for layer in model.modules():
         if isinstance(layer, AdapterLayer):  # storage -> effective count (equal for plain LoRA)
             trainable += layer.num_trainable() - sum(p.numel() for p in layer.adapter_parameters() if p.requires_grad)
-    return AdapterReport(rows=rows, trainable=trainable, total=sum(parameter_count(p) for p in params))
+    notes: list[str] = []
+    tied_all: dict[str, list[str]] = {}
+    out_rows: list[tuple[str, str, str, int]] = []
+    for name, kind, detail, count in rows:
+        tied = tied_parameters(model, name) if kind == "trained" else {}
+        if tied:
+            tied_all.update(tied)
+            others = sorted({o for outside in tied.values() for o in outside})
+            detail = f"{detail}; tied with {', '.join(others)}"
+            for own, outside in tied.items():
+                notes.append(
+                    f"{own} is tied to {', '.join(outside)} (one tensor): training {name!r} also trains "
+                    f"{', '.join(sorted({o.rsplit('.', 1)[0] for o in outside}))}"
+                )
+        out_rows.append((name, kind, detail, count))
+    matches = trainable_matches(model, trainable_patterns) if trainable_patterns else {}
+    for entry, hits in matches.items():
+        if hits != [entry]:
+            notes.append(f"trainable_modules {json.dumps(entry)} -> {json.dumps(hits)}")
+    found = adapter_record(model)
+    if found is not None and found[1].norm_stats == "freeze":
+        notes.append("norm_stats='freeze': normalisation layers keep the base's running statistics")
+    elif found is not None and found[1].trained_buffers:
+        kept = trained_buffer_names(model)
+        notes.append(f"buffers that change in training, kept in checkpoints and the export ({len(kept)}): {', '.join(kept)}")
+    return AdapterReport(
+        rows=out_rows, trainable=trainable, total=sum(parameter_count(p) for p in params),
+        notes=notes, tied=tied_all, trainable_matches=matches,
+    )
 
 
 def adapter_record(model: nn.Module) -> tuple[str, AdapterRecord] | None:

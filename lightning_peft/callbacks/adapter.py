@@ -3,14 +3,16 @@
 At ``setup`` (before the strategy wraps the model and before optimizers are built) it injects
 the adapter, freezes the base and prints the trainable-parameter table. Checkpoints then hold
 only what trains (plus optimizer/loop/callback state) and are written atomically; resuming with
-``trainer.fit(ckpt_path=...)`` checks that the checkpoint fits the adapter. After the first
-backward it warns loudly about adapter parameters that received no gradient. At the end of
+``trainer.fit(ckpt_path=...)`` checks that the checkpoint fits the adapter. Over the first
+optimizer steps it warns loudly about adapter layers whose gradients stay None or zero, and at
+the first save about saved hyperparameters that pickle whole modules. At the end of
 ``fit`` it can export the adapter (peft-compatible files) and merge it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +25,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
+from lightning_peft.gradient_check import gradient_flags, silent_layers_message
+from lightning_peft.hyperparameters import heavy_hyperparameters
 from lightning_peft.io import atomic_write_file, merge_adapter, save_adapter, state_mismatch, unmerge_adapter
 from lightning_peft.safe_load import load_checkpoint_tensors
 from lightning_peft.state_swap import tensors_swapped_in
@@ -39,6 +43,7 @@ from lightning_peft.validation import (
     InvalidArgumentTypeError,
     check_bool,
     check_choice,
+    check_int,
     check_name_pattern,
     check_str,
     check_str_list,
@@ -85,8 +90,12 @@ class AdapterCallback(Callback):
             change in training); ``"freeze"``: they always normalise with the base's statistics
             and never update them.
         merge_on_fit_end: merge the adapter into the (last-step) base weights after the export.
-        check_gradients: after the first backward, warn about adapter parameters whose
-            gradient is missing (not connected to the loss).
+        check_gradients: over the first ``gradient_check_steps`` optimizer steps, warn once
+            about adapter layers whose gradients were all ``None`` or exactly zero (not
+            connected to the loss, multiplied by zero, detached), flags reduced across ranks;
+            and, at the first step, about adapter parameters in no optimizer.
+        gradient_check_steps: how many optimizer steps that check watches (a layer with a
+            non-zero gradient in any of them is fine: LoRA's ``A`` gets zero at step 1).
         adapter_only_checkpoints: drop frozen tensors from checkpoints.
         atomic_checkpoints: write checkpoints via a temporary file and a rename.
     """
@@ -100,6 +109,7 @@ class AdapterCallback(Callback):
         norm_stats: NormStats = "train",
         merge_on_fit_end: bool = False,
         check_gradients: bool = True,
+        gradient_check_steps: int = 3,
         adapter_only_checkpoints: bool = True,
         atomic_checkpoints: bool = True,
     ) -> None:
@@ -128,11 +138,16 @@ class AdapterCallback(Callback):
         self.norm_stats = norm_stats
         self.merge_on_fit_end = merge_on_fit_end
         self.check_gradients = check_gradients
+        check_int("gradient_check_steps", gradient_check_steps, low=1)
+        self.gradient_check_steps = gradient_check_steps
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.atomic_checkpoints = atomic_checkpoints
         self.report: AdapterReport | None = None
         self.export_path: Path | None = None
         self._gradients_checked = False
+        self._gradient_steps = 0
+        self._gradient_flags: torch.Tensor | None = None  # per adapter layer: any non-zero gradient so far
+        self._hparams_checked = False
         self._base_fingerprint: str | None = None
         self._module: pl.LightningModule | None = None  # the module this callback adapts (set at setup)
 
@@ -179,7 +194,9 @@ class AdapterCallback(Callback):
                 rank_zero_info(f"lightning-peft: added {class_name} for {type(spec).__name__}")
 
     def _inject(self, pl_module: pl.LightningModule) -> None:
-        self.report = apply_adapter(pl_module, self.adapter, self.trainable_modules, norm_stats=self.norm_stats)
+        self.report = apply_adapter(
+            pl_module, self.adapter, self.trainable_modules, norm_stats=self.norm_stats, check_gradients=False
+        )
         self._base_fingerprint = self._fingerprint(pl_module)
         rank_zero_info(f"lightning-peft: adapters injected\n{self.report}")
 
@@ -224,24 +241,44 @@ class AdapterCallback(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if not self.check_gradients or self._gradients_checked:
             return
+        if self._gradient_steps == 0:
+            self._warn_not_optimized(trainer, pl_module)
+        # accumulate on the device (no host sync per step); judged once, at the window's end
+        _, flags = gradient_flags(pl_module, device=trainer.strategy.root_device)
+        previous = self._gradient_flags
+        self._gradient_flags = flags if previous is None or previous.shape != flags.shape else previous | flags
+        self._gradient_steps += 1
+        if self._gradient_steps >= self.gradient_check_steps:
+            self._conclude_gradient_check(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.check_gradients and not self._gradients_checked and self._gradient_steps > 0:
+            self._conclude_gradient_check(trainer, pl_module)  # a run shorter than the window
+
+    def _conclude_gradient_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn once about adapter layers with only ``None``/zero gradients in the steps seen.
+        Every rank calls this at the same step; the flags are reduced (max) so ranks agree
+        (a sharded gradient's non-zero entries may live on another rank)."""
         self._gradients_checked = True
+        names = [n for n, m in pl_module.named_modules() if isinstance(m, AdapterLayer)]
+        flags = self._gradient_flags
+        self._gradient_flags = None
+        if flags is None or not names:
+            return
+        reduced = trainer.strategy.reduce(flags.to(torch.float32), reduce_op="max")
+        silent = [n for n, ok in zip(names, reduced.tolist()) if not ok]
+        if silent:
+            steps = self._gradient_steps
+            window = f"in the first {steps} optimizer step{'s' if steps != 1 else ''}"
+            rank_zero_warn(silent_layers_message(silent, len(names), window), category=UserWarning)
+
+    def _warn_not_optimized(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-        no_grad: list[str] = []
-        not_optimized: list[str] = []
-        for name, module in pl_module.named_modules():
-            if isinstance(module, AdapterLayer):
-                params = module.adapter_parameters()
-                if all(p.grad is None for p in params):
-                    no_grad.append(name)
-                if any(id(p) not in in_optimizer for p in params):
-                    not_optimized.append(name)
-        if no_grad:
-            rank_zero_warn(
-                f"lightning-peft: {len(no_grad)} adapter layers received NO gradient in the first step and will not train: "
-                f"{no_grad[:8]}{' ...' if len(no_grad) > 8 else ''}. Are they used in forward? With activation checkpointing "
-                "use the non-reentrant variant (use_reentrant=False).",
-                category=UserWarning,
-            )
+        not_optimized = [
+            name
+            for name, module in pl_module.named_modules()
+            if isinstance(module, AdapterLayer) and any(id(p) not in in_optimizer for p in module.adapter_parameters())
+        ]
         if not_optimized:
             rank_zero_warn(
                 f"lightning-peft: adapter parameters of {not_optimized[:8]} are not in any optimizer: build the optimizer "
@@ -251,6 +288,7 @@ class AdapterCallback(Callback):
 
     # --- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._warn_heavy_hyperparameters(checkpoint)
         self._keep_changed_buffers(pl_module, checkpoint)
         if self.adapter_only_checkpoints and "state_dict" in checkpoint:
             keep = set(trainable_state_keys(pl_module))
@@ -269,6 +307,28 @@ class AdapterCallback(Callback):
             state.setdefault(key, live[key].detach().cpu())
         if self.state_key in checkpoint.get("callbacks", {}):  # Lightning read our state before this hook
             checkpoint["callbacks"][self.state_key] = self.state_dict()
+
+    def _warn_heavy_hyperparameters(self, checkpoint: dict[str, Any]) -> None:
+        """Once, at the first save: name the saved hyperparameters that pickle a module (the
+        frozen base comes back into every checkpoint) or a large object, with their sizes."""
+        if self._hparams_checked:
+            return
+        self._hparams_checked = True
+        heavy = heavy_hyperparameters(checkpoint.get("hyper_parameters"))
+        heavy += [
+            dataclasses.replace(h, name=f"datamodule.{h.name}")
+            for h in heavy_hyperparameters(checkpoint.get("datamodule_hyper_parameters"))
+        ]
+        if not heavy:
+            return
+        names = [h.name.removeprefix("datamodule.") for h in heavy]
+        rank_zero_warn(
+            f"lightning-peft: every checkpoint also holds the saved hyperparameters {', '.join(h.describe() for h in heavy)}: "
+            f"they are pickled whole into {'each adapter-only' if self.adapter_only_checkpoints else 'each'} checkpoint "
+            "(a module brings its frozen weights back) and make the file need torch.load(weights_only=False). "
+            f"Fix: self.save_hyperparameters(ignore={names!r}) in the module's (or datamodule's) __init__.",
+            category=UserWarning,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         found = adapter_record(self._module) if self._module is not None else None
