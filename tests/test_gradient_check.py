@@ -188,7 +188,7 @@ def test_callback_run_shorter_than_the_window_is_judged_at_train_end(tmp_path: P
     assert "first 2 optimizer steps" in message and "['model.unused']" in message
     torch.manual_seed(0)
     assert fit(tmp_path, Classifier(), lora_callback(), max_steps=2) == []  # plain LoRA: nothing
-    with pytest.raises(ValueError, match="gradient_check_steps must be a positive int"):
+    with pytest.raises(ValueError, match="gradient_check_steps must be an int >= 1"):
         lora_callback(gradient_check_steps=0)
 
 
