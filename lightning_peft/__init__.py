@@ -21,6 +21,7 @@ _EXPORTS = {
     # targeting and files
     "apply_adapter": "lightning_peft.targeting",
     "AdapterReport": "lightning_peft.targeting",
+    "check_adapter_gradients": "lightning_peft.gradient_check",
     "save_adapter": "lightning_peft.io",
     "load_adapter": "lightning_peft.io",
     "merge_adapter": "lightning_peft.io",

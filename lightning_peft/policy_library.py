@@ -638,6 +638,6 @@ def _inject_layout(model: nn.Module, layout: dict[str, Any], source: str) -> Non
             spec.module_path = None
         specs = [s for s in specs if s.target_modules]
         if specs:
-            apply_adapter(model, specs, trainable_modules=layout["trainable_modules"])
+            apply_adapter(model, specs, trainable_modules=layout["trainable_modules"], check_gradients=False)  # inference only
     model.eval()
     model.requires_grad_(False)
