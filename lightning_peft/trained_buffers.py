@@ -61,10 +61,10 @@ def running_stat_buffers(model: nn.Module) -> list[str]:
 
 
 def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every buffer ``model.state_dict()`` holds, by state-dict name (tied buffers once)."""
-    state = model.state_dict(keep_vars=True)
-    params = {id(p) for p in model.parameters()}
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and id(v) not in params}
+    """Every registered buffer that ``model.state_dict()`` holds, by name (other state-dict
+    entries, e.g. a quantized weight's packed statistics, are the owning layer's business)."""
+    saved = model.state_dict(keep_vars=True)
+    return {k: v for k, v in model.named_buffers() if k in saved}
 
 
 class BufferWatch:

@@ -152,7 +152,7 @@ CASES = [
     ("unknown spec class", edit_meta(set_path(("specs", 0, "class_path"), "lightning_peft.adapters.lora.NotLoRA")), ValueError, "unknown adapter class", "NotLoRA"),
     ("unknown init argument", edit_meta(set_path(("specs", 0, "init_args", "ranks"), 3)), ValueError, r"no init argument\(s\) \['ranks'\]", "LoRA"),
     ("init argument of the wrong type", edit_meta(set_path(("specs", 0, "init_args", "rank"), "2")), ValueError, r"init_args\['rank'\] = '2' does not fit", "rank"),
-    ("init argument out of range", edit_meta(set_path(("specs", 0, "init_args", "rank"), 0)), ValueError, "init_args are refused: rank must be > 0", "rank"),
+    ("init argument out of range", edit_meta(set_path(("specs", 0, "init_args", "rank"), 0)), ValueError, "init_args are refused: rank must be an int >= 1", "rank"),
     ("NaN init argument", edit_meta(set_path(("specs", 0, "init_args", "alpha"), math.nan)), ValueError, r"init_args\['alpha'\] = nan does not fit", "alpha"),
     ("init_args not a dict", edit_meta(set_path(("specs", 0, "init_args"), [2])), ValueError, "init_args of .* must be a dict", "LoRA"),
     ("unsupported format version", edit_meta(set_path(("format_version",), 99)), ValueError, "has format 99", WEIGHTS_NAME),
