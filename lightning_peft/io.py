@@ -184,9 +184,17 @@ def state_mismatch(
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-def _no_space(error: BaseException) -> bool:
-    # safetensors (Rust) reports a full disk as SafetensorError("... code: 28, kind: StorageFull ...")
-    return getattr(error, "errno", None) in _NO_SPACE or any(s in str(error) for s in ("No space left", "StorageFull", "code: 28,"))
+def _no_space(error: BaseException | None) -> bool:
+    """Whether ``error`` or an error it was raised from is a full disk: safetensors (Rust)
+    reports one as ``SafetensorError("... code: 28, kind: StorageFull ...")``, ``torch.save`` as a
+    ``RuntimeError("... unexpected pos ...")`` raised while handling the ``OSError``."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) in _NO_SPACE or any(s in str(error) for s in ("No space left", "StorageFull", "code: 28,")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _write_error(error: BaseException, path: Path, kept: str) -> OSError:

@@ -250,3 +250,31 @@ def test_atomic_write_file_on_a_full_disk_names_the_path(tmp_path):
     with pytest.raises(OSError, match=r"could not write .*last\.ckpt.*the disk is full.*previous file there is unchanged"):
         atomic_write_file(target, full)
     assert target.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_checkpoint_save_on_a_full_disk_names_the_path(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError raised while handling the OSError."""
+    import errno
+
+    from lightning_peft.callbacks.adapter import AtomicCheckpointIO
+
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+    previous = target.read_bytes()
+
+    class FullDisk:
+        def __reduce__(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def torch_like_save(obj, f):
+        try:
+            pickle_bytes = __import__("pickle").dumps(obj)  # the OSError, as a failed write raises it
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")  # noqa: B904
+        f.write(pickle_bytes)
+
+    monkeypatch.setattr("torch.save", torch_like_save)
+    with pytest.raises(OSError, match=r"could not write .*last\.ckpt.*the disk is full") as error:
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "x": FullDisk()}, target)
+    assert error.value.errno == errno.ENOSPC
+    assert target.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
