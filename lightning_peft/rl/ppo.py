@@ -1,21 +1,11 @@
 """PPO as a LightningModule: an actor-critic MLP policy trained with the clipped objective.
 
-One Lightning *epoch* is one rollout: :class:`lightning_peft.datamodules.rl.RLDataModule`
+One Lightning *epoch* is one rollout: :class:`lightning_peft.rl.rollout.RLDataModule`
 collects ``num_envs x rollout_steps`` transitions with the current policy, computes advantages
 with :meth:`PPO.compute_advantages` (GAE) and serves ``update_epochs`` shuffled passes of
-minibatches; each minibatch is one optimizer step here.
-
-Losses per minibatch of ``B`` transitions (``r = exp(log pi(a|s) - log pi_old(a|s))``,
-``A`` = GAE advantage standardised over the minibatch, ``R`` = GAE value target)::
-
-    L_clip    = -mean_B min(r A, clip(r, 1 - eps, 1 + eps) A)
-    L_value   = value_coef * mean_B (V(s) - R)^2
-    L_entropy = -entropy_coef * mean_B H[pi(.|s)]
-    loss      = L_clip + L_value + L_entropy
-
-The three terms come from TorchRL's ``ClipPPOLoss`` and the advantages from TorchRL's functional
-``generalized_advantage_estimate`` (see ``docs/rl.md`` for why those pieces and not TorchRL's
-collectors or environments). TorchRL and tensordict are imported lazily.
+minibatches; each minibatch is one optimizer step here. The losses are in
+:mod:`lightning_peft.rl.objective` (TorchRL's ``ClipPPOLoss``), the policy file format in
+:mod:`lightning_peft.rl.policy_file`.
 
 Networks (attribute names are what adapter targets refer to)::
 
@@ -33,8 +23,8 @@ layers (``"all-linear"`` matches exactly these).
 
 from __future__ import annotations
 
+import inspect
 import json
-import math
 import os
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -45,6 +35,17 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.io import atomic_write_file, state_mismatch
+from lightning_peft.rl.networks import IndependentNormal, LogStd, describe_spaces, mlp
+from lightning_peft.rl.normalization import RunningObsNorm
+from lightning_peft.rl.objective import clip_ppo_loss, gae, ppo_losses
+from lightning_peft.rl.policy_file import (
+    POLICY_FORMAT,
+    plain_keys,
+    policy_fingerprint,
+    policy_hparam_names,
+    read_policy_metadata,
+    read_policy_state,
+)
 from lightning_peft.validation import (
     InvalidArgumentTypeError,
     check_bool,
@@ -56,125 +57,14 @@ from lightning_peft.validation import (
 
 __all__ = ["PPO", "LogStd", "RunningObsNorm", "gae", "policy_fingerprint"]
 
-POLICY_FORMAT = "lightning_peft.ppo_policy/1"
-
-
-class RunningObsNorm(nn.Module):
-    """Running observation normaliser: ``clamp((x - mean) / sqrt(var + eps), -clip, clip)``.
-
-    ``mean``/``var``/``count`` are buffers (saved with the policy, never trained) merged with each
-    new batch ``x [N, D]`` by the parallel-variance formula (Chan et al.). ``count`` starts at
-    ``eps`` so the first update dominates the initial ``mean=0, var=1``.
-    """
-
-    def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8) -> None:
-        super().__init__()
-        self.clip = float(clip)
-        self.eps = float(eps)
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("var", torch.ones(dim))
-        self.register_buffer("count", torch.tensor(1e-4))
-
-    @torch.no_grad()
-    def update(self, x: Tensor) -> None:
-        x = x.reshape(-1, self.mean.numel()).to(self.mean)
-        n = x.shape[0]
-        if n == 0:
-            return
-        batch_mean = x.mean(0)
-        batch_var = x.var(0, unbiased=False)
-        delta = batch_mean - self.mean
-        total = self.count + n
-        new_mean = self.mean + delta * n / total
-        m2 = self.var * self.count + batch_var * n + delta.pow(2) * self.count * n / total
-        self.mean.copy_(new_mean)
-        self.var.copy_(m2 / total)
-        self.count.copy_(total)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x.to(self.mean)
-        return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
-
-
-def _mlp(sizes: Sequence[int], activation: type[nn.Module], out_gain: float) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        linear = nn.Linear(d_in, d_out)
-        last = i == len(sizes) - 2
-        # Orthogonal init (gain sqrt(2) hidden, small for the output) is what makes PPO on
-        # classic control converge reliably (Engstrom et al., "Implementation Matters").
-        nn.init.orthogonal_(linear.weight, out_gain if last else math.sqrt(2))
-        nn.init.zeros_(linear.bias)
-        layers.append(linear)
-        if not last:
-            layers.append(activation())
-    return nn.Sequential(*layers)
-
-
-def gae(
-    reward: Tensor,
-    value: Tensor,
-    next_value: Tensor,
-    done: Tensor,
-    terminated: Tensor,
-    gamma: float,
-    lmbda: float,
-) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation over ``[T, E]`` tensors (time first, then envs).
-
-    ``delta_t = r_t + gamma * (1 - terminated_t) * V(s'_t) - V(s_t)`` and
-    ``A_t = delta_t + gamma * lmbda * (1 - done_t) * A_{t+1}``; returns ``(A, A + V)``.
-    ``next_value`` is ``V`` of the observation that followed step ``t`` -- for a truncated
-    episode, the final observation -- so truncation bootstraps while termination does not.
-
-    Delegates to ``torchrl.objectives.value.functional.generalized_advantage_estimate``, which
-    wants ``[E, T, 1]``.
-    """
-    from torchrl.objectives.value.functional import generalized_advantage_estimate
-
-    def to_etf(x: Tensor) -> Tensor:
-        return x.transpose(0, 1).unsqueeze(-1)
-
-    adv, target = generalized_advantage_estimate(
-        gamma,
-        lmbda,
-        to_etf(value.float()),
-        to_etf(next_value.float()),
-        to_etf(reward.float()),
-        to_etf(done.bool()),
-        to_etf(terminated.bool()),
-        time_dim=-2,
-    )
-    return adv.squeeze(-1).transpose(0, 1), target.squeeze(-1).transpose(0, 1)
-
-
-class LogStd(nn.Module):
-    """A state-independent log standard deviation ``weight [action_dim]``."""
-
-    def __init__(self, dim: int, init: float = 0.0) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.full((dim,), float(init)))
-
-    def forward(self) -> Tensor:
-        return self.weight
-
-
-class _IndependentNormal(torch.distributions.Independent):
-    """Diagonal Gaussian over the last dimension, built from keyword ``loc`` and ``scale``."""
-
-    def __init__(self, loc: Tensor, scale: Tensor) -> None:
-        super().__init__(torch.distributions.Normal(loc, scale), 1)
-
-    @property
-    def deterministic_sample(self) -> Tensor:
-        return self.mean
+_read_policy_state = read_policy_state  # the old private name (tests/test_security.py imports it from here)
 
 
 class PPO(L.LightningModule):
     """Proximal policy optimisation of a small actor-critic MLP on an RL task.
 
     Args:
-        task: a task name from :mod:`lightning_peft.rl_tasks` (``"CartPole-v1"``,
+        task: a task name from :mod:`lightning_peft.rl.tasks` (``"CartPole-v1"``,
             ``"CartPole-v1/long-pole"``, ``"Pendulum-v1?gravity=12"``, ``"metaworld/reach-v3"``).
             Only its observation and action spaces are used here; the datamodule runs the task.
         hidden_sizes: widths of the hidden layers of both the policy and the value network.
@@ -204,8 +94,8 @@ class PPO(L.LightningModule):
             ``configs/rl_base.yaml`` hands its base to ``configs/rl_lora.yaml``.
         cpu_threads: torch intra-op threads while fitting on CPU (restored afterwards). These
             MLPs see batches of a few hundred rows, where extra threads only add
-            synchronisation: on a 2-core machine two threads made a CartPole run 4x slower
-            (under load). ``None`` leaves torch's setting alone.
+            synchronisation (on small machines under load, markedly slower runs). ``None``
+            leaves torch's setting alone.
     """
 
     def __init__(
@@ -231,38 +121,16 @@ class PPO(L.LightningModule):
         cpu_threads: int | None = 1,
     ) -> None:
         super().__init__()
-        from lightning_peft.rl_tasks import get_task, task_spaces
+        from lightning_peft.rl.tasks import get_task, task_spaces
 
-        check_str("task", task)
-        if isinstance(hidden_sizes, (str, bytes)) or not isinstance(hidden_sizes, (list, tuple)) or not hidden_sizes:
-            raise InvalidArgumentTypeError("hidden_sizes", f"hidden_sizes must be a non-empty list of positive widths, e.g. [64, 64], got {hidden_sizes!r}")
-        hidden_sizes = [check_int(f"hidden_sizes[{i}]", h, low=1) for i, h in enumerate(hidden_sizes)]
-        check_choice("activation", activation, ("tanh", "relu"))
-        check_float("learning_rate", learning_rate, low=0.0, low_open=True)
-        check_choice("lr_schedule", lr_schedule, ("constant", "linear"))
-        for name, value in (("gamma", gamma), ("gae_lambda", gae_lambda), ("clip_epsilon", clip_epsilon)):
-            check_float(name, value, 0.0, 1.0, low_open=True)
-        check_float("value_coef", value_coef, low=0.0)
-        check_float("entropy_coef", entropy_coef, low=0.0)
-        for name, flag in (
-            ("normalize_advantage", normalize_advantage),
-            ("clip_value_loss", clip_value_loss),
-            ("normalize_observations", normalize_observations),
-        ):
-            check_bool(name, flag)
-        check_bool("update_obs_norm", update_obs_norm, allow_none=True)
-        check_float("init_log_std", init_log_std)
-        check_float("max_grad_norm", max_grad_norm, low=0.0, low_open=True, allow_none=True)
-        check_str("base_checkpoint", base_checkpoint, allow_none=True)
-        check_str("export_path", export_path, allow_none=True)
-        check_int("cpu_threads", cpu_threads, low=1, allow_none=True)
+        hidden_sizes = _check_args(**{k: v for k, v in locals().items() if k in _CHECKED})
         spec = get_task(task)  # unknown task -> ValueError listing the registered ones
         self.save_hyperparameters()
         self.hparams["hidden_sizes"] = hidden_sizes
         self.hparams["task"] = spec.name
 
         obs_space, act_space = task_spaces(spec)
-        self.observation_shape, self.action_kind, self.action_dim, low, high = _describe_spaces(
+        self.observation_shape, self.action_kind, self.action_dim, low, high = describe_spaces(
             spec.name, obs_space, act_space
         )
         obs_dim = self.observation_dim
@@ -270,8 +138,8 @@ class PPO(L.LightningModule):
 
         self.obs_norm = RunningObsNorm(obs_dim)
         self.normalize_observations = normalize_observations
-        self.policy = _mlp([obs_dim, *hidden_sizes, self.action_dim], act, out_gain=0.01)
-        self.value = _mlp([obs_dim, *hidden_sizes, 1], act, out_gain=1.0)
+        self.policy = mlp([obs_dim, *hidden_sizes, self.action_dim], act, out_gain=0.01)
+        self.value = mlp([obs_dim, *hidden_sizes, 1], act, out_gain=1.0)
         if self.action_kind == "continuous":
             self.log_std = LogStd(self.action_dim, init_log_std)
             self.register_buffer("action_low", torch.as_tensor(low, dtype=torch.float32))
@@ -321,10 +189,7 @@ class PPO(L.LightningModule):
         params = self.distribution_params(observation)
         if self.action_kind == "discrete":
             return torch.distributions.Categorical(logits=params)
-        return _IndependentNormal(*params)
-
-    def _value_column(self, observation: Tensor) -> Tensor:
-        return self.value(observation)  # [B, 1], the layout TorchRL's loss expects
+        return IndependentNormal(*params)
 
     def state_value(self, observation: Tensor) -> Tensor:
         """``V(s)`` ``[B]`` for normalised observations ``[B, D]``."""
@@ -390,62 +255,13 @@ class PPO(L.LightningModule):
 
     # ------------------------------------------------------------------ loss
     def _loss_module(self) -> Any:
-        """TorchRL's ``ClipPPOLoss`` over this module's networks.
+        """TorchRL's ``ClipPPOLoss`` over this module's networks (:func:`~lightning_peft.rl.objective.clip_ppo_loss`).
 
         Built lazily and kept out of the module tree (no second copy of the parameters in the
         ``state_dict``, and adapter targeting such as ``"all-linear"`` does not walk into it).
-        ``functional=False``: the loss calls :meth:`distribution_params` and ``self.value``
-        directly, so it always sees the current layers -- including adapter layers injected
-        after construction.
         """
         if self._ppo_loss is None:
-            from tensordict.nn import (
-                ProbabilisticTensorDictModule,
-                ProbabilisticTensorDictSequential,
-                TensorDictModule,
-            )
-            from torchrl.objectives import ClipPPOLoss
-
-            if self.action_kind == "discrete":
-                head = TensorDictModule(
-                    self.distribution_params, in_keys=["observation"], out_keys=["logits"]
-                )
-                dist_keys, dist_cls = ["logits"], torch.distributions.Categorical
-            else:
-                head = TensorDictModule(
-                    self.distribution_params, in_keys=["observation"], out_keys=["loc", "scale"]
-                )
-                dist_keys, dist_cls = ["loc", "scale"], _IndependentNormal
-            actor = ProbabilisticTensorDictSequential(
-                head,
-                ProbabilisticTensorDictModule(
-                    in_keys=dist_keys, out_keys=["action"], distribution_class=dist_cls
-                ),
-            )
-            critic = TensorDictModule(
-                self._value_column, in_keys=["observation"], out_keys=["state_value"]
-            )
-            hp = self.hparams
-            loss = ClipPPOLoss(
-                actor,
-                critic,
-                clip_epsilon=hp["clip_epsilon"],
-                entropy_bonus=True,
-                entropy_coeff=float(hp["entropy_coef"]),
-                critic_coeff=float(hp["value_coef"]),
-                loss_critic_type="l2",
-                normalize_advantage=hp["normalize_advantage"],
-                clip_value=bool(hp["clip_value_loss"]),
-                functional=False,
-            )
-            loss.set_keys(
-                action="action",
-                sample_log_prob="sample_log_prob",
-                value="state_value",
-                advantage="advantage",
-                value_target="value_target",
-            )
-            self.__dict__["_ppo_loss"] = loss  # bypasses nn.Module: not registered as a submodule
+            self.__dict__["_ppo_loss"] = clip_ppo_loss(self)  # bypasses nn.Module: not registered as a submodule
         loss = self._ppo_loss
         device = self.obs_norm.mean.device
         if loss.clip_epsilon.device != device:
@@ -458,38 +274,9 @@ class PPO(L.LightningModule):
         return state
 
     def ppo_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The PPO losses on a minibatch (keys as produced by the RL datamodule).
-
-        ``batch``: ``observation [B, D]`` (normalised), ``action [B]``/``[B, A]``,
-        ``sample_log_prob [B]``, ``advantage [B]``, ``value_target [B]``, ``state_value [B]``.
-        Returns ``loss`` (the total) and the terms ``loss_objective``, ``loss_critic``
-        (already times ``value_coef``), ``loss_entropy`` (already times ``-entropy_coef``) plus
-        diagnostics (``entropy``, ``clip_fraction``, ``kl_approx``, ``explained_variance``).
-        """
-        from tensordict import TensorDict
-
-        obs = batch["observation"]
-        n = obs.shape[0]
-        td = TensorDict(
-            {
-                "observation": obs,
-                "action": batch["action"],
-                "sample_log_prob": batch["sample_log_prob"],
-                "advantage": batch["advantage"].reshape(n, 1),
-                "value_target": batch["value_target"].reshape(n, 1),
-                "state_value": batch["state_value"].reshape(n, 1),
-            },
-            batch_size=[n],
-        )
-        out = self._loss_module()(td)
-        result = {key: value.reshape(()) if value.numel() == 1 else value for key, value in out.items()}
-        zero = result["loss_objective"].new_zeros(())
-        result.setdefault("loss_critic", zero)  # absent when value_coef == 0
-        result.setdefault("loss_entropy", zero)
-        result["loss"] = (
-            result["loss_objective"] + result["loss_critic"] + result["loss_entropy"]
-        )
-        return result
+        """The PPO losses on a minibatch (keys as produced by the RL datamodule); see
+        :func:`~lightning_peft.rl.objective.ppo_losses` for the keys in and out."""
+        return ppo_losses(self._loss_module(), batch)
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -533,9 +320,8 @@ class PPO(L.LightningModule):
         optimizer = torch.optim.Adam(params, lr=self.hparams["learning_rate"], eps=1e-5)
         max_steps = getattr(self.trainer, "max_steps", -1) if self._trainer is not None else -1
         if self.hparams["lr_schedule"] == "linear" and max_steps and max_steps > 0:
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: max(0.0, 1.0 - step / max_steps)
-            )
+            # factor 1 - step / max_steps, 0 from max_steps on
+            sched = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=max_steps)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return optimizer
 
@@ -565,7 +351,7 @@ class PPO(L.LightningModule):
         path = self.hparams.get("export_path")
         if not path or (self._trainer is not None and not self.trainer.is_global_zero):
             return
-        if set(self.state_dict()) != set(_plain_keys(self)):
+        if set(self.state_dict()) != set(plain_keys(self)):
             from lightning.pytorch.utilities import rank_zero_warn
 
             rank_zero_warn(
@@ -577,7 +363,7 @@ class PPO(L.LightningModule):
 
     # ------------------------------------------------------------------ files
     def policy_metadata(self) -> dict[str, str]:
-        allowed = _policy_hparam_names(PPO)
+        allowed = policy_hparam_names(PPO)
         hp = {k: v for k, v in self.hparams.items() if k in allowed}
         return {
             "format": POLICY_FORMAT,
@@ -594,7 +380,7 @@ class PPO(L.LightningModule):
         from safetensors.torch import save
 
         state = self.state_dict()
-        base_keys = set(_plain_keys(self))
+        base_keys = set(plain_keys(self))
         if set(state) != base_keys:
             extra = sorted(set(state) - base_keys)[:4]
             raise ValueError(
@@ -614,25 +400,9 @@ class PPO(L.LightningModule):
     def from_policy_file(cls, path: str | os.PathLike, task: str | None = None) -> PPO:
         """Rebuild a policy saved by :meth:`save_policy` (optionally for another task of the same
         family: same spaces, different physics)."""
-        from safetensors import safe_open
-
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"policy file {path!r} does not exist")
-        try:
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-        except Exception as error:  # noqa: BLE001 - SafetensorError & co: the file is unreadable
-            raise ValueError(f"policy file {path!r} is damaged or not a safetensors file ({error})") from error
-        if meta.get("format") != POLICY_FORMAT:
-            raise ValueError(f"{path!r} is not a policy file written by PPO.save_policy")
-        allowed = _policy_hparam_names(cls)
-        try:
-            saved = json.loads(meta.get("hparams", ""))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"policy file {path!r} is damaged: its 'hparams' metadata is not valid JSON ({error})") from error
-        if not isinstance(saved, dict):
-            raise ValueError(f"policy file {path!r} is damaged: its 'hparams' metadata is not a JSON object")
+        _, saved = read_policy_metadata(path)
+        allowed = policy_hparam_names(cls)
         hp = {k: v for k, v in saved.items() if k in allowed}
         if task is not None:
             hp["task"] = task
@@ -645,7 +415,7 @@ class PPO(L.LightningModule):
         observation/action shapes, other hidden sizes, or a file holding adapter tensors).
         """
         path = os.fspath(path)
-        state, source, saved_hp = _read_policy_state(path)
+        state, source, saved_hp = read_policy_state(path)
         # Settings that change the function without changing any tensor shape.
         for key in ("activation", "normalize_observations"):
             if key in saved_hp and saved_hp[key] != self.hparams[key]:
@@ -665,94 +435,44 @@ class PPO(L.LightningModule):
             )
         state = {k: state[k] for k in expected}
         self.load_state_dict(state, strict=True)
-        self.base_fingerprint = policy_fingerprint(state)
+        self.base_fingerprint = policy_fingerprint(self)
         self.base_source = f"{path} (task {source})"
 
 
-def policy_fingerprint(state: dict[str, Tensor]) -> str:
-    """A short exact hash of a policy's tensors (names, shapes, dtypes and every byte)."""
-    import hashlib
 
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _policy_hparam_names(cls: type[PPO]) -> set[str]:
-    """``cls.__init__`` arguments a policy file records: all but where the weights come from or go."""
-    import inspect
-
-    return set(inspect.signature(cls.__init__).parameters) - {"self", "base_checkpoint", "export_path"}
-
-
-def _plain_keys(module: PPO) -> list[str]:
-    """State-dict keys of an adapter-free policy: Linear layers at even Sequential indices."""
-    keys = [f"obs_norm.{b}" for b in ("mean", "var", "count")]
-    depth = len(module.hparams["hidden_sizes"]) + 1
-    for net in ("policy", "value"):
-        for i in range(depth):
-            keys += [f"{net}.{2 * i}.weight", f"{net}.{2 * i}.bias"]
-    if module.action_kind == "continuous":
-        keys += ["log_std.weight", "action_low", "action_high"]
-    return keys
-
-
-def _read_policy_state(path: str) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
-    """``(state, task, hyper-parameters)`` of a policy file or a Lightning checkpoint.
-
-    Nothing in the file is unpickled into live objects: a ``.ckpt`` is read with
-    :func:`lightning_peft.safe_load.load_checkpoint_tensors` (tensors and plain data only;
-    anything else it pickles comes back as an inert placeholder)."""
-    from lightning_peft.safe_load import load_checkpoint_tensors, read_safetensors, tensor_state_dict
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"base checkpoint {path!r} does not exist (train one with configs/rl_base.yaml, "
-            "which exports it via model.init_args.export_path)"
+def _check_args(
+    task: Any, hidden_sizes: Any, activation: Any, learning_rate: Any, lr_schedule: Any, gamma: Any, gae_lambda: Any,
+    clip_epsilon: Any, value_coef: Any, entropy_coef: Any, normalize_advantage: Any, clip_value_loss: Any,
+    normalize_observations: Any, update_obs_norm: Any, init_log_std: Any, max_grad_norm: Any, base_checkpoint: Any,
+    export_path: Any, cpu_threads: Any,
+) -> list[int]:
+    """Validate :class:`PPO`'s arguments (each error names the argument); returns the hidden sizes as a list."""
+    check_str("task", task)
+    if isinstance(hidden_sizes, (str, bytes)) or not isinstance(hidden_sizes, (list, tuple)) or not hidden_sizes:
+        raise InvalidArgumentTypeError(
+            "hidden_sizes", f"hidden_sizes must be a non-empty list of positive widths, e.g. [64, 64], got {hidden_sizes!r}"
         )
-    if path.endswith(".safetensors"):
-        state, meta = read_safetensors(path)
-        try:
-            hp = json.loads(meta.get("hparams", "{}"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"policy file {path!r} is damaged: its 'hparams' metadata is not valid JSON ({error})") from error
-        if not isinstance(hp, dict):
-            raise ValueError(f"policy file {path!r} is damaged: its 'hparams' metadata is not a JSON object")
-        return state, str(meta.get("task", "unknown")), hp
-    ckpt = load_checkpoint_tensors(path)
-    if "state_dict" not in ckpt:
-        raise ValueError(
-            f"base checkpoint {path!r} is neither a .safetensors policy file nor a Lightning "
-            "checkpoint with a 'state_dict'"
-        )
-    hp = ckpt.get("hyper_parameters", {}) or {}
-    hp = dict(hp) if isinstance(hp, dict) else {}
-    return tensor_state_dict(ckpt, path), str(hp.get("task", "unknown")), hp
+    hidden_sizes = [check_int(f"hidden_sizes[{i}]", h, low=1) for i, h in enumerate(hidden_sizes)]
+    check_choice("activation", activation, ("tanh", "relu"))
+    check_float("learning_rate", learning_rate, low=0.0, low_open=True)
+    check_choice("lr_schedule", lr_schedule, ("constant", "linear"))
+    for name, value in (("gamma", gamma), ("gae_lambda", gae_lambda), ("clip_epsilon", clip_epsilon)):
+        check_float(name, value, 0.0, 1.0, low_open=True)
+    check_float("value_coef", value_coef, low=0.0)
+    check_float("entropy_coef", entropy_coef, low=0.0)
+    for name, flag in (
+        ("normalize_advantage", normalize_advantage),
+        ("clip_value_loss", clip_value_loss),
+        ("normalize_observations", normalize_observations),
+    ):
+        check_bool(name, flag)
+    check_bool("update_obs_norm", update_obs_norm, allow_none=True)
+    check_float("init_log_std", init_log_std)
+    check_float("max_grad_norm", max_grad_norm, low=0.0, low_open=True, allow_none=True)
+    check_str("base_checkpoint", base_checkpoint, allow_none=True)
+    check_str("export_path", export_path, allow_none=True)
+    check_int("cpu_threads", cpu_threads, low=1, allow_none=True)
+    return hidden_sizes
 
 
-def _describe_spaces(task: str, obs_space: Any, act_space: Any) -> tuple[
-    tuple[int, ...], str, int, Any, Any
-]:
-    """Observation shape, action kind, action dim (or number of actions) and bounds."""
-    from gymnasium import spaces
-
-    if not isinstance(obs_space, spaces.Box):
-        raise ValueError(
-            f"task {task!r}: PPO's MLP policy needs a Box observation space, got {obs_space}"
-        )
-    if isinstance(act_space, spaces.Discrete):
-        return tuple(obs_space.shape), "discrete", int(act_space.n), None, None
-    if isinstance(act_space, spaces.Box) and len(act_space.shape) == 1:
-        return (
-            tuple(obs_space.shape),
-            "continuous",
-            int(act_space.shape[0]),
-            np.asarray(act_space.low, dtype=np.float32),
-            np.asarray(act_space.high, dtype=np.float32),
-        )
-    raise ValueError(
-        f"task {task!r}: PPO supports Discrete or 1-D Box action spaces, got {act_space}"
-    )
+_CHECKED = frozenset(inspect.signature(_check_args).parameters)

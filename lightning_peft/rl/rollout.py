@@ -28,7 +28,7 @@ Each minibatch is a dict::
                      ``info["success"]`` (Meta-World), ``episodes`` and ``env_steps`` so far.
 
 The module needs ``rollout_step``, ``state_value``, ``normalize``, ``compute_advantages``,
-``observation_shape``, ``action_kind`` and ``action_dim`` (:class:`~lightning_peft.modules.ppo.PPO`
+``observation_shape``, ``action_kind`` and ``action_dim`` (:class:`~lightning_peft.rl.ppo.PPO`
 has them).
 """
 
@@ -57,13 +57,13 @@ def check_policy_fits_task(module: Any, task: str) -> None:
     """Raise ``ValueError`` when ``module``'s observation/action shapes do not fit ``task``."""
     from gymnasium import spaces
 
-    from lightning_peft.rl_tasks import get_task, task_spaces
+    from lightning_peft.rl.tasks import get_task, task_spaces
 
     missing = [name for name in _REQUIRED if not hasattr(module, name)]
     if missing:
         raise TypeError(
             f"RLDataModule needs a policy module with {list(_REQUIRED)}; "
-            f"{type(module).__name__} lacks {missing}. Use lightning_peft.modules.ppo.PPO."
+            f"{type(module).__name__} lacks {missing}. Use lightning_peft.rl.ppo.PPO."
         )
     spec = get_task(task)
     obs_space, act_space = task_spaces(spec)
@@ -198,7 +198,7 @@ class RolloutDataset(IterableDataset):
 
     def _ensure_env(self) -> None:
         if self.env is None:
-            from lightning_peft.rl_tasks import make_vector_env
+            from lightning_peft.rl.tasks import make_vector_env
 
             self.env = make_vector_env(self.task, self.num_envs, seed=self.seed)
             self._obs, _ = self.env.reset(seed=self.seed)
@@ -291,7 +291,7 @@ class RLDataModule(L.LightningDataModule):
     """Rollouts of ``task`` collected each epoch by the LightningModule's current policy.
 
     Args:
-        task: a task name from :mod:`lightning_peft.rl_tasks` (unknown names raise
+        task: a task name from :mod:`lightning_peft.rl.tasks` (unknown names raise
             ``ValueError`` listing the registered ones). Must have the observation and action
             shapes of the model's task (checked at ``setup``, before anything is written).
         num_envs: environments stepped in lock-step (``gymnasium.vector.SyncVectorEnv``).
@@ -317,7 +317,7 @@ class RLDataModule(L.LightningDataModule):
         normalize_rewards: bool = False,
     ) -> None:
         super().__init__()
-        from lightning_peft.rl_tasks import get_task
+        from lightning_peft.rl.tasks import get_task
 
         check_str("task", task)
         for name, value in (
@@ -410,7 +410,7 @@ def evaluate_policy(
     ``module.predict`` and return ``mean_return``, ``std_return``, ``returns`` and, where the
     environment reports ``info["success"]``, ``success_rate``. Observation statistics are not
     updated."""
-    from lightning_peft.rl_tasks import make_env
+    from lightning_peft.rl.tasks import make_env
 
     check_policy_fits_task(module, task)
     was_training = module.training

@@ -186,7 +186,7 @@ def _unknown_task_error(name: str) -> ValueError:
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     return ValueError(
         f"unknown RL task {name!r}.{hint} Registered tasks: {', '.join(names)}. "
-        "Register a new one with lightning_peft.rl_tasks.register_task(name, env_id, physics), "
+        "Register a new one with lightning_peft.rl.tasks.register_task(name, env_id, physics), "
         "or add physics overrides inline: 'CartPole-v1?length=1.0'."
     )
 

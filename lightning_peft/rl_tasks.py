@@ -1,0 +1,9 @@
+"""Old import path of :mod:`lightning_peft.rl.tasks` (kept so configs, adapter files and user code that name
+``lightning_peft.rl_tasks`` keep resolving). This name *is* that module: private names and monkeypatching
+reach the same object."""
+
+import sys
+
+from lightning_peft.rl import tasks as _moved
+
+sys.modules[__name__] = _moved
