@@ -10,6 +10,7 @@ import torch
 from lightning_peft.modules import (
     Schedule,
     _check_optim_args,
+    accuracy_metrics,
     apply_base_state_dict,
     check_num_classes,
     classification_step,
@@ -76,6 +77,7 @@ class ImageClassifier(L.LightningModule):
             )
         self.model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
         self.num_classes = num_classes
+        self.accuracy = accuracy_metrics(num_classes)
         if base_checkpoint is not None:
             apply_base_state_dict(self.model, load_base_state_dict(base_checkpoint), base_checkpoint)
 
@@ -88,7 +90,7 @@ class ImageClassifier(L.LightningModule):
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
         images, labels = batch
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
-        return classification_step(self, self(images), labels, stage, label_smoothing=smoothing)
+        return classification_step(self, self(images), labels, stage, self.accuracy[f"{stage}_acc"], label_smoothing=smoothing)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
