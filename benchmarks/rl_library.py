@@ -54,8 +54,8 @@ sys.path.insert(0, str(REPO))
 
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-from lightning_peft.datamodules.rl import RLDataModule, evaluate_policy  # noqa: E402
-from lightning_peft.modules.ppo import PPO  # noqa: E402
+from lightning_peft.rl.rollout import RLDataModule, evaluate_policy  # noqa: E402
+from lightning_peft.rl.ppo import PPO  # noqa: E402
 
 # PPO settings shared by every run of one environment (base training and both fine-tunings).
 PPO_SETTINGS: dict[str, dict[str, Any]] = {
@@ -144,7 +144,7 @@ def measure_library(work: Path, sizes: list[int], ranks: list[int], hidden_list:
     from safetensors.torch import load_file
 
     from lightning_peft import PolicyLibrary
-    from lightning_peft.rl_tasks import task_family
+    from lightning_peft.rl.tasks import task_family
 
     rows = []
     for hidden in hidden_list:

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_peft.rl.normalization import RunningReturnScale
 from lightning_peft.validation import check_bool, check_int, check_str
 
 __all__ = ["RLDataModule", "RolloutDataset", "evaluate_policy", "check_policy_fits_task"]
@@ -140,26 +141,6 @@ class _EpisodeTracker:
         return out
 
 
-class _RunningReturnScale:
-    """Scale rewards by the running std of the discounted return (as gymnasium's
-    ``NormalizeReward``), which keeps value targets O(1) for tasks like Pendulum."""
-
-    def __init__(self, num_envs: int, gamma: float) -> None:
-        self.ret = np.zeros(num_envs)
-        self.gamma = gamma
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
-
-    def __call__(self, reward: np.ndarray, done: np.ndarray) -> np.ndarray:
-        self.ret = self.ret * self.gamma + reward
-        n, bm, bv = len(self.ret), float(self.ret.mean()), float(self.ret.var())
-        delta, total = bm - self.mean, self.count + n
-        self.mean += delta * n / total
-        self.var = (self.var * self.count + bv * n + delta**2 * self.count * n / total) / total
-        self.count = total
-        self.ret[done] = 0.0
-        return reward / math.sqrt(self.var + 1e-8)
-
-
 class RolloutDataset(IterableDataset):
     """Iterating once = one rollout with the current policy, then its PPO minibatches."""
 
@@ -188,7 +169,7 @@ class RolloutDataset(IterableDataset):
         self.tracker = _EpisodeTracker(num_envs, episode_window)
         self.env_steps = 0
         self.rollouts = 0
-        self._reward_scale: _RunningReturnScale | None = None
+        self._reward_scale: RunningReturnScale | None = None
         self._rng = torch.Generator().manual_seed(seed)
 
     def close(self) -> None:
@@ -216,7 +197,7 @@ class RolloutDataset(IterableDataset):
         dones = np.zeros((T, E), dtype=bool)
         terms = np.zeros((T, E), dtype=bool)
         if self.normalize_rewards and self._reward_scale is None:
-            self._reward_scale = _RunningReturnScale(E, float(module.hparams.get("gamma", 0.99)))
+            self._reward_scale = RunningReturnScale(E, float(module.hparams.get("gamma", 0.99)))
         for t in range(T):
             step = module.rollout_step(self._obs)
             env_action = step["env_action"].cpu().numpy()
