@@ -30,6 +30,7 @@ __all__ = sorted(
         "apply_base_state_dict",
         "check_datamodule_fits",
         "check_num_classes",
+        "check_optim_args",
         "classification_step",
         "configure_adamw",
         "load_base_state_dict",
@@ -40,7 +41,8 @@ __all__ = sorted(
 Schedule = Literal["constant", "linear", "cosine"]
 
 
-def _check_optim_args(lr: float, weight_decay: float, warmup_steps: int, schedule: str = "constant") -> None:
+def check_optim_args(lr: float, weight_decay: float, warmup_steps: int, schedule: str = "constant") -> None:
+    """Validate the optimizer arguments every ready module takes (errors name the argument)."""
     from lightning_peft.validation import check_choice, check_float, check_int
 
     check_float("lr", lr, low=0.0, low_open=True)

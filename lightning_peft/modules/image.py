@@ -9,10 +9,10 @@ import torch
 
 from lightning_peft.modules import (
     Schedule,
-    _check_optim_args,
     accuracy_metrics,
     apply_base_state_dict,
     check_num_classes,
+    check_optim_args,
     classification_step,
     configure_adamw,
     load_base_state_dict,
@@ -60,7 +60,7 @@ class ImageClassifier(L.LightningModule):
         check_int("num_classes", num_classes, low=1)
         check_mapping("model_kwargs", model_kwargs, lambda key, v: v)
         check_str("base_checkpoint", base_checkpoint, allow_none=True)
-        _check_optim_args(lr, weight_decay, warmup_steps, schedule)
+        check_optim_args(lr, weight_decay, warmup_steps, schedule)
         check_float("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
         self.save_hyperparameters()
         import timm

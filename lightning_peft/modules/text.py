@@ -9,12 +9,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_peft.datamodules.text import _offline, default_text_model_path
+from lightning_peft.datamodules.text import default_text_model_path, hub_offline
 from lightning_peft.modules import (
     Schedule,
-    _check_optim_args,
     accuracy_metrics,
     check_num_classes,
+    check_optim_args,
     classification_step,
     configure_adamw,
 )
@@ -26,7 +26,7 @@ def build_transformers_model(
 ) -> nn.Module:
     """``transformers.<auto_class>`` from a local directory, or randomly initialised from a
     config dict (``{"model_type": "bert", "hidden_size": 32, ...}``); exactly one of the two."""
-    _offline()
+    hub_offline()
     import transformers
 
     auto = getattr(transformers, auto_class)
@@ -106,7 +106,7 @@ class TextClassifier(L.LightningModule):
         check_choice("pooling", pooling, ("mean", "cls"))
         check_float("encoder_dropout", encoder_dropout, 0.0, 1.0, high_open=True, allow_none=True)
         check_float("classifier_dropout", classifier_dropout, 0.0, 1.0, high_open=True)
-        _check_optim_args(lr, weight_decay, warmup_steps, schedule)
+        check_optim_args(lr, weight_decay, warmup_steps, schedule)
         self.save_hyperparameters()
         default_path = default_text_model_path() if model_path is None and config is None else None
         self.encoder = build_transformers_model("AutoModel", model_path, config, default_path)
