@@ -7,13 +7,16 @@ names here are imported lazily.
 
 =====================  ==================================================================
 ``rl.tasks``           task names -> gymnasium environments with physics overrides
-``rl.normalization``   running observation statistics (``RunningObsNorm``)
+``rl.normalization``   running observation statistics, reward scaling, one moment update
 ``rl.networks``        the actor-critic MLPs, the Gaussian head, space description
 ``rl.objective``       GAE and TorchRL's clipped PPO loss over a ``PPO`` module
 ``rl.policy_file``     policy files: format, fingerprint, reading policies and checkpoints
 ``rl.ppo``             the ``PPO`` LightningModule
 ``rl.rollout``         ``RLDataModule``: rollouts from vector environments; ``evaluate_policy``
 ``rl.library``         ``PolicyLibrary``: one base, many task adapters, one live policy
+``rl.library_store``   the library's index, its format, paths kept inside the root
+``rl.library_layout``  adapter layouts: recorded, rebuilt through the registry, checked
+``rl.library_report``  the library's byte accounting
 =====================  ==================================================================
 """
 
