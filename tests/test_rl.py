@@ -266,7 +266,8 @@ def test_episode_returns_are_tracked_per_environment():
 
 def test_mismatched_shapes_are_refused_and_nothing_written(tmp_path: Path, base_file: Path):
     model = PPO("CartPole-v1")
-    with pytest.raises(ValueError, match=r"task 'Pendulum-v1' does not fit the policy \(built for task 'CartPole-v1'\).*observation shape \(3,\)"):
+    message = r"task 'Pendulum-v1' does not fit the policy \(built for task 'CartPole-v1'\).*observation shape \(3,\)"
+    with pytest.raises(ValueError, match=message):
         RLDataModule("Pendulum-v1").attach(model)
     root = tmp_path / "run"
     trainer = L.Trainer(default_root_dir=root, max_steps=2, enable_progress_bar=False, enable_model_summary=False)
@@ -274,10 +275,12 @@ def test_mismatched_shapes_are_refused_and_nothing_written(tmp_path: Path, base_
         trainer.fit(model, RLDataModule("Acrobot-v1"))
     assert _files(root) == []
     # a base checkpoint from another environment
-    with pytest.raises(ValueError, match=r"base checkpoint .*base.safetensors' \(task 'CartPole-v1'\) does not fit this PPO policy \(task 'Acrobot-v1'"):
+    message = r"base checkpoint .*base.safetensors' \(task 'CartPole-v1'\) does not fit this PPO policy \(task 'Acrobot-v1'"
+    with pytest.raises(ValueError, match=message):
         PPO("Acrobot-v1", base_checkpoint=str(base_file), normalize_observations=False)
     # same shapes, different function: refused too
-    with pytest.raises(ValueError, match=r"trained with normalize_observations=False, but this PPO policy .* has normalize_observations=True"):
+    message = r"trained with normalize_observations=False, but this PPO policy .* has normalize_observations=True"
+    with pytest.raises(ValueError, match=message):
         PPO("CartPole-v1", base_checkpoint=str(base_file))
     with pytest.raises(ValueError, match="activation='tanh'"):
         PPO("CartPole-v1", base_checkpoint=str(base_file), normalize_observations=False, activation="relu")
