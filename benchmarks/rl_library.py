@@ -54,8 +54,8 @@ sys.path.insert(0, str(REPO))
 
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-from lightning_peft.datamodules.rl import RLDataModule, evaluate_policy  # noqa: E402
-from lightning_peft.modules.ppo import PPO  # noqa: E402
+from lightning_peft.rl.ppo import PPO  # noqa: E402
+from lightning_peft.rl.rollout import RLDataModule, evaluate_policy  # noqa: E402
 
 # PPO settings shared by every run of one environment (base training and both fine-tunings).
 PPO_SETTINGS: dict[str, dict[str, Any]] = {
@@ -144,7 +144,7 @@ def measure_library(work: Path, sizes: list[int], ranks: list[int], hidden_list:
     from safetensors.torch import load_file
 
     from lightning_peft import PolicyLibrary
-    from lightning_peft.rl_tasks import task_family
+    from lightning_peft.rl.tasks import task_family
 
     rows = []
     for hidden in hidden_list:
@@ -158,7 +158,7 @@ def measure_library(work: Path, sizes: list[int], ranks: list[int], hidden_list:
                 lib = PolicyLibrary(root, base=base_path)
                 tasks = task_family("CartPole-v1", "length", [0.3 + 0.02 * i for i in range(n)])
                 template = adapted_copy(base_path, tasks[0], rank, seed=0)
-                for i, task in enumerate(tasks):
+                for task in tasks:
                     with torch.no_grad():  # a different adapter per task, one model built
                         for p in template.parameters():
                             if p.requires_grad:
@@ -169,13 +169,13 @@ def measure_library(work: Path, sizes: list[int], ranks: list[int], hidden_list:
                 # activation from memory: every adapter read once, then switch between tasks
                 for task in tasks:
                     lib.activate(task)
-                cached = _timed(lambda i: lib.activate(tasks[i % n]), 100)
+                cached = _timed(lambda i: lib.activate(tasks[i % n]), 100)  # noqa: B023 - timed at once, inside this iteration
                 cold_lib = PolicyLibrary(root, cache=False)  # every activation reads its file
                 cold_lib.activate(tasks[0])
-                cold = _timed(lambda i: cold_lib.activate(tasks[i % n]), 100)
+                cold = _timed(lambda i: cold_lib.activate(tasks[i % n]), 100)  # noqa: B023 - timed at once, inside this iteration
                 state = {k: v.clone() for k, v in base.state_dict().items()}
-                full_mem = _timed(lambda i: base.load_state_dict(state), 100)
-                full_disk = _timed(lambda i: base.load_state_dict(load_file(str(base_path))), 100)
+                full_mem = _timed(lambda i: base.load_state_dict(state), 100)  # noqa: B023 - timed at once, inside this iteration
+                full_disk = _timed(lambda i: base.load_state_dict(load_file(str(base_path))), 100)  # noqa: B023 - timed at once, inside this iteration
                 rows.append(
                     {
                         "hidden_sizes": hidden,
@@ -222,9 +222,9 @@ def measure_activation_scaling(work: Path, hidden_list: list[list[int]], rank: i
                 "rank": rank,
                 "adapter_tensor_bytes": lib.report()["mean_adapter_bytes"],
                 "full_copy_tensor_bytes": tensor_bytes(state),
-                "activate_cached_median_us": _timed(lambda i: lib.activate(tasks[i % 3]), 50),
-                "activate_merged_median_us": _timed(lambda i: lib.activate(tasks[i % 3], merge=True), 20),
-                "copy_full_policy_median_us": _timed(lambda i: base.load_state_dict(state), 20),
+                "activate_cached_median_us": _timed(lambda i: lib.activate(tasks[i % 3]), 50),  # noqa: B023 - timed at once, inside this iteration
+                "activate_merged_median_us": _timed(lambda i: lib.activate(tasks[i % 3], merge=True), 20),  # noqa: B023 - timed at once, inside this iteration
+                "copy_full_policy_median_us": _timed(lambda i: base.load_state_dict(state), 20),  # noqa: B023 - timed at once, inside this iteration
             }
         )
         lib.activate_base()

@@ -26,13 +26,14 @@ _EXPORTS = {
     "load_adapter": "lightning_peft.io",
     "merge_adapter": "lightning_peft.io",
     "unmerge_adapter": "lightning_peft.io",
+    "remove_adapter": "lightning_peft.io",
     "register_adapter": "lightning_peft.adapters.registry",
     # Lightning integration
     "AdapterCallback": "lightning_peft.callbacks.adapter",
     "AdaptiveCheckpointCallback": "lightning_peft.callbacks.adaptive_checkpoint",
     "ExpertImportanceCallback": "lightning_peft.callbacks.expert_importance",
     "AdapterFSDP2Strategy": "lightning_peft.strategies",
-    "PolicyLibrary": "lightning_peft.policy_library",
+    "PolicyLibrary": "lightning_peft.rl.library",
 }
 
 __all__ = sorted(_EXPORTS)

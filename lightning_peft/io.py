@@ -437,3 +437,27 @@ def _remove_adapters(root: nn.Module) -> None:
         if isinstance(module, AdapterLayer):
             root.set_submodule(name, module.base_layer)
     root.__dict__.pop(RECORD_ATTRIBUTE, None)
+
+
+def remove_adapter(model: nn.Module) -> int:
+    """Undo ``apply_adapter`` (or ``load_adapter``) on ``model`` or any module containing the one
+    it was applied to: every adapter layer is unmerged if merged and replaced by the
+    ``base_layer`` it wraps, the adapter record is dropped, and every parameter is frozen again
+    (``requires_grad=False``, as ``apply_adapter`` left the base). Returns how many adapter
+    layers were removed; a model without adapters raises ``ValueError``.
+
+    Not undone: a ``norm_stats="freeze"`` hook keeps its normalisation layers on their running
+    statistics."""
+    found = adapter_record(model)
+    layers = adapter_layers(model)
+    if found is None and not layers:
+        raise ValueError(f"{type(model).__name__} has no adapters to remove")
+    for name, layer in layers.items():
+        if layer.merged:
+            layer.unmerge()  # the base weight gets its exact value back before it is put back
+        model.set_submodule(name, layer.base_layer)
+    if found is not None:
+        prefix = found[0]
+        (model.get_submodule(prefix) if prefix else model).__dict__.pop(RECORD_ATTRIBUTE, None)
+    model.requires_grad_(False)
+    return len(layers)

@@ -312,3 +312,41 @@ def test_fast_dev_run_with_lora_callback(tmp_path, make_model, make_data, target
         base_name = name.replace(".base_layer.", ".")
         if not p.requires_grad and base_name in frozen_before:
             assert torch.equal(p, frozen_before[base_name]), name
+
+
+def _multiplier(step: int, warmup: int, schedule: str, total: int | None) -> float:
+    """The schedule as a formula (what a hand-written LambdaLR computed before torch's schedulers)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total is None:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 1, 2, 5])
+@pytest.mark.parametrize("total", [1, 3, 10, 37])
+def test_torch_schedulers_give_the_multiplier_formula(schedule, warmup, total):
+    from lightning_peft.modules import warmup_schedule
+
+    if schedule == "constant" and warmup == 0:
+        pytest.skip("no scheduler at all")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = warmup_schedule(optimizer, warmup, schedule, None if schedule == "constant" else total)
+    for step in range(total):
+        assert scheduler.get_last_lr()[0] == pytest.approx(2.0 * _multiplier(step, warmup, schedule, total), abs=1e-9)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_accuracy_is_a_torchmetrics_metric_outside_the_state_dict():
+    from torchmetrics.classification import MulticlassAccuracy
+
+    model = ImageClassifier(num_classes=3, model_kwargs=VIT_KWARGS)
+    assert all(isinstance(m, MulticlassAccuracy) for m in model.accuracy.values())
+    assert not [k for k in model.state_dict() if k.startswith("accuracy")]
+    metric = model.accuracy["val_acc"]
+    metric(torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), torch.tensor([0, 2]))
+    metric(torch.tensor([[0.0, 0.0, 3.0]]), torch.tensor([2]))
+    assert float(metric.compute()) == pytest.approx(2 / 3)  # correct / total over the epoch, not a mean of batch means

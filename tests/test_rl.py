@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -14,9 +15,9 @@ import pytest
 import torch
 import torchrl  # noqa: F401  (a test dependency: fail loudly if missing)
 
-from lightning_peft.datamodules.rl import RLDataModule, evaluate_policy  # noqa: E402
-from lightning_peft.modules.ppo import PPO, gae  # noqa: E402
-from lightning_peft.rl_tasks import (  # noqa: E402
+from lightning_peft.rl.ppo import PPO, gae  # noqa: E402
+from lightning_peft.rl.rollout import RLDataModule, evaluate_policy  # noqa: E402
+from lightning_peft.rl.tasks import (  # noqa: E402
     get_task,
     make_env,
     registered_tasks,
@@ -265,7 +266,8 @@ def test_episode_returns_are_tracked_per_environment():
 
 def test_mismatched_shapes_are_refused_and_nothing_written(tmp_path: Path, base_file: Path):
     model = PPO("CartPole-v1")
-    with pytest.raises(ValueError, match=r"task 'Pendulum-v1' does not fit the policy \(built for task 'CartPole-v1'\).*observation shape \(3,\)"):
+    message = r"task 'Pendulum-v1' does not fit the policy \(built for task 'CartPole-v1'\).*observation shape \(3,\)"
+    with pytest.raises(ValueError, match=message):
         RLDataModule("Pendulum-v1").attach(model)
     root = tmp_path / "run"
     trainer = L.Trainer(default_root_dir=root, max_steps=2, enable_progress_bar=False, enable_model_summary=False)
@@ -273,10 +275,12 @@ def test_mismatched_shapes_are_refused_and_nothing_written(tmp_path: Path, base_
         trainer.fit(model, RLDataModule("Acrobot-v1"))
     assert _files(root) == []
     # a base checkpoint from another environment
-    with pytest.raises(ValueError, match=r"base checkpoint .*base.safetensors' \(task 'CartPole-v1'\) does not fit this PPO policy \(task 'Acrobot-v1'"):
+    message = r"base checkpoint .*base.safetensors' \(task 'CartPole-v1'\) does not fit this PPO policy \(task 'Acrobot-v1'"
+    with pytest.raises(ValueError, match=message):
         PPO("Acrobot-v1", base_checkpoint=str(base_file), normalize_observations=False)
     # same shapes, different function: refused too
-    with pytest.raises(ValueError, match=r"trained with normalize_observations=False, but this PPO policy .* has normalize_observations=True"):
+    message = r"trained with normalize_observations=False, but this PPO policy .* has normalize_observations=True"
+    with pytest.raises(ValueError, match=message):
         PPO("CartPole-v1", base_checkpoint=str(base_file))
     with pytest.raises(ValueError, match="activation='tanh'"):
         PPO("CartPole-v1", base_checkpoint=str(base_file), normalize_observations=False, activation="relu")
@@ -508,7 +512,7 @@ def test_ppo_learns_cartpole(tmp_path: Path):
 
 
 def test_success_rate_is_logged_where_the_environment_reports_it():
-    from lightning_peft.datamodules.rl import _EpisodeTracker
+    from lightning_peft.rl.rollout import _EpisodeTracker
 
     tracker = _EpisodeTracker(num_envs=3, window=10)
     ok = np.ones(3, dtype=bool)
@@ -525,3 +529,72 @@ def test_success_rate_is_logged_where_the_environment_reports_it():
     assert stats["episodes"] == 3 and stats["episode_return"] == 2.0
     assert stats["success_rate"] == pytest.approx(2 / 3)  # envs 0 and 1 succeeded, env 2 did not
     assert "success_rate" not in _EpisodeTracker(1, 10).stats()
+
+
+# ------------------------------------------------------------------------- layout of lightning_peft.rl
+def test_old_import_paths_and_config_class_paths_resolve_to_lightning_peft_rl():
+    import importlib
+
+    import lightning_peft
+    import lightning_peft.datamodules as datamodules
+    import lightning_peft.modules as modules
+    from lightning_peft.rl import library, ppo, rollout, tasks
+
+    old_new = {
+        "lightning_peft.modules.ppo": ppo,
+        "lightning_peft.datamodules.rl": rollout,
+        "lightning_peft.rl_tasks": tasks,
+        "lightning_peft.policy_library": library,
+    }
+    for old, new in old_new.items():
+        assert importlib.import_module(old) is new  # the same module: private names and registries too
+    assert modules.PPO is ppo.PPO and datamodules.RLDataModule is rollout.RLDataModule
+    assert lightning_peft.PolicyLibrary is library.PolicyLibrary
+    for config in sorted((REPO / "configs").glob("rl_*.yaml")):
+        text = config.read_text()
+        assert "lightning_peft.rl.ppo.PPO" in text and "lightning_peft.rl.rollout.RLDataModule" in text, config.name
+
+
+def test_the_core_never_imports_lightning_peft_rl():
+    import subprocess
+
+    code = (
+        "import sys, lightning_peft, lightning_peft.io, lightning_peft.targeting, lightning_peft.callbacks.adapter, "
+        "lightning_peft.modules, lightning_peft.datamodules, lightning_peft.strategies\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('lightning_peft.rl', 'gymnasium', 'torchrl')))\n"
+        "assert not bad, bad"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_ppo_linear_schedule_is_one_minus_step_over_max_steps():
+    model = PPO("CartPole-v1", lr_schedule="linear", learning_rate=1.0)
+    model.trainer = L.Trainer(max_steps=7, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    for step in range(10):
+        assert scheduler.get_last_lr()[0] == pytest.approx(max(0.0, 1.0 - step / 7), abs=1e-9)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_policy_library_of_the_old_format_is_refused_with_how_to_rebuild(tmp_path: Path, base_file: Path):
+    from lightning_peft import PolicyLibrary
+
+    lib = PolicyLibrary(tmp_path / "lib", base=str(base_file))
+    index = json.loads((lib.root / "index.json").read_text())
+    index["format"] = "lightning_peft.policy_library/1"
+    (lib.root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"older lightning-peft.*Rebuild the library"):
+        PolicyLibrary(lib.root)
+
+
+def test_policy_library_fingerprint_is_the_core_scheme(base_file: Path):
+    from lightning_peft.rl.policy_file import policy_fingerprint
+    from lightning_peft.targeting import combine_fingerprints, module_fingerprint
+
+    model = PPO.from_policy_file(base_file)
+    linear = {n: module_fingerprint(m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert model.base_fingerprint == policy_fingerprint(model) == combine_fingerprints(linear)

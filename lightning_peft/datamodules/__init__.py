@@ -1,4 +1,4 @@
-"""Ready LightningDataModules on offline data (digits, BBC News).
+"""Ready LightningDataModules on offline data (digits, BBC News); ``RLDataModule`` from :mod:`lightning_peft.rl`.
 
 Imported lazily so ``import lightning_peft.datamodules`` costs nothing until a class is used.
 """
@@ -11,6 +11,7 @@ _EXPORTS = {
     "BBCNewsDataModule": "lightning_peft.datamodules.text",
     "BBCLanguageModelingDataModule": "lightning_peft.datamodules.text",
     "load_bbc_news": "lightning_peft.datamodules.text",
+    "RLDataModule": "lightning_peft.rl.rollout",  # lives in lightning_peft.rl (the rl extra)
 }
 
 __all__ = sorted(_EXPORTS)

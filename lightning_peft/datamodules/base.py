@@ -50,7 +50,8 @@ def stratified_split(
     return sorted(train_idx), sorted(val_idx), sorted(test_idx)
 
 
-def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Validate the validation/test split fractions (each in ``[0, 1)``, together below 1)."""
     from lightning_peft.validation import InvalidArgumentError, check_float
 
     check_float("val_fraction", val_fraction, 0.0, 1.0, high_open=True)
@@ -63,7 +64,8 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
-def _check_loader_args(batch_size: int, eval_batch_size: int | None, seed: int, num_workers: int) -> None:
+def check_loader_args(batch_size: int, eval_batch_size: int | None, seed: int, num_workers: int) -> None:
+    """Validate the data-loader arguments every ready datamodule takes."""
     from lightning_peft.validation import check_int
 
     check_int("batch_size", batch_size, low=1)

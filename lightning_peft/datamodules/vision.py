@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_peft.datamodules.base import SplitDataModule, _check_fractions, _check_loader_args, stratified_split
+from lightning_peft.datamodules.base import SplitDataModule, check_fractions, check_loader_args, stratified_split
 from lightning_peft.validation import InvalidArgumentError, InvalidArgumentTypeError, check_int
 
 # Statistics of ``load_digits().images / 16`` over all 1,797 images. They are fixed constants
@@ -51,8 +51,8 @@ class DigitsDataModule(SplitDataModule):
     ) -> None:
         super().__init__()
         check_int("image_size", image_size, low=1)
-        _check_loader_args(batch_size, eval_batch_size, seed, num_workers)
-        _check_fractions(val_fraction, test_fraction)
+        check_loader_args(batch_size, eval_batch_size, seed, num_workers)
+        check_fractions(val_fraction, test_fraction)
         if classes is not None:
             if isinstance(classes, (str, bytes)) or not isinstance(classes, (list, tuple)):
                 raise InvalidArgumentTypeError("classes", f"classes must be a list of digits 0-9 or None, got {classes!r}")

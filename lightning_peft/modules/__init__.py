@@ -20,24 +20,29 @@ _EXPORTS = {
     "ImageClassifier": "lightning_peft.modules.image",
     "TextClassifier": "lightning_peft.modules.text",
     "CausalLM": "lightning_peft.modules.causal_lm",
+    "PPO": "lightning_peft.rl.ppo",  # lives in lightning_peft.rl (the rl extra); named here by configs and users
 }
 
 __all__ = sorted(
     [
         *_EXPORTS,
+        "accuracy_metrics",
         "apply_base_state_dict",
         "check_datamodule_fits",
         "check_num_classes",
+        "check_optim_args",
         "classification_step",
         "configure_adamw",
         "load_base_state_dict",
+        "warmup_schedule",
     ]
 )
 
 Schedule = Literal["constant", "linear", "cosine"]
 
 
-def _check_optim_args(lr: float, weight_decay: float, warmup_steps: int, schedule: str = "constant") -> None:
+def check_optim_args(lr: float, weight_decay: float, warmup_steps: int, schedule: str = "constant") -> None:
+    """Validate the optimizer arguments every ready module takes (errors name the argument)."""
     from lightning_peft.validation import check_choice, check_float, check_int
 
     check_float("lr", lr, low=0.0, low_open=True)
@@ -89,18 +94,27 @@ def configure_adamw(
             "trainer.max_epochs, or use schedule='constant'."
         )
 
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant" or total is None:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
-        if schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    scheduler = warmup_schedule(optimizer, warmup_steps, schedule, total)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_schedule(optimizer: Any, warmup_steps: int, schedule: Schedule, total: int | None) -> Any:
+    """Torch's schedulers for ``configure_adamw``'s multiplier: ``LinearLR`` from ``1 / W`` to 1
+    over the warmup (``(t + 1) / W``), then ``LinearLR`` to 0 (linear) or ``CosineAnnealingLR``
+    (cosine) over the ``T - W`` remaining steps, chained by ``SequentialLR`` at step ``W``."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    decay_steps = max(1, (total or 0) - warmup_steps)
+    parts = []
+    if warmup_steps:
+        parts.append(LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=max(1, warmup_steps - 1)))
+    if schedule == "linear":
+        parts.append(LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=decay_steps))
+    elif schedule == "cosine":
+        parts.append(CosineAnnealingLR(optimizer, T_max=decay_steps))
+    if len(parts) == 1:
+        return parts[0]
+    return SequentialLR(optimizer, parts, milestones=[warmup_steps])
 
 
 def load_base_state_dict(path: str, prefix: str = "model.") -> dict[str, Any]:
@@ -157,7 +171,8 @@ def apply_base_state_dict(model: Any, state_dict: dict[str, Any], source: str) -
     rank_zero_info(
         f"Loaded {len(loadable)}/{len(own)} tensors of the base from {source!r}."
         + (f" Skipped (shape mismatch, re-initialised): {mismatched}." if mismatched else "")
-        + (f" Not in the file (kept initialisation): {[k for k in missing if k not in mismatched]}." if len(missing) > len(mismatched) else "")
+        + (f" Not in the file (kept initialisation): {[k for k in missing if k not in mismatched]}." if len(missing) > len(mismatched)
+           else "")
         + (f" Ignored (not in the model): {unexpected}." if unexpected else "")
     )
     return missing
@@ -180,16 +195,29 @@ def check_num_classes(module: L.LightningModule, num_classes: int) -> None:
     )
 
 
-def classification_step(module: L.LightningModule, logits: Any, labels: Any, stage: str, label_smoothing: float = 0.0) -> Any:
+def accuracy_metrics(num_classes: int) -> Any:
+    """``nn.ModuleDict`` of one torchmetrics ``MulticlassAccuracy`` (micro: ``correct / total``)
+    per stage, keyed ``train_acc``, ``val_acc``, ``test_acc``, for :func:`classification_step`.
+    Their states are not persistent: checkpoints and adapter files do not change."""
+    from torch import nn
+    from torchmetrics.classification import MulticlassAccuracy
+
+    return nn.ModuleDict({f"{stage}_acc": MulticlassAccuracy(num_classes, average="micro") for stage in ("train", "val", "test")})
+
+
+def classification_step(
+    module: L.LightningModule, logits: Any, labels: Any, stage: str, accuracy: Any, label_smoothing: float = 0.0
+) -> Any:
     """Cross-entropy of ``logits [B, K]`` against ``labels [B]``; logs ``{stage}_loss`` and
-    ``{stage}_acc`` (per step in training, per epoch otherwise) and returns the loss."""
+    ``{stage}_acc`` (``accuracy``: the stage's metric from :func:`accuracy_metrics`; per step in
+    training, over the epoch otherwise) and returns the loss."""
     import torch.nn.functional as F
 
     loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    acc = (logits.argmax(dim=-1) == labels).float().mean()
+    accuracy(logits.detach(), labels)  # the batch's value on step; Lightning computes and resets it per epoch
     on_step = stage == "train"
     module.log(f"{stage}_loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(labels))
-    module.log(f"{stage}_acc", acc, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(labels))
+    module.log(f"{stage}_acc", accuracy, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(labels))
     return loss
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_peft.modules import Schedule, _check_optim_args, check_datamodule_fits, configure_adamw
+from lightning_peft.modules import Schedule, check_datamodule_fits, check_optim_args, configure_adamw
 from lightning_peft.modules.text import build_transformers_model
 from lightning_peft.validation import check_mapping, check_str
 
@@ -66,7 +66,7 @@ class CausalLM(L.LightningModule):
         super().__init__()
         check_str("model_path", model_path, allow_none=True)
         check_mapping("config", config, lambda key, v: v)
-        _check_optim_args(lr, weight_decay, warmup_steps, schedule)
+        check_optim_args(lr, weight_decay, warmup_steps, schedule)
         self.save_hyperparameters()
         if model_path is None and config is None:
             config = dict(DEFAULT_LLAMA_CONFIG)

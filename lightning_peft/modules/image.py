@@ -9,9 +9,10 @@ import torch
 
 from lightning_peft.modules import (
     Schedule,
-    _check_optim_args,
+    accuracy_metrics,
     apply_base_state_dict,
     check_num_classes,
+    check_optim_args,
     classification_step,
     configure_adamw,
     load_base_state_dict,
@@ -59,7 +60,7 @@ class ImageClassifier(L.LightningModule):
         check_int("num_classes", num_classes, low=1)
         check_mapping("model_kwargs", model_kwargs, lambda key, v: v)
         check_str("base_checkpoint", base_checkpoint, allow_none=True)
-        _check_optim_args(lr, weight_decay, warmup_steps, schedule)
+        check_optim_args(lr, weight_decay, warmup_steps, schedule)
         check_float("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
         self.save_hyperparameters()
         import timm
@@ -76,6 +77,7 @@ class ImageClassifier(L.LightningModule):
             )
         self.model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
         self.num_classes = num_classes
+        self.accuracy = accuracy_metrics(num_classes)
         if base_checkpoint is not None:
             apply_base_state_dict(self.model, load_base_state_dict(base_checkpoint), base_checkpoint)
 
@@ -88,7 +90,7 @@ class ImageClassifier(L.LightningModule):
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
         images, labels = batch
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
-        return classification_step(self, self(images), labels, stage, label_smoothing=smoothing)
+        return classification_step(self, self(images), labels, stage, self.accuracy[f"{stage}_acc"], label_smoothing=smoothing)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

@@ -9,8 +9,15 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_peft.datamodules.text import _offline, default_text_model_path
-from lightning_peft.modules import Schedule, _check_optim_args, check_num_classes, classification_step, configure_adamw
+from lightning_peft.datamodules.text import default_text_model_path, hub_offline
+from lightning_peft.modules import (
+    Schedule,
+    accuracy_metrics,
+    check_num_classes,
+    check_optim_args,
+    classification_step,
+    configure_adamw,
+)
 from lightning_peft.validation import check_choice, check_float, check_int, check_mapping, check_str
 
 
@@ -19,7 +26,7 @@ def build_transformers_model(
 ) -> nn.Module:
     """``transformers.<auto_class>`` from a local directory, or randomly initialised from a
     config dict (``{"model_type": "bert", "hidden_size": 32, ...}``); exactly one of the two."""
-    _offline()
+    hub_offline()
     import transformers
 
     auto = getattr(transformers, auto_class)
@@ -71,8 +78,7 @@ class TextClassifier(L.LightningModule):
         pooling: ``"mean"`` (masked mean over tokens) or ``"cls"`` (first token).
         encoder_dropout: set the probability of every dropout inside the encoder (attention
             included); ``None`` keeps the model's own (0.1 for BERT-style configs). ``0.0`` also
-            lets attention use the fused kernel: about 1.6x faster training steps on CPU for
-            MiniLM (0.78 s vs 1.27 s per batch of 32 x 128 tokens on 2 cores).
+            lets attention use the fused scaled-dot-product kernel (faster training steps).
         classifier_dropout: dropout on the pooled vector before the head.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (matrices only).
@@ -100,7 +106,7 @@ class TextClassifier(L.LightningModule):
         check_choice("pooling", pooling, ("mean", "cls"))
         check_float("encoder_dropout", encoder_dropout, 0.0, 1.0, high_open=True, allow_none=True)
         check_float("classifier_dropout", classifier_dropout, 0.0, 1.0, high_open=True)
-        _check_optim_args(lr, weight_decay, warmup_steps, schedule)
+        check_optim_args(lr, weight_decay, warmup_steps, schedule)
         self.save_hyperparameters()
         default_path = default_text_model_path() if model_path is None and config is None else None
         self.encoder = build_transformers_model("AutoModel", model_path, config, default_path)
@@ -118,6 +124,7 @@ class TextClassifier(L.LightningModule):
         self.dropout = nn.Dropout(classifier_dropout)
         self.classifier = nn.Linear(hidden, num_classes)
         self.num_classes = num_classes
+        self.accuracy = accuracy_metrics(num_classes)
         self.pooling = pooling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,7 +143,7 @@ class TextClassifier(L.LightningModule):
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch["input_ids"], batch.get("attention_mask"))
-        return classification_step(self, logits, batch["labels"], stage)
+        return classification_step(self, logits, batch["labels"], stage, self.accuracy[f"{stage}_acc"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
