@@ -41,8 +41,8 @@ from lightning_peft.adapters.base import (
     check_positive,
     restore_weight,
 )
-from lightning_peft.adapters.lora import lora_forward
-from lightning_peft.adapters.rank_ops import drop_slots, effective_parameters, masked
+from lightning_peft.adapters.kernels.lora import lora_forward
+from lightning_peft.allocation.rank_ops import drop_slots, effective_parameters, masked
 from lightning_peft.validation import (
     InvalidArgumentError,
     check_bool,
@@ -83,6 +83,10 @@ class AdaLoRALinear(AdapterLayer):
     @property
     def out_features(self) -> int:
         return self.base_layer.out_features
+
+    @property
+    def base_shape(self) -> list[int] | None:
+        return [self.out_features, self.in_features]
 
     @property
     def rank(self) -> int:

@@ -146,6 +146,10 @@ class LoRAMultiheadAttention(AdapterLayer):
     def out_features(self) -> int:
         return self.base_layer.embed_dim
 
+    @property
+    def base_shape(self) -> list[int] | None:
+        return [self.out_features, self.in_features]
+
     # --- math ----------------------------------------------------------------------------
     def _weight_names(self) -> dict[str, str]:
         """Projection -> parameter name in the base module (``functional_call`` keys)."""
@@ -258,6 +262,13 @@ class LoRAOutProjection(LoRALinear):
     @property
     def bias(self) -> torch.Tensor | None:  # type: ignore[override]
         return self.base_layer.bias
+
+    # peft adapts an attention module's out_proj differently: exported in our own format only
+    def peft_scaling(self) -> tuple[bool, float] | None:
+        return None
+
+    def peft_config_entry(self, name: str, use_rslora: bool = False) -> dict[str, Any] | None:
+        return None
 
 
 def _warn_dropout(name: str, dropout: float) -> None:

@@ -32,7 +32,7 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "lightning_peft.adapters.quantized.QLoRA": ("lightning_peft.adapters.quantized", "QLoRA"),
     "lightning_peft.adapters.bitfit.BitFit": ("lightning_peft.adapters.bitfit", "BitFit"),
     "lightning_peft.adapters.full.FullFineTune": ("lightning_peft.adapters.full", "FullFineTune"),
-    "lightning_peft.adapters.experts.ExpertLoRA": ("lightning_peft.adapters.experts", "ExpertLoRA"),
+    "lightning_peft.adapters.experts.spec.ExpertLoRA": ("lightning_peft.adapters.experts.spec", "ExpertLoRA"),
     "lightning_peft.adapters.adalora.AdaLoRA": ("lightning_peft.adapters.adalora", "AdaLoRA"),
 }
 # short names: the class name and the spec's ``kind`` (what reports and index files show)
@@ -41,15 +41,17 @@ _BUILTIN_ALIASES: dict[str, str] = {
     "QLoRA": "lightning_peft.adapters.quantized.QLoRA", "qlora": "lightning_peft.adapters.quantized.QLoRA",
     "BitFit": "lightning_peft.adapters.bitfit.BitFit", "bitfit": "lightning_peft.adapters.bitfit.BitFit",
     "FullFineTune": "lightning_peft.adapters.full.FullFineTune", "full": "lightning_peft.adapters.full.FullFineTune",
-    "ExpertLoRA": "lightning_peft.adapters.experts.ExpertLoRA",
-    "expert_lora": "lightning_peft.adapters.experts.ExpertLoRA",
+    "ExpertLoRA": "lightning_peft.adapters.experts.spec.ExpertLoRA",
+    "expert_lora": "lightning_peft.adapters.experts.spec.ExpertLoRA",
+    # the class path files written before adapters/experts.py became a package record
+    "lightning_peft.adapters.experts.ExpertLoRA": "lightning_peft.adapters.experts.spec.ExpertLoRA",
     "AdaLoRA": "lightning_peft.adapters.adalora.AdaLoRA", "adalora": "lightning_peft.adapters.adalora.AdaLoRA",
     # lightning_peft's public names (``from lightning_peft import LoRA``)
     "lightning_peft.LoRA": "lightning_peft.adapters.lora.LoRA",
     "lightning_peft.QLoRA": "lightning_peft.adapters.quantized.QLoRA",
     "lightning_peft.BitFit": "lightning_peft.adapters.bitfit.BitFit",
     "lightning_peft.FullFineTune": "lightning_peft.adapters.full.FullFineTune",
-    "lightning_peft.ExpertLoRA": "lightning_peft.adapters.experts.ExpertLoRA",
+    "lightning_peft.ExpertLoRA": "lightning_peft.adapters.experts.spec.ExpertLoRA",
     "lightning_peft.AdaLoRA": "lightning_peft.adapters.adalora.AdaLoRA",
 }
 

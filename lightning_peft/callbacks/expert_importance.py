@@ -36,8 +36,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_peft.adapters.experts import ExpertsLoRALayer, expert_layers, find_router, plan_prune_grow, router_logits
-from lightning_peft.adapters.rank_ops import check_budget, effective_parameters, slot_generator
+from lightning_peft.adapters.experts.layer import ExpertsLoRALayer, expert_layers
+from lightning_peft.adapters.experts.routers import find_router, router_logits
+from lightning_peft.allocation.epng import plan_prune_grow
+from lightning_peft.allocation.rank_ops import check_budget, effective_parameters, slot_generator
 from lightning_peft.validation import check_bool, check_choice, check_float, check_int, check_str, check_str_list
 
 
