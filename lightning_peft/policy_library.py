@@ -632,11 +632,7 @@ def _inject_layout(model: nn.Module, layout: dict[str, Any], source: str) -> Non
     if layout["specs"]:
         specs = [spec_from_config(c, f"{source} (spec {i})") for i, c in enumerate(layout["specs"])]
         names = sorted(layout["targets"])
-        for spec in specs:
-            own = [n for n in names if layout["targets"][n]["kind"] == spec.kind]
-            spec.target_modules = ["re:" + re.escape(n) for n in own]
-            spec.module_path = None
-        specs = [s for s in specs if s.target_modules]
+        specs = [spec.retargeted(own) for spec in specs if (own := [n for n in names if layout["targets"][n]["kind"] == spec.kind])]
         if specs:
             apply_adapter(model, specs, trainable_modules=layout["trainable_modules"], check_gradients=False)  # inference only
     model.eval()

@@ -394,9 +394,3 @@ class AdaLoRAAllocator:
         self.unc = {k: v.to(device) for k, v in state["unc"].items()}
         self.last_allocation = int(state["last_allocation"])
         self.total_steps = int(state["total_steps"])
-
-
-def describe_ranks(model: nn.Module) -> dict[str, int]:
-    """Current rank of every AdaLoRA layer."""
-    return {n: l.rank for n, l in adalora_layers(model).items()}
-

@@ -48,7 +48,6 @@ from lightning_peft.validation import (
     check_mapping,
 )
 
-
 __all__ = ["LoRA", "LoRALinear", "dequantized_weight", "lora_forward"]  # lora_forward: kernels.lora, re-exported
 
 

@@ -2,14 +2,14 @@
 
 from lightning_peft.allocation.rank_ops import (  # noqa: F401
     RankAdaptive,
-    effective_parameters,
-    masked,
-    full_tensor,
-    write_rows,
-    zero_slots,
+    check_budget,
     drop_slots,
+    effective_parameters,
+    free_slots,
+    full_tensor,
+    masked,
     orthogonal_rows,
     slot_generator,
-    free_slots,
-    check_budget,
+    write_rows,
+    zero_slots,
 )
