@@ -239,10 +239,13 @@ class _Planner:
         specs = [spec_from_config(config, f"{self.source} (spec {i})") for i, config in enumerate(self.meta["specs"])]
         for name, entry in self.meta["targets"].items():
             if specs[entry["spec"]].kind != entry["kind"]:
-                self.damage.append(f"target {name!r} has kind {entry['kind']!r} but its spec {entry['spec']} is a {specs[entry['spec']].kind!r}")
+                kind = specs[entry["spec"]].kind
+                self.damage.append(f"target {name!r} has kind {entry['kind']!r} but its spec {entry['spec']} is a {kind!r}")
         return specs
 
-    def group(self, tensors: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> tuple[dict[str, str], dict[str, dict[str, torch.Tensor]]]:
+    def group(
+        self, tensors: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, str], dict[str, dict[str, torch.Tensor]]]:
         """``(file prefix per target, file tensors per target)`` (longest matching target
         prefix); tensors of no target go to the pool."""
         root = self.export_root
@@ -306,7 +309,10 @@ class _Planner:
         if module is None:
             self.fit.append(f"{target!r}: no such module" if target else f"{name!r}: outside this model")
             return
-        found = self._existing_layer(target, module, entry) if specs is None else self._new_layer(specs[entry["spec"]], target, module, entry)
+        if specs is None:
+            found = self._existing_layer(target, module, entry)
+        else:
+            found = self._new_layer(specs[entry["spec"]], target, module, entry)
         if found is None:
             return
         layer, current = found
@@ -402,7 +408,8 @@ class _Planner:
         for i, spec in enumerate(specs):
             names = [t for n, e in self.meta["targets"].items() if e["spec"] == i and (t := self.local(n)) is not None]
             if not names:
-                raise ValueError(f"adapter file {self.source!r}: spec {i} ({spec.kind}) adapts none of the modules of this {type(self.model).__name__}")
+                model = type(self.model).__name__
+                raise ValueError(f"adapter file {self.source!r}: spec {i} ({spec.kind}) adapts none of the modules of this {model}")
             out.append(spec.retargeted([n[len(prefix) + 1 :] if prefix else n for n in names]))
         return out
 

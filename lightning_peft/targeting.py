@@ -119,7 +119,8 @@ def _unmatched_entry_error(model: nn.Module, spec: AdapterSpec, modules: dict[st
             f"target {entry!r} matches only {kinds} modules, which {type(spec).__name__} cannot adapt. "
             f"Adaptable modules inside {hits[0]!r}: {inner or 'none'}"
         )
-    return ValueError(f"target {entry!r} matches no module of {type(model).__name__}. Nearest module names: {_nearest_names(entry, list(modules))}")
+    near = _nearest_names(entry, list(modules))
+    return ValueError(f"target {entry!r} matches no module of {type(model).__name__}. Nearest module names: {near}")
 
 
 def _nothing_adaptable_error(model: nn.Module, spec: AdapterSpec, modules: dict[str, nn.Module], targets: str | list[str],

@@ -80,8 +80,9 @@ def _forward_attribute_reads(cls: type) -> frozenset[tuple[str, ...]]:
         except (OSError, TypeError, SyntaxError):  # no source (compiled, dynamic, builtin): nothing known
             continue
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name) and node.func.value.id == "self":
-                todo.append(node.func.attr)  # self.method(...): follow it
+            func = node.func if isinstance(node, ast.Call) else None
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "self":
+                todo.append(func.attr)  # self.method(...): follow it
             if isinstance(node, ast.Attribute):
                 parts: list[str] = []
                 inner: ast.expr = node
@@ -114,7 +115,8 @@ def check_weight_readers(model: nn.Module, replacements: dict[str, nn.Module]) -
             if type(owner).forward is nn.TransformerEncoderLayer.forward:
                 continue  # reads weights only on its fused path, which the hook below keeps off
             rel = tuple(parts[depth:])
-            read = {chain[len(rel)] for chain in _forward_attribute_reads(type(owner)) if len(chain) > len(rel) and chain[: len(rel)] == rel}
+            chains = _forward_attribute_reads(type(owner))
+            read = {chain[len(rel)] for chain in chains if len(chain) > len(rel) and chain[: len(rel)] == rel}
             missing = sorted(attr for attr in read if not hasattr(new, attr))
             if missing:
                 problems.append((name, owner_name, type(owner).__name__, ".".join(rel), missing, type(new).__name__))

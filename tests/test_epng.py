@@ -22,9 +22,8 @@ from lightning_peft.allocation.rank_ops import effective_parameters, orthogonal_
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
+import transformers  # noqa: F401, E402  (a test dependency: fail loudly if missing)
 from epng_ddp import TINY_OLMOE, loader, make_module  # noqa: E402
-
-import transformers  # noqa: F401  (a test dependency: fail loudly if missing)
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,13 +56,17 @@ def check_targets(name: str, targets: object) -> None:
         return
     if isinstance(targets, str):
         if not targets.strip():
-            raise InvalidArgumentError(name, f"{name} must not be an empty string (got {targets!r}): use 'all-linear', a regular expression, or a list of module names")
+            raise InvalidArgumentError(
+                name, f"{name} must not be an empty string (got {targets!r}): use 'all-linear', a regular expression, or a list of module names"  # noqa: E501
+            )
         if targets != "all-linear":
             check_regex(name, targets.removeprefix("re:"), repr(targets))
         return
     if not isinstance(targets, (list, tuple)):
         raise InvalidArgumentTypeError(
-            name, f"{name} must be 'all-linear', a regular expression (str) or a list of module names, got {targets!r} ({type(targets).__name__})"
+            name,
+            f"{name} must be 'all-linear', a regular expression (str) or a list of module names, "
+            f"got {targets!r} ({type(targets).__name__})",
         )
     if len(targets) == 0:
         raise InvalidArgumentError(name, f"{name} must not be an empty list: name at least one module, or use 'all-linear'")

@@ -114,7 +114,9 @@ class LoRALinear(AdapterLayer):
         dropout = self.dropout if self.training else 0.0
         if self._fused:
             base = self.base_layer
-            return lora_forward(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scale, dropout, self.recompute_input)
+            return lora_forward(
+                x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scale, dropout, self.recompute_input
+            )
         if self.dequantize_without_grad and not torch.is_grad_enabled() and x.device.type == "cpu":
             base = self.base_layer
             base_out = F.linear(x, dequantized_weight(base).to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
@@ -138,7 +140,9 @@ class LoRALinear(AdapterLayer):
         else:
             # quantized base: merge into a dense copy, leave the quantized weights untouched
             dense = dequantized_weight(self.base_layer)
-            merged = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None, device=dense.device, dtype=dense.dtype)
+            merged = nn.Linear(
+                self.in_features, self.out_features, bias=self.base_layer.bias is not None, device=dense.device, dtype=dense.dtype
+            )
             merged.weight.copy_((dense.float() + self.delta_weight().to(dense.device)).to(dense.dtype))
             if self.base_layer.bias is not None:
                 merged.bias.copy_(self.base_layer.bias)

@@ -298,5 +298,8 @@ def wrap_attention(spec: Any, name: str, module: nn.Module) -> nn.Module | None:
     if type(module) is NonDynamicallyQuantizableLinear:  # torch uses it only as attention out_proj
         spec.check(name, module)
         _warn_dropout(name, spec.dropout)
-        return LoRAOutProjection(module, spec.rank_for(name), spec.alpha_for(name), 0.0, spec.use_rslora, spec.init, spec.recompute_input, spec=spec)
+        return LoRAOutProjection(
+            module, rank=spec.rank_for(name), alpha=spec.alpha_for(name), dropout=0.0,
+            use_rslora=spec.use_rslora, init=spec.init, recompute_input=spec.recompute_input, spec=spec,
+        )
     return None

@@ -102,7 +102,8 @@ class QLoRA(LoRA):
                 quant_storage=storage,
             )
             layer.weight = bnb.nn.Params4bit(
-                weight.to("cpu", copy=True), requires_grad=False, quant_type=self.quant_type, compress_statistics=self.double_quant, quant_storage=storage
+                weight.to("cpu", copy=True), requires_grad=False, quant_type=self.quant_type,
+                compress_statistics=self.double_quant, quant_storage=storage,
             )
         if has_bias:
             layer.bias = nn.Parameter(module.bias.detach().to("cpu", copy=True), requires_grad=False)

@@ -155,7 +155,8 @@ class ExpertImportanceCallback(Callback):
             self.importance = [torch.zeros(l.num_experts, dtype=torch.float64) for l in self._layers]
             self.layer_budgets = [effective_parameters(l) for l in self._layers]
             self.initial_budget = sum(self.layer_budgets)
-            self.history = [{"step": 0, "pruned": [], "grown": [], "trainable": self.initial_budget, "ranks": [l.ranks for l in self._layers]}]
+            ranks = [l.ranks for l in self._layers]
+            self.history = [{"step": 0, "pruned": [], "grown": [], "trainable": self.initial_budget, "ranks": ranks}]
         elif self.layer_names != names:
             raise ValueError(f"the model's ExpertLoRA layers changed between fits: {self.layer_names[:3]}... vs {names[:3]}...")
         rank_zero_info(

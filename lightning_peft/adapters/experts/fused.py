@@ -39,7 +39,9 @@ class FusedExpertsLoRA(ExpertsLoRALayer):
         weight = getattr(self.base_layer, name)
         return weight if self.layout["transposed"] else weight.transpose(1, 2)
 
-    def _project(self, name: str, x: torch.Tensor, gather: torch.Tensor | None, offs: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
+    def _project(
+        self, name: str, x: torch.Tensor, gather: torch.Tensor | None, offs: torch.Tensor, sorted_ids: torch.Tensor
+    ) -> torch.Tensor:
         a = b = None
         if name in self.shapes:
             a, b = self.factors(name)

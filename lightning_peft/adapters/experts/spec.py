@@ -66,7 +66,9 @@ class ExpertLoRA(AdapterSpec):
                 )
         check_choice("init", init, ("kaiming", "gaussian"))
         if projections is not None and isinstance(projections, (list, tuple)) and len(projections) == 0:
-            raise InvalidArgumentError("projections", "projections must not be an empty list: name at least one expert matrix, or use None for all of them")
+            raise InvalidArgumentError(
+                "projections", "projections must not be an empty list: name at least one expert matrix, or use None for all of them"
+            )
         check_str_list("projections", projections, allow_none=True)
         check_bool("use_rslora", use_rslora)
         check_bool("recompute_input", recompute_input)
