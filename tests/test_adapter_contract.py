@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_peft import LoRA, apply_adapter, load_adapter, merge_adapter, save_adapter, unmerge_adapter
 from lightning_peft.adapters import registry
-from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
+from lightning_peft.adapters.base import AdapterLayer
 from lightning_peft.adapters.kernels.recompute import input_recipe
 
 DEVELOPING = Path(__file__).resolve().parents[1] / "docs" / "DEVELOPING.md"
