@@ -42,6 +42,7 @@ from lightning_peft.adapters.base import (
     restore_weight,
 )
 from lightning_peft.adapters.kernels.lora import lora_forward
+from lightning_peft.allocation.adalora import cubic_budget
 from lightning_peft.allocation.rank_ops import drop_slots, effective_parameters, masked
 from lightning_peft.validation import (
     InvalidArgumentError,
@@ -283,14 +284,7 @@ class AdaLoRAAllocator:
     def budget(self, step: int) -> tuple[int, bool]:
         """``(triplets to keep, whether to re-allocate at this step)`` -- AdaLoRA's cubic schedule."""
         s = self.spec
-        if step <= s.init_warmup:
-            return self.initial_budget, False
-        end = self.total_steps - s.final_warmup
-        if step > end:
-            return self.target_budget, True
-        progress = 1.0 - (step - s.init_warmup) / (end - s.init_warmup)
-        budget = int((self.initial_budget - self.target_budget) * progress**3 + self.target_budget)
-        return budget, step % s.interval == 0
+        return cubic_budget(step, self.initial_budget, self.target_budget, s.init_warmup, s.final_warmup, self.total_steps, s.interval)
 
     @torch.no_grad()
     def _update_importance(self) -> None:
