@@ -18,6 +18,7 @@ changes the base in place, as BitFit) plus one line in ``registry._BUILTIN``. Pu
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -154,9 +155,14 @@ class AdapterSpec:
         ``names`` (full names relative to the module it is applied to) and has no
         ``module_path``. Specs are not changed after validation: loaders that must pin a
         spec to the modules a file names use this."""
+        targets = ["re:" + re.escape(n) for n in names]
+        check_targets("target_modules", targets)
         init_args = self.to_config()["init_args"]
-        init_args.update(target_modules=["re:" + re.escape(n) for n in names], module_path=None)
-        return type(self)(**init_args)
+        if "target_modules" in init_args and "module_path" in init_args:
+            return type(self)(**{**init_args, "target_modules": targets, "module_path": None})
+        pinned = copy.copy(self)  # a subclass whose __init__ fixes its targets: the copy is pinned instead
+        pinned.target_modules, pinned.module_path = targets, None
+        return pinned
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.to_config()["init_args"].items())
