@@ -18,6 +18,7 @@ leaves a half-written adapter.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
@@ -34,12 +35,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
-from lightning_peft.adapters.lora import LoRALinear
 from lightning_peft.adapters.registry import spec_from_config as _registry_spec_from_config
 from lightning_peft.io_checks import FORMAT_VERSION, PEFT_PREFIX, check_metadata, plan_load
 from lightning_peft.safe_load import read_safetensors
 from lightning_peft.targeting import (
     RECORD_ATTRIBUTE,
+    AdapterRecord,
     adapter_record,
     apply_adapter,
     combine_fingerprints,
@@ -102,37 +103,53 @@ def _relative(name: str, root: str) -> str:
     return name[len(root) + 1 :] if root else name
 
 
-def _peft_config(specs: list[AdapterSpec], layers: dict[str, AdapterLayer], extra_modules: list[str], base_name: str | None) -> dict[str, Any] | None:
-    """A peft ``LoraConfig`` dict, or ``None`` when peft cannot represent the adapter."""
-    if not layers:
+def _peft_entries(layers: dict[str, AdapterLayer]) -> tuple[bool, float, list[dict[str, Any]]] | None:
+    """``(use_rslora, dropout, entries)``: the global scaling the layers agree on and each
+    layer's ``peft_config_entry``, or ``None`` when peft cannot represent one of them."""
+    scalings = {s for layer in layers.values() if (s := layer.peft_scaling()) is not None}
+    if len(scalings) > 1:
         return None
-    lora = {n: l for n, l in layers.items() if type(l) is LoRALinear}
-    lora_layers: list[LoRALinear] = list(lora.values())  # type: ignore[assignment]
-    if len({(l.use_rslora, l.dropout) for l in lora_layers}) > 1 or any(s.trains_base for s in specs):
-        return None
-    use_rslora = lora_layers[0].use_rslora if lora_layers else False
-    dropout = lora_layers[0].dropout if lora_layers else 0.0
-    # other layer types (e.g. expert LoRA) say themselves whether and how peft represents them
+    use_rslora, dropout = next(iter(scalings)) if scalings else (False, 0.0)
     entries = []
     for name, layer in layers.items():
-        if name not in lora:
-            entry = layer.peft_config_entry(name, use_rslora)
-            if entry is None:
-                return None
-            entries.append(entry)
-    target_parameters = [t for e in entries for t in e.get("target_parameters", [])]
-    if target_parameters and dropout > 0:
-        return None  # peft's parameter targets take no dropout
-    ranks = [l.rank for l in lora_layers] + [r for e in entries for r in e.get("rank_pattern", {}).values()]
-    alphas = [l.alpha for l in lora_layers] + [a for e in entries for a in e.get("alpha_pattern", {}).values()]
+        entry = layer.peft_config_entry(name, use_rslora)
+        if entry is None:
+            return None
+        entries.append(entry)
+    return use_rslora, dropout, entries
+
+
+def _peft_patterns(entries: list[dict[str, Any]]) -> tuple[int, float, dict[str, int], dict[str, float]]:
+    """``(r, lora_alpha, rank_pattern, alpha_pattern)``: the most common rank and alpha, plus
+    pattern entries for the targets of uniform entries that differ and every explicit one."""
+    ranks = [e["rank"] for e in entries if "rank" in e] + [r for e in entries for r in e.get("rank_pattern", {}).values()]
+    alphas = [e["alpha"] for e in entries if "alpha" in e] + [a for e in entries for a in e.get("alpha_pattern", {}).values()]
     rank = Counter(ranks).most_common(1)[0][0]
     alpha = Counter(alphas).most_common(1)[0][0]
-    rank_pattern = {n: l.rank for n, l in lora.items() if l.rank != rank}
-    alpha_pattern = {n: l.alpha for n, l in lora.items() if l.alpha != alpha}
+    uniform = [(t, e) for e in entries if "rank" in e for t in e["target_modules"]]
+    rank_pattern = {t: e["rank"] for t, e in uniform if e["rank"] != rank}
+    alpha_pattern = {t: e["alpha"] for t, e in uniform if e["alpha"] != alpha}
     for entry in entries:
         rank_pattern.update(entry.get("rank_pattern", {}))
         alpha_pattern.update(entry.get("alpha_pattern", {}))
-    target_modules = sorted(lora) + [t for e in entries for t in e.get("target_modules", [])]
+    return rank, alpha, rank_pattern, alpha_pattern
+
+
+def _peft_config(
+    specs: list[AdapterSpec], layers: dict[str, AdapterLayer], extra_modules: list[str], base_name: str | None
+) -> dict[str, Any] | None:
+    """A peft ``LoraConfig`` dict, or ``None`` when peft cannot represent the adapter (each
+    layer says whether and how through ``peft_scaling`` / ``peft_config_entry``)."""
+    found = _peft_entries(layers) if layers and not any(s.trains_base for s in specs) else None
+    if found is None:
+        return None
+    use_rslora, dropout, entries = found
+    target_parameters = [t for e in entries for t in e.get("target_parameters", [])]
+    if target_parameters and dropout > 0:
+        return None  # peft's parameter targets take no dropout
+    rank, alpha, rank_pattern, alpha_pattern = _peft_patterns(entries)
+    uniform = sorted(t for e in entries if "rank" in e for t in e["target_modules"])
+    target_modules = uniform + [t for e in entries if "rank" not in e for t in e.get("target_modules", [])]
     extra = {"target_parameters": target_parameters} if target_parameters else {}
     return {
         "peft_type": "LORA",
@@ -269,6 +286,52 @@ def _atomic_write_dir(path: Path, write: Any) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _trained_tensors(
+    model: nn.Module, layers: dict[str, AdapterLayer], root: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """``(inside, outside, trained buffer names)``: every trained tensor outside the adapter
+    layers (parameters with ``requires_grad``, buffers training changes), split by whether it
+    lies inside the export root."""
+    layer_ids = {id(p) for layer in layers.values() for p in layer.adapter_parameters()}
+    buffers = dict(model.named_buffers())
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in layer_ids]
+    trained_buffers = [(n, buffers[n]) for n in trained_buffer_names(model)]  # e.g. BatchNorm statistics
+    inside: dict[str, torch.Tensor] = {}
+    outside: dict[str, torch.Tensor] = {}
+    for name, tensor in trained + trained_buffers:
+        (inside if not root or name.startswith(root + ".") else outside)[name] = tensor
+    return inside, outside, [n for n, _ in trained_buffers]
+
+
+def _target_entries(model: nn.Module, record_prefix: str, record: AdapterRecord) -> dict[str, dict[str, Any]]:
+    """The metadata ``targets``: per adapted module (full name) its spec index, kind and, for
+    adapter layers, hyper-parameters, base fingerprint and shape."""
+    spec_index = {id(s): i for i, s in enumerate(record.specs)}
+    targets = {}
+    for name, kind in record.targets.items():
+        full = f"{record_prefix}.{name}" if record_prefix else name
+        module = model.get_submodule(full)
+        spec = module.spec if isinstance(module, AdapterLayer) else None
+        entry: dict[str, Any] = {"spec": spec_index.get(id(spec), _spec_for_kind(record.specs, kind)), "kind": kind}
+        if isinstance(module, AdapterLayer):
+            entry.update(module.peft_metadata())
+            entry["fingerprint"] = module.base_fingerprint
+            entry["shape"] = module.base_shape
+        targets[full] = entry
+    return targets
+
+
+def _write_export(
+    tmp: Path, tensors: dict[str, torch.Tensor], outside: dict[str, torch.Tensor], meta: dict[str, Any], config: dict[str, Any]
+) -> None:
+    """The three files of an export into the temporary directory ``tmp``."""
+    metadata = {"format": "pt", "lightning_peft": json.dumps(meta)}
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_NAME, metadata=metadata)
+    if outside:
+        save_file({k: v.detach().contiguous().cpu() for k, v in outside.items()}, tmp / EXTRA_NAME, metadata={"format": "pt"})
+    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write ``model``'s adapter (adapter tensors + every other trained tensor) to ``path``.
 
@@ -284,68 +347,33 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     if merged:
         raise ValueError(f"adapters are merged into the base ({merged[:3]}...): call unmerge_adapter(model) before saving")
     root = _export_root(model, list(layers))
-    root_module = model.get_submodule(root) if root else model
-    layer_ids = {id(p) for layer in layers.values() for p in layer.adapter_parameters()}
-
-    tensors: dict[str, torch.Tensor] = {}
-    extra_inside: dict[str, torch.Tensor] = {}
-    extra_outside: dict[str, torch.Tensor] = {}
-    buffers = dict(model.named_buffers())
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in layer_ids]
-    trained_buffers = [(n, buffers[n]) for n in trained_buffer_names(model)]  # e.g. BatchNorm statistics
-    for name, tensor in trained + trained_buffers:
-        inside = not root or name.startswith(root + ".")
-        (extra_inside if inside else extra_outside)[name] = tensor
-    for name, param in extra_inside.items():
-        tensors[PEFT_PREFIX + _relative(name, root)] = param
-
-    spec_index = {id(s): i for i, s in enumerate(record.specs)}
-    targets = {}
-    for name, kind in record.targets.items():
-        full = f"{record_prefix}.{name}" if record_prefix else name
-        module = model.get_submodule(full)
-        spec = module.spec if isinstance(module, AdapterLayer) else None
-        entry: dict[str, Any] = {"spec": spec_index.get(id(spec), _spec_for_kind(record.specs, kind)), "kind": kind}
-        if isinstance(module, AdapterLayer):
-            entry.update(module.peft_metadata())
-            entry["fingerprint"] = module.base_fingerprint
-            entry["shape"] = [module.out_features, module.in_features] if hasattr(module, "in_features") else None
-        targets[full] = entry
-    fingerprint = combine_fingerprints({n: e["fingerprint"] for n, e in targets.items() if "fingerprint" in e})
-    extra_module_names = sorted({_relative(n, root).rsplit(".", 1)[0] for n in extra_inside})
-    trainable_modules = [f"{record_prefix}.{t}" if record_prefix else t for t in record.trainable_modules]
+    inside, outside, trained_buffers = _trained_tensors(model, layers, root)
+    tensors = {PEFT_PREFIX + _relative(name, root): param for name, param in inside.items()}
+    targets = _target_entries(model, record_prefix, record)
     meta = {
         "format_version": FORMAT_VERSION,
-        "trained_buffers": [n for n, _ in trained_buffers],
+        "trained_buffers": trained_buffers,
         "norm_stats": record.norm_stats,
         "specs": [s.to_config() for s in record.specs],
         "targets": targets,
         "record_prefix": record_prefix,
         "export_root": root,
-        "trainable_modules": trainable_modules,
-        "base_model": _base_name(root_module),
-        "base_fingerprint": fingerprint,
+        "trainable_modules": [f"{record_prefix}.{t}" if record_prefix else t for t in record.trainable_modules],
+        "base_model": _base_name(model.get_submodule(root) if root else model),
+        "base_fingerprint": combine_fingerprints({n: e["fingerprint"] for n, e in targets.items() if "fingerprint" in e}),
     }
+    extra_module_names = sorted({_relative(n, root).rsplit(".", 1)[0] for n in inside})
     # peft would drop buffers silently (it loads only parameters of modules_to_save): our format
-    peft_config = None if (extra_outside and not root) or trained_buffers else _peft_config(
+    peft_config = None if (outside and not root) or trained_buffers else _peft_config(
         record.specs, {_relative(n, root): l for n, l in layers.items()}, [m for m in extra_module_names if m], meta["base_model"]
     )
     config = peft_config or {"peft_type": "LIGHTNING_PEFT", **{k: meta[k] for k in ("specs", "base_model", "base_fingerprint")}}
     meta["peft_layout"] = peft_config is not None  # layer tensors in peft's layout (load converts back)
     for name, layer in layers.items():
         state = layer.peft_state_dict() if peft_config is not None else layer.adapter_state_dict()
-        for key, value in state.items():
-            tensors[PEFT_PREFIX + _relative(name, root) + "." + key] = value
-
-    def write(tmp: Path) -> None:
-        metadata = {"format": "pt", "lightning_peft": json.dumps(meta)}
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_NAME, metadata=metadata)
-        if extra_outside:
-            save_file({k: v.detach().contiguous().cpu() for k, v in extra_outside.items()}, tmp / EXTRA_NAME, metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-
+        tensors.update({PEFT_PREFIX + _relative(name, root) + "." + key: value for key, value in state.items()})
     out = Path(path)
-    _atomic_write_dir(out, write)
+    _atomic_write_dir(out, functools.partial(_write_export, tensors=tensors, outside=outside, meta=meta, config=config))
     return out
 
 
@@ -406,7 +434,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], strict_base: bo
     originals = {k: before[k].detach().clone() for k in plan.state if k in before}
     root = model.get_submodule(plan.apply_prefix) if plan.apply_prefix else model
     if plan.specs is not None:
-        apply_adapter(root, plan.specs, trainable_modules=plan.trainable, norm_stats=meta.get("norm_stats", "train"))  # validates first: raises with root unchanged
+        # validates first: raises with root unchanged
+        apply_adapter(root, plan.specs, trainable_modules=plan.trainable, norm_stats=meta.get("norm_stats", "train"))
     try:
         targets = _named_tensors(model)
         lost = [k for k in plan.state if k not in targets]

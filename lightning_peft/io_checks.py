@@ -17,7 +17,6 @@ tensor:
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,175 +201,238 @@ def _layer_tensors(layer: AdapterLayer, target: str, prefix: str, own: dict[str,
     return {f"{target}.{k}": v for k, v in converted.items() if k in expected}
 
 
+class _Planner:
+    """The state ``plan_load`` builds up: the model's modules, how file names map onto them,
+    and the problems found so far, in three kinds (the model does not fit the file; the base
+    differs, which ``strict_base=False`` lifts; the file itself is damaged)."""
+
+    def __init__(self, model: nn.Module, source: str, meta: dict[str, Any]) -> None:
+        self.model, self.source, self.meta = model, source, meta
+        self.export_root: str = meta["export_root"]
+        self.modules = dict(model.named_modules())
+        # the model may be the saved top-level module or the export root itself (e.g. a bare HF model)
+        self.offset = "" if not self.export_root or self.export_root in self.modules else self.export_root
+        self.warnings: list[str] = []
+        self.fit: list[str] = []
+        self.base: list[str] = []
+        self.damage: list[str] = []
+        self.state: dict[str, torch.Tensor] = {}
+        self.pool: dict[str, torch.Tensor] = {}  # model key -> value, for everything outside adapter layers
+        self.replaced: dict[str, dict[str, torch.Tensor]] = {}  # target -> its would-be layer's state (meta)
+        self.required: list[str] = []
+        self.existing = adapter_record(model)
+
+    def local(self, name: str) -> str | None:
+        """A file's module name as a name in this model (``None``: outside it)."""
+        if not self.offset:
+            return name
+        return name[len(self.offset) + 1 :] if name.startswith(self.offset + ".") else None
+
+    def model_key(self, file_key: str) -> str:
+        rel = file_key[len(PEFT_PREFIX) :]
+        return f"{self.export_root}.{rel}" if self.export_root and not self.offset else rel
+
+    def specs(self) -> list[AdapterSpec] | None:
+        """The file's specs (through the registry) when the model has no adapters yet."""
+        if self.existing is not None:
+            return None
+        specs = [spec_from_config(config, f"{self.source} (spec {i})") for i, config in enumerate(self.meta["specs"])]
+        for name, entry in self.meta["targets"].items():
+            if specs[entry["spec"]].kind != entry["kind"]:
+                kind = specs[entry["spec"]].kind
+                self.damage.append(f"target {name!r} has kind {entry['kind']!r} but its spec {entry['spec']} is a {kind!r}")
+        return specs
+
+    def group(
+        self, tensors: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, str], dict[str, dict[str, torch.Tensor]]]:
+        """``(file prefix per target, file tensors per target)`` (longest matching target
+        prefix); tensors of no target go to the pool."""
+        root = self.export_root
+        file_prefix = {self.local(n): PEFT_PREFIX + (n[len(root) + 1 :] if root else n) + "." for n in self.meta["targets"]}
+        file_prefix.pop(None, None)
+        groups: dict[str, dict[str, torch.Tensor]] = {t: {} for t in file_prefix}
+        for key, value in tensors.items():
+            if not key.startswith(PEFT_PREFIX):
+                self.damage.append(f"tensor {key!r} is not under {PEFT_PREFIX!r}")
+                continue
+            owner = max((t for t, p in file_prefix.items() if key.startswith(p)), key=len, default=None)
+            if owner is None:
+                self.pool[self.model_key(key)] = value
+            else:
+                groups[owner][key[len(file_prefix[owner]) :]] = value
+        if not self.offset:
+            self.pool.update(extra)
+        elif extra:
+            self.warnings.append(
+                f"{len(extra)} trained tensors outside {root!r} ({sorted(extra)[:3]}...) were not loaded: this model has no such modules"
+            )
+        return file_prefix, groups  # type: ignore[return-value]
+
+    def _existing_layer(self, target: str, module: nn.Module, entry: dict[str, Any]) -> tuple[nn.Module, str | None] | None:
+        """``(layer, its base fingerprint)`` of a model that already has adapters, or ``None``
+        (a problem was recorded)."""
+        shape = entry.get("shape")
+        if not isinstance(module, AdapterLayer):
+            if shape is not None or "fingerprint" in entry:
+                self.fit.append(f"{target!r}: has no adapter in this model (it has adapters elsewhere)")
+                return None
+            return module, None
+        if module.spec.kind != entry["kind"]:
+            self.fit.append(f"{target!r}: holds a {module.spec.kind!r} adapter here, the file a {entry['kind']!r} one")
+            return None
+        if shape and module.base_shape != shape:
+            self.fit.append(f"{target!r}: shape {module.base_shape} != saved {shape}")
+            return None
+        return module, module.base_fingerprint
+
+    def _new_layer(self, spec: AdapterSpec, target: str, module: nn.Module, entry: dict[str, Any]) -> tuple[nn.Module, str | None] | None:
+        """``(what spec.wrap would make of module, the base fingerprint)``, built on a throwaway
+        copy, or ``None`` (a problem was recorded)."""
+        shape = entry.get("shape")
+        if shape and isinstance(module, nn.Linear) and [module.out_features, module.in_features] != shape:
+            self.fit.append(f"{target!r}: shape [out={module.out_features}, in={module.in_features}] != saved {shape}")
+            return None
+        try:
+            layer = _would_be(spec, target, module)
+        except (TypeError, ValueError) as error:
+            self.fit.append(f"{target!r}: {error}")
+            return None
+        self.required += [f"{target}.{p}" for p in spec.base_parameters_to_train(target, layer)]
+        return layer, (module_fingerprint(module) if isinstance(layer, AdapterLayer) else None)
+
+    def target(self, name: str, entry: dict[str, Any], specs: list[AdapterSpec] | None, prefix: str, own: dict[str, torch.Tensor]) -> None:
+        """Check one target (the module it is or would become, its base, its tensors) and
+        add the tensors it receives to the plan."""
+        target = self.local(name)
+        module = self.modules.get(target) if target is not None else None
+        if module is None:
+            self.fit.append(f"{target!r}: no such module" if target else f"{name!r}: outside this model")
+            return
+        if specs is None:
+            found = self._existing_layer(target, module, entry)
+        else:
+            found = self._new_layer(specs[entry["spec"]], target, module, entry)
+        if found is None:
+            return
+        layer, current = found
+        if not isinstance(layer, AdapterLayer):  # changed in place (BitFit, full): plain module tensors
+            self.pool.update({f"{target}.{k}": v for k, v in own.items()})
+            return
+        if "fingerprint" not in entry:
+            self.base.append(f"{target!r}: the file records no base fingerprint for it (removed or damaged)")
+        elif current != entry["fingerprint"]:
+            self.base.append(f"{target!r}: base weights differ from the ones the adapter was trained on")
+        if specs is not None:
+            self.replaced[target] = _meta(dict(layer.state_dict(keep_vars=True)))
+        self.state.update(_layer_tensors(layer, target, prefix, own, entry, bool(self.meta.get("peft_layout")), self.pool, self.damage))
+
+    def would_be_state(self) -> dict[str, torch.Tensor]:
+        """Every key the loaded model will have (meta tensors for new layers); pool tensors
+        with a counterpart join the plan."""
+        shapes: dict[str, torch.Tensor] = {
+            k: v for k, v in self.model.state_dict(keep_vars=True).items() if not any(k.startswith(t + ".") for t in self.replaced)
+        }
+        for t, layer_state in self.replaced.items():
+            shapes.update({f"{t}.{k}": v for k, v in layer_state.items()})
+        for key, value in self.pool.items():
+            if key not in shapes:
+                self.damage.append(f"tensor {key!r} has no counterpart in this {type(self.model).__name__}")
+            else:
+                self.state[key] = value
+        return shapes
+
+    def trainable(self, shapes: dict[str, torch.Tensor]) -> tuple[str, list[str]]:
+        """``(the prefix apply_adapter runs on, trainable_modules relative to it)``; records the
+        tensors those modules imply that the file lacks."""
+        meta = self.meta
+        prefix = self.local(meta["record_prefix"]) if meta["record_prefix"] else ""
+        trainable: list[str] = []
+        if prefix is None or (prefix and prefix not in self.modules):
+            self.fit.append(f"the adapters were applied to {meta['record_prefix']!r}, which this model lacks")
+            prefix = ""
+        for entry_name in meta["trainable_modules"]:
+            t = self.local(entry_name)
+            if t is None or t not in self.modules:
+                continue  # outside the export root this model is (warned about with the tensors)
+            trainable.append(t[len(prefix) + 1 :] if prefix else t)
+            ids = {id(p) for p in self.modules[t].parameters()}
+            self.required += [n for n, p in self.model.named_parameters() if id(p) in ids]
+        missing_required = [k for k in dict.fromkeys(self.required) if k not in self.state and k in shapes]
+        if missing_required:
+            self.damage.append(f"missing trained tensors {missing_required[:6]}")
+        return prefix, trainable
+
+    def check_values(self, shapes: dict[str, torch.Tensor]) -> None:
+        """Shape, dtype kind and finiteness of every planned tensor (also after the cast to
+        the model's dtype, which replaces the value in the plan)."""
+        nonfinite: list[str] = []
+        for key, value in list(self.state.items()):
+            like = shapes[key]
+            if tuple(value.shape) != tuple(like.shape):
+                self.damage.append(f"tensor {key!r}: saved shape {tuple(value.shape)} != model {tuple(like.shape)}")
+                continue
+            if _kind_of(value.dtype) != _kind_of(like.dtype):
+                self.damage.append(f"tensor {key!r}: saved dtype {value.dtype} cannot hold the model's {like.dtype} values")
+                continue
+            cast = value.to(like.dtype) if value.dtype != like.dtype else value
+            if (cast.is_floating_point() or cast.is_complex()) and not bool(torch.isfinite(cast).all()):
+                nonfinite.append(key)
+                continue
+            self.state[key] = cast
+        if nonfinite:
+            self.damage.append(f"non-finite values (NaN/inf, in the file or after casting to the model's dtype) in {nonfinite[:6]}")
+
+    def raise_problems(self, describe: Callable[[nn.Module], str]) -> None:
+        """One ``ValueError`` with every problem found, if any."""
+        fit, base, damage, meta = self.fit, self.base, self.damage, self.meta
+        if not (fit or base or damage):
+            return
+        problems = fit + base + damage
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        if not fit and not base:
+            raise ValueError(
+                f"adapter file {self.source!r} is damaged or incomplete: {shown}. Re-export it with save_adapter from the trained model."
+            )
+        this = describe(self.model.get_submodule(self.export_root) if self.export_root and not self.offset else self.model)
+        lift = not fit and not damage  # strict_base=False would make exactly this load
+        raise ValueError(
+            f"adapter at {self.source!r} was made for base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']}), "
+            f"and does not fit this {this!r}: {shown}. Load it into the base it was trained on"
+            + (" (or pass strict_base=False if you changed the base on purpose)." if lift else ".")
+        )
+
+    def retargeted(self, specs: list[AdapterSpec], prefix: str) -> list[AdapterSpec]:
+        """Each spec pinned to exactly the modules the file names for it (relative to ``prefix``)."""
+        out = []
+        for i, spec in enumerate(specs):
+            names = [t for n, e in self.meta["targets"].items() if e["spec"] == i and (t := self.local(n)) is not None]
+            if not names:
+                model = type(self.model).__name__
+                raise ValueError(f"adapter file {self.source!r}: spec {i} ({spec.kind}) adapts none of the modules of this {model}")
+            out.append(spec.retargeted([n[len(prefix) + 1 :] if prefix else n for n in names]))
+        return out
+
+
 def plan_load(model: nn.Module, source: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
               extra: dict[str, torch.Tensor], strict_base: bool, describe: Callable[[nn.Module], str]) -> LoadPlan:
     """Validate the file against ``model`` and return the plan; raises ``ValueError`` with
     every problem found (see the module docstring). ``model`` is not changed."""
-    export_root: str = meta["export_root"]
-    modules = dict(model.named_modules())
-    # the model may be the saved top-level module or the export root itself (e.g. a bare HF model)
-    offset = "" if not export_root or export_root in modules else export_root
-
-    def local(name: str) -> str | None:
-        if not offset:
-            return name
-        return name[len(offset) + 1 :] if name.startswith(offset + ".") else None
-
-    def model_key(file_key: str) -> str:
-        rel = file_key[len(PEFT_PREFIX) :]
-        return f"{export_root}.{rel}" if export_root and not offset else rel
-
-    warnings: list[str] = []
-    fit: list[str] = []  # the model does not fit the file
-    base: list[str] = []  # base weights differ / fingerprints missing (strict_base)
-    damage: list[str] = []  # the file itself is wrong
-
-    existing = adapter_record(model)
-    specs: list[AdapterSpec] | None = None
-    if existing is None:
-        specs = [spec_from_config(config, f"{source} (spec {i})") for i, config in enumerate(meta["specs"])]
-        for name, entry in meta["targets"].items():
-            if specs[entry["spec"]].kind != entry["kind"]:
-                damage.append(f"target {name!r} has kind {entry['kind']!r} but its spec {entry['spec']} is a {specs[entry['spec']].kind!r}")
-
-    # --- file tensors by target (longest matching target prefix) -----------------------------
-    file_prefix = {local(n): PEFT_PREFIX + (n[len(export_root) + 1 :] if export_root else n) + "." for n in meta["targets"]}
-    file_prefix.pop(None, None)
-    groups: dict[str, dict[str, torch.Tensor]] = {t: {} for t in file_prefix}
-    pool: dict[str, torch.Tensor] = {}  # model key -> value, for everything outside adapter layers
-    for key, value in tensors.items():
-        if not key.startswith(PEFT_PREFIX):
-            damage.append(f"tensor {key!r} is not under {PEFT_PREFIX!r}")
-            continue
-        owner = max((t for t, p in file_prefix.items() if key.startswith(p)), key=len, default=None)
-        if owner is None:
-            pool[model_key(key)] = value
-        else:
-            groups[owner][key[len(file_prefix[owner]) :]] = value
-    if not offset:
-        pool.update(extra)
-    elif extra:
-        warnings.append(
-            f"{len(extra)} trained tensors outside {export_root!r} ({sorted(extra)[:3]}...) were not loaded: this model has no such modules"
-        )
-
-    # --- every target: the module it is or would become, its base, its tensors -----------------
-    state: dict[str, torch.Tensor] = {}
-    replaced: dict[str, dict[str, torch.Tensor]] = {}  # target -> its would-be layer's state (meta)
-    required: list[str] = []
+    planner = _Planner(model, source, meta)
+    specs = planner.specs()
+    file_prefix, groups = planner.group(tensors, extra)
     for name, entry in meta["targets"].items():
-        target = local(name)
-        module = modules.get(target) if target is not None else None
-        if module is None:
-            fit.append(f"{target!r}: no such module" if target else f"{name!r}: outside this model")
-            continue
-        shape = entry.get("shape")
-        if existing is not None:
-            if not isinstance(module, AdapterLayer):
-                if shape is not None or "fingerprint" in entry:
-                    fit.append(f"{target!r}: has no adapter in this model (it has adapters elsewhere)")
-                    continue
-            elif getattr(module.spec, "kind", None) != entry["kind"]:
-                fit.append(f"{target!r}: holds a {module.spec.kind!r} adapter here, the file a {entry['kind']!r} one")
-                continue
-            if shape and isinstance(module, AdapterLayer) and [module.out_features, module.in_features] != shape:
-                fit.append(f"{target!r}: shape {[module.out_features, module.in_features]} != saved {shape}")
-                continue
-            layer, current = module, (module.base_fingerprint if isinstance(module, AdapterLayer) else None)
-        else:
-            if shape and hasattr(module, "in_features") and [module.out_features, module.in_features] != shape:
-                fit.append(f"{target!r}: shape [out={module.out_features}, in={module.in_features}] != saved {shape}")
-                continue
-            assert specs is not None
-            spec = specs[entry["spec"]]
-            try:
-                layer = _would_be(spec, target, module)
-            except (TypeError, ValueError) as error:
-                fit.append(f"{target!r}: {error}")
-                continue
-            current = module_fingerprint(module) if isinstance(layer, AdapterLayer) else None
-            required += [f"{target}.{p}" for p in spec.base_parameters_to_train(target, layer)]
-        own = groups.pop(target, {})
-        if not isinstance(layer, AdapterLayer):  # changed in place (BitFit, full): plain module tensors
-            pool.update({f"{target}.{k}": v for k, v in own.items()})
-            continue
-        if "fingerprint" not in entry:
-            base.append(f"{target!r}: the file records no base fingerprint for it (removed or damaged)")
-        elif current != entry["fingerprint"]:
-            base.append(f"{target!r}: base weights differ from the ones the adapter was trained on")
-        if existing is None:
-            replaced[target] = _meta(dict(layer.state_dict(keep_vars=True)))
-        state.update(_layer_tensors(layer, target, file_prefix[target], own, entry, bool(meta.get("peft_layout")), pool, damage))
-        del layer  # a throwaway copy: one at a time
+        target = planner.local(name)
+        planner.target(name, entry, specs, file_prefix.get(target, ""), groups.pop(target, {}) if target is not None else {})
     recorded = {n: e["fingerprint"] for n, e in meta["targets"].items() if "fingerprint" in e}
     if combine_fingerprints(recorded) != meta["base_fingerprint"]:
-        base.append("the per-module fingerprints do not combine to the recorded base fingerprint (edited or damaged)")
+        planner.base.append("the per-module fingerprints do not combine to the recorded base fingerprint (edited or damaged)")
     if not strict_base:
-        base = []
-
-    # --- the would-be state: every key the loaded model will have -----------------------------
-    shapes: dict[str, torch.Tensor] = {
-        k: v for k, v in model.state_dict(keep_vars=True).items() if not any(k.startswith(t + ".") for t in replaced)
-    }
-    for t, layer_state in replaced.items():
-        shapes.update({f"{t}.{k}": v for k, v in layer_state.items()})
-    for key, value in pool.items():
-        if key not in shapes:
-            damage.append(f"tensor {key!r} has no counterpart in this {type(model).__name__}")
-        else:
-            state[key] = value
-
-    # --- tensors the specs imply outside adapter layers ---------------------------------------
-    prefix = local(meta["record_prefix"]) if meta["record_prefix"] else ""
-    trainable: list[str] = []
-    if prefix is None or (prefix and prefix not in modules):
-        fit.append(f"the adapters were applied to {meta['record_prefix']!r}, which this model lacks")
-        prefix = ""
-    for entry_name in meta["trainable_modules"]:
-        t = local(entry_name)
-        if t is None or t not in modules:
-            continue  # outside the export root this model is (warned about with the tensors)
-        trainable.append(t[len(prefix) + 1 :] if prefix else t)
-        ids = {id(p) for p in modules[t].parameters()}
-        required += [n for n, p in model.named_parameters() if id(p) in ids]
-    missing_required = [k for k in dict.fromkeys(required) if k not in state and k in shapes]
-    if missing_required:
-        damage.append(f"missing trained tensors {missing_required[:6]}")
-
-    # --- values: shape, dtype kind, finiteness (also after the cast to the model's dtype) ------
-    nonfinite: list[str] = []
-    for key, value in list(state.items()):
-        like = shapes[key]
-        if tuple(value.shape) != tuple(like.shape):
-            damage.append(f"tensor {key!r}: saved shape {tuple(value.shape)} != model {tuple(like.shape)}")
-            continue
-        if _kind_of(value.dtype) != _kind_of(like.dtype):
-            damage.append(f"tensor {key!r}: saved dtype {value.dtype} cannot hold the model's {like.dtype} values")
-            continue
-        cast = value.to(like.dtype) if value.dtype != like.dtype else value
-        if cast.is_floating_point() or cast.is_complex():
-            if not bool(torch.isfinite(cast).all()):
-                nonfinite.append(key)
-                continue
-        state[key] = cast
-    if nonfinite:
-        damage.append(f"non-finite values (NaN/inf, in the file or after casting to the model's dtype) in {nonfinite[:6]}")
-
-    if fit or base or damage:
-        problems = fit + base + damage
-        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
-        if not fit and not base:
-            raise ValueError(f"adapter file {source!r} is damaged or incomplete: {shown}. Re-export it with save_adapter from the trained model.")
-        this = describe(model.get_submodule(export_root) if export_root and not offset else model)
-        lift = not fit and not damage  # strict_base=False would make exactly this load
-        raise ValueError(
-            f"adapter at {source!r} was made for base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']}), "
-            f"and does not fit this {this!r}: {shown}. Load it into the base it was trained on"
-            + (" (or pass strict_base=False if you changed the base on purpose)." if lift else ".")
-        )
-    if specs is not None:  # each spec adapts exactly the modules the file names for it
-        for i, spec in enumerate(specs):
-            names = [t for n, e in meta["targets"].items() if e["spec"] == i and (t := local(n)) is not None]
-            spec.target_modules = ["re:" + re.escape(n[len(prefix) + 1 :] if prefix else n) for n in names]
-            spec.module_path = None
-    return LoadPlan(specs=specs, apply_prefix=prefix, trainable=trainable, state=state, warnings=warnings)
+        planner.base = []
+    shapes = planner.would_be_state()
+    prefix, trainable = planner.trainable(shapes)
+    planner.check_values(shapes)
+    planner.raise_problems(describe)
+    if specs is not None:
+        specs = planner.retargeted(specs, prefix)
+    return LoadPlan(specs=specs, apply_prefix=prefix, trainable=trainable, state=planner.state, warnings=planner.warnings)

@@ -46,6 +46,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_peft.adapters.dtypes import DTYPES as _DTYPES
 from lightning_peft.adapters.rank_ops import full_tensor
 from lightning_peft.callbacks.adapter import AtomicCheckpointIO
 from lightning_peft.io import state_mismatch
@@ -59,7 +60,6 @@ from lightning_peft.validation import (
     check_str_list,
 )
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DType = Literal["float32", "bfloat16", "float16"]
 #: containers without a forward of their own: never an FSDP unit (their hooks would never run)
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)

@@ -1,5 +1,8 @@
 """Which modules get which adapter: matching, injection, freezing, and the report.
 
+The report's table is ``lightning_peft.report``; the refusal of parents that read a child's
+weights is ``lightning_peft.weight_readers`` (both re-exported here).
+
 ``apply_adapter`` validates everything first (targets exist, types fit, ranks fit, no module
 claimed twice) and builds every replacement before it touches the model, so a bad spec leaves
 the model exactly as it was.
@@ -7,14 +10,10 @@ the model exactly as it was.
 
 from __future__ import annotations
 
-import ast
 import difflib
-import functools
 import hashlib
-import inspect
 import json
 import re
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,8 +22,10 @@ from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, name_matches
 from lightning_peft.gradient_check import GradientCheck
+from lightning_peft.report import AdapterReport, parameter_count, tied_parameters
 from lightning_peft.trained_buffers import BufferWatch, NormStats, freeze_running_stats, running_stat_buffers
 from lightning_peft.validation import check_bool, check_choice, check_name_pattern, check_str_list
+from lightning_peft.weight_readers import check_weight_readers, redirect_to_weight_readers
 
 #: leaf names of output heads that "all-linear" leaves alone (train them via trainable_modules)
 OUTPUT_HEAD_NAMES = ("lm_head", "head", "classifier", "score")
@@ -43,30 +44,6 @@ class AdapterRecord:
     trained_buffers: list[str] = field(default_factory=list)
     norm_stats: NormStats = "train"
     buffer_watch: BufferWatch | None = field(default=None, repr=False)
-
-
-@dataclass
-class AdapterReport:
-    """The trainable-parameter table ``apply_adapter`` returns (``print(report)``)."""
-
-    rows: list[tuple[str, str, str, int]] = field(default_factory=list)  # (module, kind, detail, trainable)
-    trainable: int = 0
-    total: int = 0
-    notes: list[str] = field(default_factory=list)  # printed under the table
-    tied: dict[str, list[str]] = field(default_factory=dict)  # trained parameter -> names it is tied to
-    trainable_matches: dict[str, list[str]] = field(default_factory=dict)  # trainable_modules entry -> full names
-
-    @property
-    def trainable_fraction(self) -> float:
-        return self.trainable / max(self.total, 1)
-
-    def __str__(self) -> str:
-        width = max([len(r[0]) for r in self.rows] + [6])
-        lines = [f"{'module':<{width}}  {'adapter':<8}  {'detail':<22}  {'trainable':>11}"]
-        lines += [f"{m:<{width}}  {k:<8}  {d:<22}  {n:>11,}" for m, k, d, n in self.rows]
-        lines.append(f"trainable {self.trainable:,} / total {self.total:,} parameters ({100 * self.trainable_fraction:.3f}%)")
-        lines += [f"note: {note}" for note in self.notes]
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,19 +73,77 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
+def _scope(model: nn.Module, spec: AdapterSpec) -> dict[str, nn.Module]:
+    """The modules ``spec`` may select: all of ``model``'s, or those below ``module_path``."""
+    modules = dict(model.named_modules())
+    if not spec.module_path:
+        return modules
+    if spec.module_path not in modules:
+        near = _nearest_names(spec.module_path, list(modules))
+        raise ValueError(f"module_path {spec.module_path!r} is not a submodule of {type(model).__name__}; nearest names: {near}")
+    prefix = spec.module_path + "."
+    return {n: m for n, m in modules.items() if n == spec.module_path or n.startswith(prefix)}
+
+
+def _matched(model: nn.Module, modules: dict[str, nn.Module], targets: str | list[str]) -> list[str]:
+    """The names ``targets`` selects among ``modules`` (before exclusions and type checks)."""
+    if targets == "all-linear":
+        heads = output_head_names(model)
+        return [n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in heads]
+    if isinstance(targets, str):
+        pattern = re.compile(targets.removeprefix("re:"))
+        return [n for n in modules if pattern.fullmatch(n)]
+    return [n for n in modules if any(name_matches(n, e) for e in targets)]
+
+
+def _unmatched_entry_error(model: nn.Module, spec: AdapterSpec, modules: dict[str, nn.Module], entry: str, hits: list[str]) -> ValueError:
+    """Why the explicit target ``entry`` selects nothing adaptable (``hits``: what it selected
+    after exclusions), with the fix."""
+    matched = [n for n in modules if name_matches(n, entry)]
+    removed = [n for n in matched if any(name_matches(n, e) for e in spec.exclude_modules)]
+    if matched and not hits and removed:
+        rules = sorted({e for n in removed for e in spec.exclude_modules if name_matches(n, e)})
+        return ValueError(
+            f"target {entry!r} matches {removed[:5]}, but exclude_modules {rules} removed every match. "
+            f"Remove {entry!r} from target_modules or narrow exclude_modules"
+        )
+    if matched and not hits:  # every match is an adapter layer already, or inside one
+        return ValueError(
+            f"target {entry!r} matches {matched[:5]}, which are already adapted; give each module one adapter "
+            f"(remove {entry!r} from target_modules)"
+        )
+    if hits:
+        kinds = sorted({type(modules[n]).__name__ for n in hits})
+        inner = [n for n in modules if n.startswith(hits[0] + ".") and spec.supports(modules[n])][:5]
+        return ValueError(
+            f"target {entry!r} matches only {kinds} modules, which {type(spec).__name__} cannot adapt. "
+            f"Adaptable modules inside {hits[0]!r}: {inner or 'none'}"
+        )
+    near = _nearest_names(entry, list(modules))
+    return ValueError(f"target {entry!r} matches no module of {type(model).__name__}. Nearest module names: {near}")
+
+
+def _nothing_adaptable_error(model: nn.Module, spec: AdapterSpec, modules: dict[str, nn.Module], targets: str | list[str],
+                             chosen: list[str], before_exclusion: list[str]) -> ValueError:
+    if spec.exclude_modules and not chosen and before_exclusion:
+        return ValueError(
+            f"{type(spec).__name__}(target_modules={targets!r}) matches {before_exclusion[:5]}, but exclude_modules "
+            f"{spec.exclude_modules} removed every match; narrow exclude_modules or widen target_modules"
+        )
+    linear = [n for n, m in modules.items() if spec.supports(m)][:8]
+    return ValueError(
+        f"{type(spec).__name__}(target_modules={targets!r}) matches no module it can adapt in {type(model).__name__}. "
+        f"Adaptable modules include: {linear or 'none'}; nearest names: {_nearest_names(str(targets), list(modules))}"
+    )
+
+
 def resolve_targets(model: nn.Module, spec: AdapterSpec, protected: Sequence[str] = ()) -> list[str]:
     """Names of the modules ``spec`` adapts in ``model``; raises if it matches nothing.
 
     ``protected`` names (fully trainable modules) are never selected by the generic
     ``"all-linear"`` / default patterns.
     """
-    modules = dict(model.named_modules())
-    if spec.module_path:
-        if spec.module_path not in modules:
-            near = _nearest_names(spec.module_path, list(modules))
-            raise ValueError(f"module_path {spec.module_path!r} is not a submodule of {type(model).__name__}; nearest names: {near}")
-        prefix = spec.module_path + "."
-        modules = {n: m for n, m in modules.items() if n == spec.module_path or n.startswith(prefix)}
+    modules = _scope(model, spec)
     targets = spec.target_modules if spec.target_modules is not None else spec.default_targets()
     generic = targets == "all-linear" or spec.target_modules is None
     adapters = [n for n, m in modules.items() if isinstance(m, AdapterLayer)]
@@ -120,57 +155,16 @@ def resolve_targets(model: nn.Module, spec: AdapterSpec, protected: Sequence[str
             return True
         return generic and any(name == p or name.startswith(p + ".") for p in protected)
 
-    if targets == "all-linear":
-        heads = output_head_names(model)
-        chosen = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in heads]
-    elif isinstance(targets, str):
-        pattern = re.compile(targets.removeprefix("re:"))
-        chosen = [n for n in modules if pattern.fullmatch(n)]
-    else:
-        chosen = [n for n in modules if any(name_matches(n, e) for e in targets)]
+    chosen = _matched(model, modules, targets)
     before_exclusion = [n for n in chosen if spec.supports(modules[n])]
     chosen = [n for n in chosen if not excluded(n)]
     supported = [n for n in chosen if spec.supports(modules[n])]
-
-    # every explicit entry must match something adaptable
-    for entry in targets if isinstance(targets, list) else []:
+    for entry in targets if isinstance(targets, list) else []:  # every explicit entry must match something adaptable
         hits = [n for n in chosen if name_matches(n, entry)]
         if not any(n in supported for n in hits):
-            matched = [n for n in modules if name_matches(n, entry)]
-            removed = [n for n in matched if any(name_matches(n, e) for e in spec.exclude_modules)]
-            if matched and not hits and removed:
-                rules = sorted({e for n in removed for e in spec.exclude_modules if name_matches(n, e)})
-                raise ValueError(
-                    f"target {entry!r} matches {removed[:5]}, but exclude_modules {rules} removed every match. "
-                    f"Remove {entry!r} from target_modules or narrow exclude_modules"
-                )
-            if matched and not hits:  # every match is an adapter layer already, or inside one
-                raise ValueError(
-                    f"target {entry!r} matches {matched[:5]}, which are already adapted; give each module one adapter "
-                    f"(remove {entry!r} from target_modules)"
-                )
-            if hits:
-                kinds = sorted({type(modules[n]).__name__ for n in hits})
-                inner = [n for n in modules if n.startswith(hits[0] + ".") and spec.supports(modules[n])][:5]
-                raise ValueError(
-                    f"target {entry!r} matches only {kinds} modules, which {type(spec).__name__} cannot adapt. "
-                    f"Adaptable modules inside {hits[0]!r}: {inner or 'none'}"
-                )
-            raise ValueError(
-                f"target {entry!r} matches no module of {type(model).__name__}. "
-                f"Nearest module names: {_nearest_names(entry, list(modules))}"
-            )
+            raise _unmatched_entry_error(model, spec, modules, entry, hits)
     if not supported:
-        if spec.exclude_modules and not chosen and before_exclusion:
-            raise ValueError(
-                f"{type(spec).__name__}(target_modules={targets!r}) matches {before_exclusion[:5]}, but exclude_modules "
-                f"{spec.exclude_modules} removed every match; narrow exclude_modules or widen target_modules"
-            )
-        linear = [n for n, m in modules.items() if spec.supports(m)][:8]
-        raise ValueError(
-            f"{type(spec).__name__}(target_modules={targets!r}) matches no module it can adapt in {type(model).__name__}. "
-            f"Adaptable modules include: {linear or 'none'}; nearest names: {_nearest_names(str(targets), list(modules))}"
-        )
+        raise _nothing_adaptable_error(model, spec, modules, targets, chosen, before_exclusion)
     return supported
 
 
@@ -258,9 +252,29 @@ def apply_adapter(
     if getattr(model, RECORD_ATTRIBUTE, None) is not None or any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already has adapters; load or remove them instead of applying twice")
     trainable = _resolve_trainable(model, trainable_modules)  # validates the entries
-    trainable_patterns = list(trainable_modules or [])
-
     # 1. resolve and validate every target, build every replacement: nothing is changed yet
+    claimed = redirect_to_weight_readers(model, _claim(model, specs, trainable), trainable)
+    replacements = _replacements(model, claimed)
+    check_weight_readers(model, replacements)
+    # 2. change the model
+    model.requires_grad_(False)
+    for name, new in replacements.items():
+        model.set_submodule(name, new)
+    rows = _enable_training(model, claimed, trainable)
+    if norm_stats == "freeze":
+        freeze_running_stats(model)
+    buffers = running_stat_buffers(model)
+    record = AdapterRecord(specs, {n: s.kind for n, s in claimed.items()}, trainable, buffers, norm_stats)
+    record.buffer_watch = BufferWatch(model, ignore=set(buffers) | set(trainable_state_keys(model)))
+    object.__setattr__(model, RECORD_ATTRIBUTE, record)
+    if check_gradients:
+        GradientCheck(model)  # lives in the parameters' hooks until it concludes
+    return make_report(model, rows, list(trainable_modules or []))
+
+
+def _claim(model: nn.Module, specs: list[AdapterSpec], trainable: list[str]) -> dict[str, AdapterSpec]:
+    """``module name -> spec`` for every target; raises when a module is claimed twice or is
+    both adapted and fully trained."""
     claimed: dict[str, AdapterSpec] = {}
     for spec in specs:
         for name in resolve_targets(model, spec, protected=trainable):
@@ -272,7 +286,12 @@ def apply_adapter(
                     "exclude it from one of them"
                 )
             claimed[name] = spec
-    claimed = _redirect_to_weight_readers(model, claimed, trainable)
+    return claimed
+
+
+def _replacements(model: nn.Module, claimed: dict[str, AdapterSpec]) -> dict[str, nn.Module]:
+    """The adapter layer that replaces each claimed module (specs that change the module in
+    place, as BitFit, have none), stamped with its base fingerprint; the model is unchanged."""
     modules = dict(model.named_modules())
     replacements: dict[str, nn.Module] = {}
     for name, spec in claimed.items():
@@ -281,12 +300,12 @@ def apply_adapter(
             new.base_fingerprint = module_fingerprint(modules[name])
             new.train(modules[name].training)  # an eval-mode model stays in eval mode (no adapter dropout)
             replacements[name] = new
-    _check_weight_readers(model, replacements)
+    return replacements
 
-    # 2. change the model
-    model.requires_grad_(False)
-    for name, new in replacements.items():
-        model.set_submodule(name, new)
+
+def _enable_training(model: nn.Module, claimed: dict[str, AdapterSpec], trainable: list[str]) -> list[tuple[str, str, str, int]]:
+    """Switch on the gradients of the adapter tensors, the base parameters specs train and the
+    fully trained modules; returns the report rows."""
     rows: list[tuple[str, str, str, int]] = []
     for name, spec in claimed.items():
         module = model.get_submodule(name)
@@ -302,39 +321,7 @@ def apply_adapter(
         module = model.get_submodule(name)
         module.requires_grad_(True)
         rows.append((name, "trained", "all parameters", sum(p.numel() for p in module.parameters())))
-    if norm_stats == "freeze":
-        freeze_running_stats(model)
-    buffers = running_stat_buffers(model)
-    record = AdapterRecord(specs, {n: s.kind for n, s in claimed.items()}, trainable, buffers, norm_stats)
-    record.buffer_watch = BufferWatch(model, ignore=set(buffers) | set(trainable_state_keys(model)))
-    object.__setattr__(model, RECORD_ATTRIBUTE, record)
-    if check_gradients:
-        GradientCheck(model)  # lives in the parameters' hooks until it concludes
-    return make_report(model, rows, trainable_patterns)
-
-
-def parameter_count(param: torch.Tensor) -> int:
-    """Logical element count (a 4-bit packed weight counts its unpacked shape)."""
-    quant_state = getattr(param, "quant_state", None)
-    return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
-
-
-def tied_parameters(model: nn.Module, module_name: str) -> dict[str, list[str]]:
-    """Parameters of submodule ``module_name`` that are the same ``Parameter`` as one registered
-    outside it (e.g. an LM head tied to the input embedding): ``own name -> outside names``,
-    full names. Training the module trains those too."""
-    prefix = module_name + "."
-    names_of: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(name)
-    tied: dict[str, list[str]] = {}
-    for names in names_of.values():
-        inside = [n for n in names if n.startswith(prefix)]
-        outside = [n for n in names if not n.startswith(prefix)]
-        for own in inside:
-            if outside:
-                tied[own] = outside
-    return tied
+    return rows
 
 
 def make_report(
@@ -420,126 +407,3 @@ def refresh_trained_buffers(module: nn.Module) -> list[str]:
     changed = record.buffer_watch.changed(module.get_submodule(prefix) if prefix else module)
     record.trained_buffers += changed
     return [f"{prefix}.{b}" if prefix else b for b in changed]
-
-
-# --------------------------------------------------------------------------------------------
-# Parents that read a child's weights instead of calling it
-# --------------------------------------------------------------------------------------------
-def _redirect_to_weight_readers(model: nn.Module, claimed: dict[str, AdapterSpec], trainable: Sequence[str] = ()) -> dict[str, AdapterSpec]:
-    """Targets moved to the ``nn.MultiheadAttention`` that applies them (before any wrap).
-
-    An attention module reads ``out_proj.weight`` and its packed q/k/v weights itself, so:
-
-    * the attention module itself targeted by name: one layer adapts q, k, v and out;
-    * its ``out_proj`` targeted by name: only out is adapted (``out_proj`` is wrapped by a layer
-      that hands the parent its effective weight);
-    * ``out_proj`` picked by ``"all-linear"`` (or the spec's default targets): the attention
-      module is adapted instead, q, k, v and out (q/k/v are linear maps too);
-    * both targeted: ``out_proj`` is dropped (the attention layer adapts out).
-
-    Raises (before anything changes) when a ``trainable_modules`` entry lies inside an adapted
-    attention module, which the adapter layer replaces."""
-    modules = dict(model.named_modules())
-    out: dict[str, AdapterSpec] = {}
-    for name, spec in claimed.items():
-        parent_name = name.rpartition(".")[0]
-        parent = modules.get(parent_name) if "." in name else None
-        is_out_proj = isinstance(parent, nn.MultiheadAttention) and parent.out_proj is modules[name]
-        generic = spec.target_modules is None or spec.target_modules == "all-linear"
-        if is_out_proj and parent_name in claimed:
-            continue
-        if is_out_proj and generic and spec.supports(parent):
-            out.setdefault(parent_name, spec)
-            continue
-        out[name] = spec
-    for name, module in modules.items():
-        if name in out and isinstance(module, nn.MultiheadAttention):
-            inside = [t for t in trainable if t.startswith(name + ".")]
-            if inside:
-                raise ValueError(
-                    f"trainable_modules {inside} lie inside {name!r} (nn.MultiheadAttention), which "
-                    f"{type(out[name]).__name__} adapts as a whole: drop them from trainable_modules, "
-                    f"or exclude {name!r} from the targets"
-                )
-    return out
-
-
-@functools.lru_cache(maxsize=256)
-def _forward_attribute_reads(cls: type) -> frozenset[tuple[str, ...]]:
-    """Every ``self.a.b...`` chain (two names or more) in ``cls.forward`` and the methods of
-    ``cls`` it calls (transitively), e.g. ``("proj", "weight")``; empty where the source cannot
-    be read. Read from the AST, so comments and strings do not count."""
-    chains: set[tuple[str, ...]] = set()
-    seen: set[str] = set()
-    todo = ["forward"]
-    while todo:
-        method = todo.pop()
-        if method in seen:
-            continue
-        seen.add(method)
-        fn = getattr(cls, method, None)
-        if not inspect.isfunction(fn) or fn.__qualname__.split(".")[0] == "Module":  # nn.Module's own methods
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-        except (OSError, TypeError, SyntaxError):  # no source (compiled, dynamic, builtin): nothing known
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name) and node.func.value.id == "self":
-                todo.append(node.func.attr)  # self.method(...): follow it
-            if isinstance(node, ast.Attribute):
-                parts: list[str] = []
-                inner: ast.expr = node
-                while isinstance(inner, ast.Attribute):
-                    parts.append(inner.attr)
-                    inner = inner.value
-                if isinstance(inner, ast.Name) and inner.id == "self" and len(parts) >= 2:
-                    chains.add(tuple(reversed(parts)))
-    return frozenset(chains)
-
-
-def _keep_off_fused_path(module: nn.Module, args: tuple) -> None:
-    """A no-op forward pre-hook. ``nn.TransformerEncoderLayer``'s fused inference path
-    (``torch._transformer_encoder_layer_fwd``) reads its children's weights directly and is
-    skipped when any submodule has a hook: adapter layers inside one carry this hook."""
-
-
-def _check_weight_readers(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
-    """Refuse replacements whose parent reads an attribute of the replaced child that the
-    adapter layer lacks (``self.proj.weight`` in ``forward`` instead of ``self.proj(x)``).
-    Called once every replacement is built and nothing in ``model`` has changed yet; when
-    everything passes, keeps torch's fused transformer paths off the adapted blocks."""
-    modules = dict(model.named_modules())
-    problems = []
-    for name, new in replacements.items():
-        parts = name.split(".")
-        for depth in range(len(parts)):  # every ancestor, the model itself included
-            owner_name = ".".join(parts[:depth])
-            owner = modules[owner_name]
-            if type(owner).forward is nn.TransformerEncoderLayer.forward:
-                continue  # reads weights only on its fused path, which the hook below keeps off
-            rel = tuple(parts[depth:])
-            read = {chain[len(rel)] for chain in _forward_attribute_reads(type(owner)) if len(chain) > len(rel) and chain[: len(rel)] == rel}
-            missing = sorted(attr for attr in read if not hasattr(new, attr))
-            if missing:
-                problems.append((name, owner_name, type(owner).__name__, ".".join(rel), missing, type(new).__name__))
-    if problems:
-        name, owner_name, owner_type, rel, missing, new_type = problems[0]
-        reads = ", ".join(f"self.{rel}.{m}" for m in missing)
-        names = list(dict.fromkeys(p[0] for p in problems))
-        exclude = [name] if len(names) == 1 else sorted({n.rsplit(".", 1)[-1] for n in names})
-        more = f" The same holds for {len(names) - 1} more: {names[1:6]}." if len(names) > 1 else ""
-        raise ValueError(
-            f"cannot adapt {name!r}: its parent {owner_name or '<model>'!r} ({owner_type}) reads {reads} in forward, "
-            f"which {new_type} does not have (the parent uses the child's weights itself instead of only calling "
-            f"self.{rel}(...)).{more} Exclude it (exclude_modules={exclude!r}), train it fully (trainable_modules=[{name!r}]) "
-            "or target the modules the parent calls instead. The model was not changed."
-        )
-    for name, new in replacements.items():
-        parts = name.split(".")
-        owners = [modules[".".join(parts[:d])] for d in range(len(parts))]
-        if any(isinstance(o, nn.TransformerEncoderLayer) for o in owners):
-            new.register_forward_pre_hook(_keep_off_fused_path)
-        for owner in owners:
-            if isinstance(owner, nn.TransformerEncoder):
-                owner.use_nested_tensor = False  # its nested-tensor fast path reads the layers' weights directly

@@ -16,14 +16,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_peft import AdapterCallback, ExpertImportanceCallback, ExpertLoRA, LoRA, apply_adapter
-from lightning_peft.adapters.experts import expert_layers, plan_prune_grow
-from lightning_peft.adapters.rank_ops import effective_parameters, orthogonal_rows, slot_generator
+from lightning_peft.adapters.experts import expert_layers
+from lightning_peft.allocation.epng import plan_prune_grow
+from lightning_peft.allocation.rank_ops import effective_parameters, orthogonal_rows, slot_generator
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
+import transformers  # noqa: F401, E402  (a test dependency: fail loudly if missing)
 from epng_ddp import TINY_OLMOE, loader, make_module  # noqa: E402
-
-import transformers  # noqa: F401  (a test dependency: fail loudly if missing)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from lightning_peft.adapters.experts import (
     expert_linear,
     sort_by_expert,
 )
-from lightning_peft.adapters.rank_ops import effective_parameters
+from lightning_peft.allocation.rank_ops import effective_parameters
 
 import transformers
 
@@ -435,7 +435,7 @@ def test_training_step_changes_only_active_slots():
 
 def test_loop_fallback_equals_grouped_mm(monkeypatch):
     """The per-expert loop (used where grouped_mm is unavailable) computes the same thing."""
-    from lightning_peft.adapters import experts
+    from lightning_peft.adapters.kernels import grouped
 
     model = _applied("mixtral")
     randomize(model)
@@ -444,7 +444,7 @@ def test_loop_fallback_equals_grouped_mm(monkeypatch):
     out.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    monkeypatch.setattr(experts, "_gmm_usable", lambda kind, t: False)
+    monkeypatch.setattr(grouped, "gmm_usable", lambda kind, t: False)
     loop = logits(model, x)
     loop.square().mean().backward()
     assert_scaled_close(loop, out)

@@ -41,8 +41,9 @@ from lightning_peft.adapters.base import (
     check_positive,
     restore_weight,
 )
-from lightning_peft.adapters.lora import lora_forward
-from lightning_peft.adapters.rank_ops import drop_slots, effective_parameters, masked
+from lightning_peft.adapters.kernels.lora import lora_forward
+from lightning_peft.allocation.adalora import cubic_budget
+from lightning_peft.allocation.rank_ops import drop_slots, effective_parameters, masked
 from lightning_peft.validation import (
     InvalidArgumentError,
     check_bool,
@@ -83,6 +84,10 @@ class AdaLoRALinear(AdapterLayer):
     @property
     def out_features(self) -> int:
         return self.base_layer.out_features
+
+    @property
+    def base_shape(self) -> list[int] | None:
+        return [self.out_features, self.in_features]
 
     @property
     def rank(self) -> int:
@@ -279,14 +284,7 @@ class AdaLoRAAllocator:
     def budget(self, step: int) -> tuple[int, bool]:
         """``(triplets to keep, whether to re-allocate at this step)`` -- AdaLoRA's cubic schedule."""
         s = self.spec
-        if step <= s.init_warmup:
-            return self.initial_budget, False
-        end = self.total_steps - s.final_warmup
-        if step > end:
-            return self.target_budget, True
-        progress = 1.0 - (step - s.init_warmup) / (end - s.init_warmup)
-        budget = int((self.initial_budget - self.target_budget) * progress**3 + self.target_budget)
-        return budget, step % s.interval == 0
+        return cubic_budget(step, self.initial_budget, self.target_budget, s.init_warmup, s.final_warmup, self.total_steps, s.interval)
 
     @torch.no_grad()
     def _update_importance(self) -> None:
@@ -390,9 +388,3 @@ class AdaLoRAAllocator:
         self.unc = {k: v.to(device) for k, v in state["unc"].items()}
         self.last_allocation = int(state["last_allocation"])
         self.total_steps = int(state["total_steps"])
-
-
-def describe_ranks(model: nn.Module) -> dict[str, int]:
-    """Current rank of every AdaLoRA layer."""
-    return {n: l.rank for n, l in adalora_layers(model).items()}
-

@@ -1,15 +1,27 @@
-"""The adapter protocol: a spec says *what* to adapt, a layer *is* the adapted module.
+"""The adapter contract: a spec says *what* to adapt, a layer *is* the adapted module.
 
 ``AdapterSpec`` (configuration, typed for jsonargparse) selects modules by name and ``wrap``s
 each match into an ``AdapterLayer`` (an ``nn.Module`` holding the frozen base and the trainable
-adapter tensors). Everything here is pure torch.
+adapter tensors). Everything the rest of the package calls on a spec or a layer is declared
+here, with a default where one makes sense, so callers never probe with ``hasattr``:
+
+* ``AdapterSpec``: ``kind``, ``trains_base``, ``training_callbacks``; ``supports``, ``check``,
+  ``default_targets``, ``wrap``, ``base_parameters_to_train``, ``to_config``, ``retargeted``.
+* ``AdapterLayer``: ``spec``, ``base_layer``, ``merged``, ``base_fingerprint``, ``base_shape``;
+  ``merge``, ``unmerge``, ``adapter_state_dict``, ``adapter_parameters``, ``num_trainable``,
+  ``peft_metadata``, ``peft_scaling``, ``peft_config_entry``, ``peft_state_dict``,
+  ``from_peft_state_dict``.
+
+A new adapter is one file with a subclass of each (or of the spec only, for an adapter that
+changes the base in place, as BitFit) plus one line in ``registry._BUILTIN``. Pure torch.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -45,13 +57,17 @@ def check_targets(name: str, targets: object) -> None:
         return
     if isinstance(targets, str):
         if not targets.strip():
-            raise InvalidArgumentError(name, f"{name} must not be an empty string (got {targets!r}): use 'all-linear', a regular expression, or a list of module names")
+            raise InvalidArgumentError(
+                name, f"{name} must not be an empty string (got {targets!r}): use 'all-linear', a regular expression, or a list of module names"  # noqa: E501
+            )
         if targets != "all-linear":
             check_regex(name, targets.removeprefix("re:"), repr(targets))
         return
     if not isinstance(targets, (list, tuple)):
         raise InvalidArgumentTypeError(
-            name, f"{name} must be 'all-linear', a regular expression (str) or a list of module names, got {targets!r} ({type(targets).__name__})"
+            name,
+            f"{name} must be 'all-linear', a regular expression (str) or a list of module names, "
+            f"got {targets!r} ({type(targets).__name__})",
         )
     if len(targets) == 0:
         raise InvalidArgumentError(name, f"{name} must not be an empty list: name at least one module, or use 'all-linear'")
@@ -78,6 +94,10 @@ class AdapterSpec:
     kind: str = "adapter"
     #: parameters of the base module that train (BitFit: biases; full fine-tune: all)
     trains_base: bool = False
+    #: class paths of Lightning callbacks this adapter needs to train correctly, added by
+    #: ``AdapterCallback`` (AdaLoRA: its allocator). Class paths, not classes: adapters never
+    #: import Lightning
+    training_callbacks: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -99,7 +119,14 @@ class AdapterSpec:
         """Whether ``module`` is a type this adapter can wrap."""
         return isinstance(module, nn.Linear)
 
+    def check(self, name: str, module: nn.Module) -> None:
+        """Raise (``TypeError`` / ``ValueError`` naming ``name`` and the fix) if ``module``
+        cannot take this adapter; called before anything changes."""
+        if not self.supports(module):
+            raise TypeError(f"{type(self).__name__} cannot adapt {name!r}: it is a {type(module).__name__}")
+
     def default_targets(self) -> str | list[str]:
+        """What ``target_modules=None`` selects."""
         return "all-linear"
 
     # --- construction --------------------------------------------------------------------
@@ -123,6 +150,20 @@ class AdapterSpec:
             init_args[param.name] = getattr(self, param.name)
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": init_args}
 
+    def retargeted(self, names: Sequence[str]) -> AdapterSpec:
+        """A new, validated spec equal to this one except that it adapts exactly the modules
+        ``names`` (full names relative to the module it is applied to) and has no
+        ``module_path``. Specs are not changed after validation: loaders that must pin a
+        spec to the modules a file names use this."""
+        targets = ["re:" + re.escape(n) for n in names]
+        check_targets("target_modules", targets)
+        init_args = self.to_config()["init_args"]
+        if "target_modules" in init_args and "module_path" in init_args:
+            return type(self)(**{**init_args, "target_modules": targets, "module_path": None})
+        pinned = copy.copy(self)  # a subclass whose __init__ fixes its targets: the copy is pinned instead
+        pinned.target_modules, pinned.module_path = targets, None
+        return pinned
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.to_config()["init_args"].items())
         return f"{type(self).__name__}({args})"
@@ -144,6 +185,15 @@ class AdapterLayer(nn.Module):
     spec: AdapterSpec
     base_layer: nn.Module
     merged: bool = False
+    #: ``module_fingerprint`` of the base module this layer replaced (set by ``apply_adapter``;
+    #: ``None`` for a layer built by hand): files record it to refuse a different base
+    base_fingerprint: str | None = None
+
+    @property
+    def base_shape(self) -> list[int] | None:
+        """``[out_features, in_features]`` of a linear-like layer (what files record to refuse a
+        load into a differently shaped module); ``None`` for other layouts (experts)."""
+        return None
 
     def merge(self, keep_original: bool = True) -> None:
         """Fold the adapter into the base weights; ``keep_original`` keeps what ``unmerge``
@@ -168,11 +218,19 @@ class AdapterLayer(nn.Module):
         store adapters at a fixed maximum rank with a rank mask count only the active slots."""
         return sum(p.numel() for p in self.adapter_parameters())
 
-    # --- Hugging Face peft export (layers other than LoRALinear opt in) -----------------------
+    # --- Hugging Face peft export (a layer opts in) --------------------------------------------
+    def peft_scaling(self) -> tuple[bool, float] | None:
+        """``(use_rslora, dropout)`` this layer needs from peft's one global ``LoraConfig``
+        setting, or ``None`` when it adapts its alphas to whatever the others use. Layers that
+        disagree make the adapter unrepresentable in peft."""
+        return None
+
     def peft_config_entry(self, name: str, use_rslora: bool = False) -> dict[str, Any] | None:
-        """``LoraConfig`` fields this layer (named ``name`` relative to the export root) needs --
-        ``target_modules`` and/or ``target_parameters`` plus explicit ``rank_pattern`` /
-        ``alpha_pattern`` entries -- or ``None`` when peft cannot represent it."""
+        """``LoraConfig`` fields this layer (named ``name`` relative to the export root) needs,
+        or ``None`` when peft cannot represent it: ``target_modules`` and/or
+        ``target_parameters``; either ``rank`` / ``alpha`` (one value for all its targets:
+        written as the global ``r`` / ``lora_alpha`` or as pattern entries where they differ)
+        or explicit ``rank_pattern`` / ``alpha_pattern`` entries."""
         return None
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ For a frozen ``W0 [d_out, d_in]`` (and bias ``b``), LoRA learns ``A [r, d_in]`` 
 adapted model starts equal to the base.
 
 Speed and memory. ``LoRALinear`` runs base and update in one autograd node
-(``_LoRAFunction``) that saves only what backward needs:
+(``lightning_peft.adapters.kernels.lora.LoRAFunction``) that saves only what backward needs:
 
 * the frozen weight (as the frozen-base model does, for ``dx = dy W0``),
 * the rank-``r`` projection ``u = x A^T [N, r]`` for ``dB = s dy^T u``,
@@ -39,6 +39,7 @@ from lightning_peft.adapters.base import (
     first_match,
     restore_weight,
 )
+from lightning_peft.adapters.kernels.lora import lora_forward
 from lightning_peft.validation import (
     check_bool,
     check_choice,
@@ -47,206 +48,7 @@ from lightning_peft.validation import (
     check_mapping,
 )
 
-
-# --------------------------------------------------------------------------------------------
-# Recomputing the input from its producer's saved tensors
-# --------------------------------------------------------------------------------------------
-def _saved(node: Any, name: str) -> torch.Tensor | None:
-    try:
-        value = getattr(node, name)
-    except RuntimeError:  # freed or modified in place since it was saved
-        return None
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _input_recipe(x: torch.Tensor) -> tuple[str, tuple[torch.Tensor, ...], Any] | None:
-    """How to recompute ``x`` in backward from tensors autograd already keeps, or ``None``.
-
-    Only producers whose saved tensors fully determine ``x`` by a cheap elementwise or
-    normalisation op qualify. Reading a producer's saved tensors is only safe when no
-    non-transparent saved-tensor hook (e.g. activation checkpointing) is active, because such
-    hooks replace saved tensors with placeholders that must not be unpacked during forward.
-    """
-    node = x.grad_fn
-    if node is None:
-        return None
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if hooks is not None and not getattr(hooks[0], "_lightning_peft_transparent", False):
-        return None
-    kind = type(node).__name__
-    if kind == "NativeLayerNormBackward0":
-        inp, mean, rstd = (_saved(node, n) for n in ("_saved_input", "_saved_result1", "_saved_result2"))
-        if inp is None or mean is None or rstd is None:
-            return None
-        weight, bias = _saved(node, "_saved_weight"), _saved(node, "_saved_bias")
-        tensors = tuple(t for t in (inp, mean, rstd, weight, bias) if t is not None)
-        return "layer_norm", tensors, (weight is not None, bias is not None)
-    if kind == "GeluBackward0":
-        inp = _saved(node, "_saved_self")
-        return None if inp is None else ("gelu", (inp,), node._saved_approximate)
-    if kind == "SiluBackward0":
-        inp = _saved(node, "_saved_self")
-        return None if inp is None else ("silu", (inp,), None)
-    if kind == "MulBackward0":
-        a, b = _saved(node, "_saved_self"), _saved(node, "_saved_other")
-        return None if a is None or b is None else ("mul", (a, b), None)
-    return None
-
-
-def _replay(kind: str, tensors: tuple[torch.Tensor, ...], extra: Any) -> torch.Tensor:
-    if kind == "layer_norm":
-        inp, mean, rstd, *affine = tensors
-        has_weight, has_bias = extra
-        out = (inp - mean) * rstd
-        if has_weight:
-            out = out * affine.pop(0)
-        if has_bias:
-            out = out + affine.pop(0)
-        return out
-    if kind == "gelu":
-        return F.gelu(tensors[0], approximate=extra)
-    if kind == "silu":
-        return F.silu(tensors[0])
-    return tensors[0] * tensors[1]  # mul
-
-
-def _layer_norm_grad_a(g: torch.Tensor, tensors: tuple[torch.Tensor, ...], extra: Any) -> torch.Tensor:
-    """``g^T LN(h)`` without materialising ``LN(h)``: with ``LN(h) = (h - mu) r w + b`` row-wise,
-
-        g^T LN(h) = w * ((g r)^T h - (g r)^T mu) + (sum_n g_n) b^T        ([r_lora, d])
-
-    one GEMM over the saved LayerNorm input instead of an elementwise replay of ``[N, d]``."""
-    inp, mean, rstd, *affine = tensors
-    has_weight, has_bias = extra
-    d = inp.shape[-1]
-    h = inp.reshape(-1, d)
-    g = g.to(h.dtype)
-    gr = g * rstd.reshape(-1, 1)  # [N, r]
-    out = (gr.t() @ h).sub_((gr * mean.reshape(-1, 1)).sum(0).unsqueeze(1))
-    if has_weight:
-        out.mul_(affine.pop(0).reshape(1, d))
-    if has_bias:
-        out.addr_(g.sum(0), affine.pop(0).reshape(d).to(out.dtype))
-    return out
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# The fused autograd node
-# --------------------------------------------------------------------------------------------
-class _LoRAFunction(torch.autograd.Function):
-    """``y = [x W^T + b] + s * drop(x) A^T B^T`` on ``x [..., d_in]`` (flattened to ``[N, d_in]``).
-
-    With ``weight=None`` only the update is returned (the caller adds a base it cannot fuse,
-    e.g. a bitsandbytes 4-bit layer). Every operand is cast to one compute dtype (autocast's
-    when autocast is on) so the matmuls below are unaffected by autocast; few host-side ops,
-    because small layers are bound by launch overhead.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        lora_a: torch.Tensor,
-        lora_b: torch.Tensor,
-        scale: float,
-        dropout: float,
-        recompute_input: bool,
-    ) -> torch.Tensor:
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        xc = _cast(x2, dtype)
-        a, b = _cast(lora_a, dtype), _cast(lora_b, dtype)
-        mask = None
-        xd = xc
-        if dropout > 0.0:
-            mask = torch.empty_like(xc, dtype=torch.bool).bernoulli_(1.0 - dropout)
-            xd = xc * mask / (1.0 - dropout)
-        u = xd @ a.t()  # [N, r]
-        w = None
-        if weight is not None:
-            w = _cast(weight, dtype)
-            out = torch.addmm(_cast(bias, dtype), xc, w.t()) if bias is not None else xc @ w.t()
-            out.addmm_(u, b.t(), alpha=scale)
-        else:
-            out = (u @ b.t()).mul_(scale)
-
-        base_trains = weight is not None and (weight.requires_grad or (bias is not None and bias.requires_grad))
-        # under torch.compile reading grad_fn would break the graph: save the input instead
-        recipe = _input_recipe(x) if recompute_input and not base_trains and not torch.compiler.is_compiling() else None
-        if recipe is None:
-            ctx.recipe = None
-            input_tensors: tuple[torch.Tensor, ...] = (x,)
-        else:
-            kind, tensors, extra = recipe
-            # a LayerNorm input in fp32 folds into dA's GEMM (no replay); else replay in backward
-            if kind == "layer_norm" and mask is None and tensors[0].dtype == torch.float32:
-                kind = "layer_norm_fold"
-            ctx.recipe = (kind, extra)
-            input_tensors = tensors
-        ctx.has_weight, ctx.has_mask = w is not None, mask is not None
-        ctx.scale, ctx.dropout, ctx.dtype, ctx.x_dtype, ctx.x_shape = scale, dropout, dtype, x.dtype, x.shape
-        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
-        ctx.save_for_backward(u, a, b, *((w,) if w is not None else ()), *((mask,) if mask is not None else ()), *input_tensors)
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        u, a, b, *rest = ctx.saved_tensors
-        w = rest.pop(0) if ctx.has_weight else None
-        mask = rest.pop(0) if ctx.has_mask else None
-        dtype, scale, recipe = ctx.dtype, ctx.scale, ctx.recipe
-        need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
-        dy = grad_out if grad_out.dim() == 2 else grad_out.reshape(-1, grad_out.shape[-1])
-        dy = _cast(dy, dtype)
-        g = dy @ b  # [N, r]: gradient w.r.t. u, before the scale
-        grad_x = grad_w = grad_bias = grad_a = grad_lb = None
-        if need_x:
-            if mask is None and w is not None:
-                grad_x = (dy @ w).addmm_(g, a, alpha=scale)
-            else:
-                grad_x = (g @ a).mul_(scale)
-                if mask is not None:
-                    grad_x.mul_(mask).div_(1.0 - ctx.dropout)
-                if w is not None:
-                    grad_x.addmm_(dy, w)
-            grad_x = _cast(grad_x, ctx.x_dtype).view(ctx.x_shape)
-        if need_a or need_w:
-            if recipe is not None and recipe[0] == "layer_norm_fold":
-                grad_a = _layer_norm_grad_a(g, tuple(rest), recipe[1])
-            else:
-                x = rest[0] if recipe is None else _replay(recipe[0], tuple(rest), recipe[1])
-                xc = _cast(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), dtype)
-                if need_w:
-                    grad_w = dy.t() @ xc
-                xd = xc if mask is None else xc * mask / (1.0 - ctx.dropout)
-                grad_a = g.t() @ xd
-            grad_a = _cast(grad_a.mul_(scale), ctx.param_dtypes[0]) if need_a else None
-        if need_b:
-            grad_bias = dy.sum(0)
-        if need_lb:
-            grad_lb = _cast((dy.t() @ u).mul_(scale), ctx.param_dtypes[1])
-        return grad_x, grad_w, grad_bias, grad_a, grad_lb, None, None, None
-
-
-def lora_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scale: float,
-    dropout: float = 0.0,
-    recompute_input: bool = True,
-) -> torch.Tensor:
-    """Functional LoRA on ``x [..., d_in]`` -> ``[..., d_out]`` (see ``_LoRAFunction``)."""
-    return _LoRAFunction.apply(x, weight, bias, lora_a, lora_b, scale, dropout, recompute_input)
+__all__ = ["LoRA", "LoRALinear", "dequantized_weight", "lora_forward"]  # lora_forward: kernels.lora, re-exported
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,13 +104,19 @@ class LoRALinear(AdapterLayer):
     def out_features(self) -> int:
         return self.lora_B.out_features
 
+    @property
+    def base_shape(self) -> list[int] | None:
+        return [self.out_features, self.in_features]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return (self._merged_module or self.base_layer)(x)
         dropout = self.dropout if self.training else 0.0
         if self._fused:
             base = self.base_layer
-            return lora_forward(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scale, dropout, self.recompute_input)
+            return lora_forward(
+                x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scale, dropout, self.recompute_input
+            )
         if self.dequantize_without_grad and not torch.is_grad_enabled() and x.device.type == "cpu":
             base = self.base_layer
             base_out = F.linear(x, dequantized_weight(base).to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
@@ -332,7 +140,9 @@ class LoRALinear(AdapterLayer):
         else:
             # quantized base: merge into a dense copy, leave the quantized weights untouched
             dense = dequantized_weight(self.base_layer)
-            merged = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None, device=dense.device, dtype=dense.dtype)
+            merged = nn.Linear(
+                self.in_features, self.out_features, bias=self.base_layer.bias is not None, device=dense.device, dtype=dense.dtype
+            )
             merged.weight.copy_((dense.float() + self.delta_weight().to(dense.device)).to(dense.dtype))
             if self.base_layer.bias is not None:
                 merged.bias.copy_(self.base_layer.bias)
@@ -351,6 +161,13 @@ class LoRALinear(AdapterLayer):
 
     def peft_metadata(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha}
+
+    # peft's own LoRA layer: same tensor names, one target module with this layer's rank and alpha
+    def peft_scaling(self) -> tuple[bool, float] | None:
+        return self.use_rslora, self.dropout
+
+    def peft_config_entry(self, name: str, use_rslora: bool = False) -> dict[str, Any] | None:
+        return {"target_modules": [name], "rank": self.rank, "alpha": self.alpha}
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:.4g}, dropout={self.dropout}"
@@ -455,6 +272,7 @@ class LoRA(AdapterSpec):
             return attention
         self.check(name, module)
         return LoRALinear(
-            module, self.rank_for(name), self.alpha_for(name), self.dropout, self.use_rslora, self.init, self.recompute_input, spec=self
+            module, rank=self.rank_for(name), alpha=self.alpha_for(name), dropout=self.dropout,
+            use_rslora=self.use_rslora, init=self.init, recompute_input=self.recompute_input, spec=self,
         )
 

@@ -146,6 +146,10 @@ class LoRAMultiheadAttention(AdapterLayer):
     def out_features(self) -> int:
         return self.base_layer.embed_dim
 
+    @property
+    def base_shape(self) -> list[int] | None:
+        return [self.out_features, self.in_features]
+
     # --- math ----------------------------------------------------------------------------
     def _weight_names(self) -> dict[str, str]:
         """Projection -> parameter name in the base module (``functional_call`` keys)."""
@@ -259,6 +263,13 @@ class LoRAOutProjection(LoRALinear):
     def bias(self) -> torch.Tensor | None:  # type: ignore[override]
         return self.base_layer.bias
 
+    # peft adapts an attention module's out_proj differently: exported in our own format only
+    def peft_scaling(self) -> tuple[bool, float] | None:
+        return None
+
+    def peft_config_entry(self, name: str, use_rslora: bool = False) -> dict[str, Any] | None:
+        return None
+
 
 def _warn_dropout(name: str, dropout: float) -> None:
     if dropout > 0:
@@ -287,5 +298,8 @@ def wrap_attention(spec: Any, name: str, module: nn.Module) -> nn.Module | None:
     if type(module) is NonDynamicallyQuantizableLinear:  # torch uses it only as attention out_proj
         spec.check(name, module)
         _warn_dropout(name, spec.dropout)
-        return LoRAOutProjection(module, spec.rank_for(name), spec.alpha_for(name), 0.0, spec.use_rslora, spec.init, spec.recompute_input, spec=spec)
+        return LoRAOutProjection(
+            module, rank=spec.rank_for(name), alpha=spec.alpha_for(name), dropout=0.0,
+            use_rslora=spec.use_rslora, init=spec.init, recompute_input=spec.recompute_input, spec=spec,
+        )
     return None

@@ -13,10 +13,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_peft.adapters.dtypes import DTYPES
 from lightning_peft.adapters.lora import LoRA, LoRALinear
 from lightning_peft.validation import check_bool, check_choice
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _bitsandbytes():
@@ -59,13 +58,16 @@ class QLoRA(LoRA):
         double_quant: bool = True,
         quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8",
     ) -> None:
+        # by keyword: a reordered LoRA signature must not silently misassign them
         super().__init__(
-            rank, alpha, target_modules, exclude_modules, module_path, dropout, use_rslora, init, rank_pattern, alpha_pattern, recompute_input
+            rank=rank, alpha=alpha, target_modules=target_modules, exclude_modules=exclude_modules, module_path=module_path,
+            dropout=dropout, use_rslora=use_rslora, init=init, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+            recompute_input=recompute_input,
         )
         check_choice("quant_type", quant_type, ("nf4", "fp4", "int8"))
-        check_choice("compute_dtype", compute_dtype, tuple(_DTYPES))
+        check_choice("compute_dtype", compute_dtype, tuple(DTYPES))
         check_bool("double_quant", double_quant)
-        check_choice("quant_storage", quant_storage, ("uint8", *_DTYPES))
+        check_choice("quant_storage", quant_storage, ("uint8", *DTYPES))
         self.quant_type, self.compute_dtype, self.double_quant, self.quant_storage = quant_type, compute_dtype, double_quant, quant_storage
 
     def supports(self, module: nn.Module) -> bool:
@@ -89,18 +91,19 @@ class QLoRA(LoRA):
             layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0)
             layer.weight = bnb.nn.Int8Params(weight.to("cpu", torch.float16, copy=True), requires_grad=False, has_fp16_weights=False)
         else:
-            storage = torch.uint8 if self.quant_storage == "uint8" else _DTYPES[self.quant_storage]
+            storage = torch.uint8 if self.quant_storage == "uint8" else DTYPES[self.quant_storage]
             layer = bnb.nn.Linear4bit(
                 module.in_features,
                 module.out_features,
                 bias=has_bias,
-                compute_dtype=_DTYPES[self.compute_dtype],
+                compute_dtype=DTYPES[self.compute_dtype],
                 compress_statistics=self.double_quant,
                 quant_type=self.quant_type,
                 quant_storage=storage,
             )
             layer.weight = bnb.nn.Params4bit(
-                weight.to("cpu", copy=True), requires_grad=False, quant_type=self.quant_type, compress_statistics=self.double_quant, quant_storage=storage
+                weight.to("cpu", copy=True), requires_grad=False, quant_type=self.quant_type,
+                compress_statistics=self.double_quant, quant_storage=storage,
             )
         if has_bias:
             layer.bias = nn.Parameter(module.bias.detach().to("cpu", copy=True), requires_grad=False)
@@ -109,7 +112,8 @@ class QLoRA(LoRA):
     def wrap(self, name: str, module: nn.Module) -> nn.Module:
         self.check(name, module)
         layer = LoRALinear(
-            self.quantize(module), self.rank_for(name), self.alpha_for(name), self.dropout, self.use_rslora, self.init, self.recompute_input, spec=self
+            self.quantize(module), rank=self.rank_for(name), alpha=self.alpha_for(name), dropout=self.dropout,
+            use_rslora=self.use_rslora, init=self.init, recompute_input=self.recompute_input, spec=self,
         )
         # bitsandbytes' CPU 4-bit inference kernel (taken under no_grad, e.g. in validation) only
         # handles in_features % 64 == 0 and out_features % 32 == 0 and fails with a bare assertion

@@ -32,7 +32,7 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "lightning_peft.adapters.quantized.QLoRA": ("lightning_peft.adapters.quantized", "QLoRA"),
     "lightning_peft.adapters.bitfit.BitFit": ("lightning_peft.adapters.bitfit", "BitFit"),
     "lightning_peft.adapters.full.FullFineTune": ("lightning_peft.adapters.full", "FullFineTune"),
-    "lightning_peft.adapters.experts.ExpertLoRA": ("lightning_peft.adapters.experts", "ExpertLoRA"),
+    "lightning_peft.adapters.experts.spec.ExpertLoRA": ("lightning_peft.adapters.experts.spec", "ExpertLoRA"),
     "lightning_peft.adapters.adalora.AdaLoRA": ("lightning_peft.adapters.adalora", "AdaLoRA"),
 }
 # short names: the class name and the spec's ``kind`` (what reports and index files show)
@@ -41,15 +41,17 @@ _BUILTIN_ALIASES: dict[str, str] = {
     "QLoRA": "lightning_peft.adapters.quantized.QLoRA", "qlora": "lightning_peft.adapters.quantized.QLoRA",
     "BitFit": "lightning_peft.adapters.bitfit.BitFit", "bitfit": "lightning_peft.adapters.bitfit.BitFit",
     "FullFineTune": "lightning_peft.adapters.full.FullFineTune", "full": "lightning_peft.adapters.full.FullFineTune",
-    "ExpertLoRA": "lightning_peft.adapters.experts.ExpertLoRA",
-    "expert_lora": "lightning_peft.adapters.experts.ExpertLoRA",
+    "ExpertLoRA": "lightning_peft.adapters.experts.spec.ExpertLoRA",
+    "expert_lora": "lightning_peft.adapters.experts.spec.ExpertLoRA",
+    # the class path files written before adapters/experts.py became a package record
+    "lightning_peft.adapters.experts.ExpertLoRA": "lightning_peft.adapters.experts.spec.ExpertLoRA",
     "AdaLoRA": "lightning_peft.adapters.adalora.AdaLoRA", "adalora": "lightning_peft.adapters.adalora.AdaLoRA",
     # lightning_peft's public names (``from lightning_peft import LoRA``)
     "lightning_peft.LoRA": "lightning_peft.adapters.lora.LoRA",
     "lightning_peft.QLoRA": "lightning_peft.adapters.quantized.QLoRA",
     "lightning_peft.BitFit": "lightning_peft.adapters.bitfit.BitFit",
     "lightning_peft.FullFineTune": "lightning_peft.adapters.full.FullFineTune",
-    "lightning_peft.ExpertLoRA": "lightning_peft.adapters.experts.ExpertLoRA",
+    "lightning_peft.ExpertLoRA": "lightning_peft.adapters.experts.spec.ExpertLoRA",
     "lightning_peft.AdaLoRA": "lightning_peft.adapters.adalora.AdaLoRA",
 }
 
@@ -80,7 +82,9 @@ def register_adapter(cls: S) -> S:
         builtin = _BUILTIN_ALIASES.get(name, name if name in _BUILTIN else None)
         taken = _USER.get(name)
         if taken is not None and taken is not cls:
-            raise ValueError(f"adapter name {name!r} is already registered for {_class_path(taken)}; give {_class_path(cls)} another name or kind")
+            raise ValueError(
+                f"adapter name {name!r} is already registered for {_class_path(taken)}; give {_class_path(cls)} another name or kind"
+            )
         if builtin is not None and _class_path(cls) != builtin:
             raise ValueError(f"adapter name {name!r} belongs to the built-in {builtin}; give {_class_path(cls)} another class name or kind")
     for name in names:
@@ -182,13 +186,16 @@ def spec_from_config(config: Any, source: str | None = None) -> AdapterSpec:
     params, hints, var_keyword = _init_parameters(cls)
     unknown = [k for k in init_args if k not in params]
     if unknown and not var_keyword:
-        raise ValueError(f"{where}{cls.__name__} has no init argument(s) {unknown} (it takes {sorted(params)}); the file is damaged or from another version")
+        raise ValueError(
+            f"{where}{cls.__name__} has no init argument(s) {unknown} (it takes {sorted(params)}); the file is damaged or from another version"
+        )
     missing = [n for n, p in params.items() if p.default is p.empty and n not in init_args]
     if missing:
         raise ValueError(f"{where}{cls.__name__} init_args lack the required {missing}; the file is damaged")
     for key, value in init_args.items():
         if key in params and not _fits(value, hints.get(key, params[key].annotation)):
-            raise ValueError(f"{where}{cls.__name__} init_args[{key!r}] = {value!r:.100} does not fit its type {hints.get(key, params[key].annotation)}")
+            wanted = hints.get(key, params[key].annotation)
+            raise ValueError(f"{where}{cls.__name__} init_args[{key!r}] = {value!r:.100} does not fit its type {wanted}")
     try:
         return cls(**init_args)
     except (TypeError, ValueError) as error:

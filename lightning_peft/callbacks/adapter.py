@@ -182,7 +182,7 @@ class AdapterCallback(Callback):
         from lightning.pytorch.callbacks import Checkpoint
 
         for spec in self.adapter:
-            for class_path in getattr(spec, "training_callbacks", ()):  # class paths: adapters never import Lightning
+            for class_path in spec.training_callbacks:  # class paths: adapters never import Lightning
                 module_name, _, class_name = class_path.rpartition(".")
                 cls = getattr(importlib.import_module(module_name), class_name)
                 if any(isinstance(c, cls) for c in trainer.callbacks):
@@ -203,7 +203,7 @@ class AdapterCallback(Callback):
     @staticmethod
     def _fingerprint(pl_module: pl.LightningModule) -> str | None:
         """One hash of the base weights under every adapter layer (computed at injection)."""
-        per_layer = {n: m.base_fingerprint for n, m in pl_module.named_modules() if isinstance(m, AdapterLayer) and hasattr(m, "base_fingerprint")}
+        per_layer = {n: m.base_fingerprint for n, m in pl_module.named_modules() if isinstance(m, AdapterLayer) and m.base_fingerprint is not None}
         return combine_fingerprints(per_layer) if per_layer else None
 
     def _check_before_loading(self, pl_module: pl.LightningModule) -> None:

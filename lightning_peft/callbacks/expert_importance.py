@@ -36,8 +36,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_peft.adapters.experts import ExpertsLoRALayer, expert_layers, find_router, plan_prune_grow, router_logits
-from lightning_peft.adapters.rank_ops import check_budget, effective_parameters, slot_generator
+from lightning_peft.adapters.experts.layer import ExpertsLoRALayer, expert_layers
+from lightning_peft.adapters.experts.routers import find_router, router_logits
+from lightning_peft.allocation.epng import plan_prune_grow
+from lightning_peft.allocation.rank_ops import check_budget, effective_parameters, slot_generator
 from lightning_peft.validation import check_bool, check_choice, check_float, check_int, check_str, check_str_list
 
 
@@ -153,7 +155,8 @@ class ExpertImportanceCallback(Callback):
             self.importance = [torch.zeros(l.num_experts, dtype=torch.float64) for l in self._layers]
             self.layer_budgets = [effective_parameters(l) for l in self._layers]
             self.initial_budget = sum(self.layer_budgets)
-            self.history = [{"step": 0, "pruned": [], "grown": [], "trainable": self.initial_budget, "ranks": [l.ranks for l in self._layers]}]
+            ranks = [l.ranks for l in self._layers]
+            self.history = [{"step": 0, "pruned": [], "grown": [], "trainable": self.initial_budget, "ranks": ranks}]
         elif self.layer_names != names:
             raise ValueError(f"the model's ExpertLoRA layers changed between fits: {self.layer_names[:3]}... vs {names[:3]}...")
         rank_zero_info(

@@ -5,7 +5,6 @@ records about its adapters (specs, targets, trained modules), rebuilding them on
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import torch
@@ -87,11 +86,8 @@ def inject_layout(model: nn.Module, layout: dict[str, Any], source: str) -> None
     if layout["specs"]:
         specs = [spec_from_config(c, f"{source} (spec {i})") for i, c in enumerate(layout["specs"])]
         names = sorted(layout["targets"])
-        for spec in specs:
-            own = [n for n in names if layout["targets"][n]["kind"] == spec.kind]
-            spec.target_modules = ["re:" + re.escape(n) for n in own]
-            spec.module_path = None
-        specs = [s for s in specs if s.target_modules]
+        # each spec pinned to the modules the file names for its kind (a validated copy)
+        specs = [spec.retargeted(own) for spec in specs if (own := [n for n in names if layout["targets"][n]["kind"] == spec.kind])]
         if specs:
             apply_adapter(model, specs, trainable_modules=layout["trainable_modules"], check_gradients=False)  # inference only
     model.eval()
