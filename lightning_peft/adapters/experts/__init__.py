@@ -72,3 +72,8 @@ __all__ = [
     "router_logits",
     "sort_by_expert",
 ]
+
+# Files, configs and checkpoints record a spec's class path (``AdapterSpec.to_config``): keep
+# writing the public one that files written before this package existed also use, so older
+# versions of the package can read new files.
+ExpertLoRA.__module__ = __name__
