@@ -236,8 +236,7 @@ def callback(**kw):
 # --------------------------------------------------------------------------------------------
 def first_k_sweep(model: nn.Module, kind: str, batch: Any, profiles, pre: int, post: int) -> list[dict[str, Any]]:
     """Measure the peak of every static first-k plan (one step each, saved-activation meter)."""
-    from lightning_peft.checkpointing import predict_peak, static_modes, unwrap_blocks, wrap_blocks
-    from lightning_peft.memory import SavedTensorMeter, find_blocks
+    from lightning_peft.memory import SavedTensorMeter, find_blocks, predict_peak, static_modes, unwrap_blocks, wrap_blocks
 
     blocks = [b for _, c in find_blocks(model) for b in c]
     schedule = wrap_blocks(blocks)
@@ -349,7 +348,7 @@ def cpu_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
 
 def cpu_variable_length(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Per-shape plans vs one worst-case plan for variable-length batches (same budget)."""
-    from lightning_peft.checkpointing import predict_peak
+    from lightning_peft.memory import predict_peak
 
     model, info = build_llama(args, device)
     longest = info["seq"]
@@ -464,8 +463,7 @@ def cuda_model(kind: str, args: argparse.Namespace, device: torch.device) -> dic
 def cuda_selfcheck(model: nn.Module, kind: str, info: dict[str, Any], batch: Any, device: torch.device) -> dict[str, Any]:
     """One step per block mode, straight through the wrapper: LoRA gradients equal to no
     checkpointing (bf16 tolerance), with each mode's peak and step time (offload included)."""
-    from lightning_peft.checkpointing import unwrap_blocks, wrap_blocks
-    from lightning_peft.memory import find_blocks
+    from lightning_peft.memory import find_blocks, unwrap_blocks, wrap_blocks
 
     blocks = [b for _, c in find_blocks(model) for b in c]
     schedule = wrap_blocks(blocks)
