@@ -261,7 +261,10 @@ def first_k_sweep(model: nn.Module, kind: str, batch: Any, profiles, pre: int, p
 def cpu_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     model, info = (build_vit if kind == "vit" else build_llama)(args, device)
     steps = args.steps or 6
-    batches = image_batches(info, device, steps) if kind == "vit" else text_batches(info, device, [info["seq"]] * steps, model.config.vocab_size)
+    if kind == "vit":
+        batches = image_batches(info, device, steps)
+    else:
+        batches = text_batches(info, device, [info["seq"]] * steps, model.config.vocab_size)
     prec = info["precision"]
     result: dict[str, Any] = {"info": info, "variants": {}}
     log = lambda msg: print(f"[{kind}] {msg}", flush=True)  # noqa: E731
@@ -450,7 +453,7 @@ def cuda_model(kind: str, args: argparse.Namespace, device: torch.device) -> dic
     if args.compile and kind == "vit":
         result["variants"].update(compiled_budget_sweep(model, info, batches, device))
     # ratios against no checkpointing
-    for name, s in result["variants"].items():
+    for s in result["variants"].values():
         if "error" in s:
             continue
         s["peak_over_none"] = s["peak_bytes_steady"] / none_peak
@@ -580,8 +583,8 @@ def plot(results: dict[str, Any], path: Path, device: str) -> None:
                 if "error" in s:
                     continue
                 color = "tab:red" if name.startswith("adaptive") else ("tab:green" if name.startswith("compiled") else "grey")
-                ax.plot(s["throughput"], s["peak_bytes_steady"] / GiB, "*" if color == "tab:red" else "o", ms=12 if color == "tab:red" else 7,
-                        color=color)
+                star = color == "tab:red"
+                ax.plot(s["throughput"], s["peak_bytes_steady"] / GiB, "*" if star else "o", ms=12 if star else 7, color=color)
                 ax.annotate(name, (s["throughput"], s["peak_bytes_steady"] / GiB), fontsize=7, xytext=(4, 3),
                             textcoords="offset points")
             if "peak_bytes_steady" in none:
