@@ -236,8 +236,7 @@ def callback(**kw):
 # --------------------------------------------------------------------------------------------
 def first_k_sweep(model: nn.Module, kind: str, batch: Any, profiles, pre: int, post: int) -> list[dict[str, Any]]:
     """Measure the peak of every static first-k plan (one step each, saved-activation meter)."""
-    from lightning_peft.checkpointing import predict_peak, static_modes, unwrap_blocks, wrap_blocks
-    from lightning_peft.memory import SavedTensorMeter, find_blocks
+    from lightning_peft.memory import SavedTensorMeter, find_blocks, predict_peak, static_modes, unwrap_blocks, wrap_blocks
 
     blocks = [b for _, c in find_blocks(model) for b in c]
     schedule = wrap_blocks(blocks)
@@ -262,7 +261,10 @@ def first_k_sweep(model: nn.Module, kind: str, batch: Any, profiles, pre: int, p
 def cpu_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     model, info = (build_vit if kind == "vit" else build_llama)(args, device)
     steps = args.steps or 6
-    batches = image_batches(info, device, steps) if kind == "vit" else text_batches(info, device, [info["seq"]] * steps, model.config.vocab_size)
+    if kind == "vit":
+        batches = image_batches(info, device, steps)
+    else:
+        batches = text_batches(info, device, [info["seq"]] * steps, model.config.vocab_size)
     prec = info["precision"]
     result: dict[str, Any] = {"info": info, "variants": {}}
     log = lambda msg: print(f"[{kind}] {msg}", flush=True)  # noqa: E731
@@ -349,7 +351,7 @@ def cpu_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
 
 def cpu_variable_length(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Per-shape plans vs one worst-case plan for variable-length batches (same budget)."""
-    from lightning_peft.checkpointing import predict_peak
+    from lightning_peft.memory import predict_peak
 
     model, info = build_llama(args, device)
     longest = info["seq"]
@@ -451,7 +453,7 @@ def cuda_model(kind: str, args: argparse.Namespace, device: torch.device) -> dic
     if args.compile and kind == "vit":
         result["variants"].update(compiled_budget_sweep(model, info, batches, device))
     # ratios against no checkpointing
-    for name, s in result["variants"].items():
+    for s in result["variants"].values():
         if "error" in s:
             continue
         s["peak_over_none"] = s["peak_bytes_steady"] / none_peak
@@ -464,8 +466,7 @@ def cuda_model(kind: str, args: argparse.Namespace, device: torch.device) -> dic
 def cuda_selfcheck(model: nn.Module, kind: str, info: dict[str, Any], batch: Any, device: torch.device) -> dict[str, Any]:
     """One step per block mode, straight through the wrapper: LoRA gradients equal to no
     checkpointing (bf16 tolerance), with each mode's peak and step time (offload included)."""
-    from lightning_peft.checkpointing import unwrap_blocks, wrap_blocks
-    from lightning_peft.memory import find_blocks
+    from lightning_peft.memory import find_blocks, unwrap_blocks, wrap_blocks
 
     blocks = [b for _, c in find_blocks(model) for b in c]
     schedule = wrap_blocks(blocks)
@@ -582,8 +583,8 @@ def plot(results: dict[str, Any], path: Path, device: str) -> None:
                 if "error" in s:
                     continue
                 color = "tab:red" if name.startswith("adaptive") else ("tab:green" if name.startswith("compiled") else "grey")
-                ax.plot(s["throughput"], s["peak_bytes_steady"] / GiB, "*" if color == "tab:red" else "o", ms=12 if color == "tab:red" else 7,
-                        color=color)
+                star = color == "tab:red"
+                ax.plot(s["throughput"], s["peak_bytes_steady"] / GiB, "*" if star else "o", ms=12 if star else 7, color=color)
                 ax.annotate(name, (s["throughput"], s["peak_bytes_steady"] / GiB), fontsize=7, xytext=(4, 3),
                             textcoords="offset points")
             if "peak_bytes_steady" in none:

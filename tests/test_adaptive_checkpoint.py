@@ -18,16 +18,22 @@ from typing import Any
 
 import lightning as L
 import pytest
+import timm
 import torch
 from lightning.pytorch.loggers.logger import Logger
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_peft import AdaptiveCheckpointCallback, LoRA, apply_adapter
-from lightning_peft.checkpointing import (
+from lightning_peft.memory import (
+    BlockDiscoveryError,
     BlockProfile,
     BlockSchedule,
     BudgetTooSmallError,
+    MemorySource,
+    SavedTensorMeter,
+    SimulatedMemorySource,
+    find_blocks,
     min_peak,
     plan_blocks,
     predict_peak,
@@ -36,15 +42,6 @@ from lightning_peft.checkpointing import (
     unwrap_blocks,
     wrap_blocks,
 )
-from lightning_peft.memory import (
-    BlockDiscoveryError,
-    MemorySource,
-    SavedTensorMeter,
-    SimulatedMemorySource,
-    find_blocks,
-)
-
-import timm
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,6 +341,63 @@ def test_static_modes_in_the_callback() -> None:
     assert cb.history[-1]["recomputed_blocks"] == 2
 
 
+def test_offload_first_k_is_reachable_through_the_callback() -> None:
+    cb = AdaptiveCheckpointCallback(mode="offload_first_k", k=2, verbose=False)
+    trainer([cb], max_steps=2).fit(ViTModule(), image_loader())
+    assert all(h["modes"] == ["offload", "offload", "none", "none"] for h in cb.history)
+    assert all(h["offloaded"] == [0, 1] and h["checkpointed"] == [] for h in cb.history)  # plain forward on CPU
+
+
+def test_lightning_and_torch_patch_points() -> None:
+    """What callbacks/oom_retry.py and memory/ rely on in Lightning/torch internals: fails loudly on an
+    upgrade that moves it (see the modules' docstrings for why each is patched or read)."""
+    import inspect
+
+    from lightning.pytorch.loops.optimization.automatic import Closure, _AutomaticOptimization
+    from lightning.pytorch.loops.optimization.closure import AbstractClosure
+
+    # the closure factory wrapped per instance: trainer.fit_loop.epoch_loop.automatic_optimization._make_closure
+    assert list(inspect.signature(_AutomaticOptimization._make_closure).parameters) == [
+        "self", "kwargs", "optimizer", "batch_idx"
+    ]
+    assert isinstance(trainer([]).fit_loop.epoch_loop.automatic_optimization, _AutomaticOptimization)
+    # the closure's body is replaced on the instance and reached through self.closure(...)
+    assert list(inspect.signature(Closure.__init__).parameters) == ["self", "step_fn", "backward_fn", "zero_grad_fn"]
+    assert Closure(step_fn=lambda: None)._zero_grad_fn is None
+    assert "self.closure(" in inspect.getsource(AbstractClosure.__call__)
+    # an instance forward is what nn.Module.__call__ runs (wrap_blocks installs one)
+    block = nn.Linear(2, 2)
+    block.forward = lambda x: x * 0 + 7  # type: ignore[method-assign]
+    assert block(torch.ones(1, 2)).eq(7).all()
+    # the meter tells forward from backward by the current graph task
+    seen = []
+    assert torch._C._current_graph_task_id() == -1
+    x = torch.ones(2, requires_grad=True)
+    y = x * 2
+    y.register_hook(lambda g: seen.append(torch._C._current_graph_task_id()))
+    y.sum().backward()
+    assert seen and seen[0] != -1
+
+
+def test_old_import_paths_still_resolve() -> None:
+    import lightning_peft.checkpointing as old
+    import lightning_peft.memory as memory
+    from lightning_peft.callbacks.adaptive_checkpoint import parse_budget
+
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(memory, name), name
+    assert parse_budget is memory.parse_budget
+
+
+def test_out_of_memory_errors_are_recognised() -> None:
+    from lightning_peft.callbacks.oom_retry import is_oom
+
+    assert is_oom(torch.OutOfMemoryError("simulated out of memory"))
+    assert is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"))
+    assert not is_oom(RuntimeError("shape mismatch")) and not is_oom(ValueError("out of memory"))
+
+
 def reference_weights(max_steps: int) -> dict[str, torch.Tensor]:
     module = ViTModule()
     trainer([AdaptiveCheckpointCallback(mode="none", verbose=False)], max_steps=max_steps).fit(module, image_loader())
@@ -558,6 +612,7 @@ def test_gradient_accumulation_and_manual_optimization_paths() -> None:
 @pytest.mark.slow
 def test_qlora_gradients_equal_with_and_without_checkpointing() -> None:
     import bitsandbytes  # noqa: F401  (a test dependency: fail loudly if missing)
+
     from lightning_peft import QLoRA
 
     torch.manual_seed(0)
@@ -802,6 +857,6 @@ def test_selective_checkpointing_gives_equal_gradients() -> None:
         grads[modes] = lora_grads(model)
     assert all(0 < p.sel_bytes and 0 <= p.sel_time <= p.time for p in profiles)
     ref = grads[("none",) * 3]
-    for modes, g in grads.items():
+    for _modes, g in grads.items():
         for name in ref:
             torch.testing.assert_close(g[name], ref[name], rtol=1e-5, atol=1e-7)
