@@ -246,6 +246,8 @@ class _RecomputeTracker(TorchDispatchMode):
 def tensor_leaves(obj: Any) -> list[torch.Tensor]:
     """The tensors in ``obj`` (a tensor, or tensors nested in any container ``torch.utils._pytree``
     flattens: tuples, lists, dicts, namedtuples). The one tensor-tree walk of the package."""
+    if isinstance(obj, torch.Tensor):  # most ops return one tensor: skip pytree's per-call cost
+        return [obj]
     return [leaf for leaf in pytree.tree_leaves(obj) if isinstance(leaf, torch.Tensor)]
 
 
