@@ -76,8 +76,16 @@ def build_vit(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module
     with torch.device(device):
         model = timm.create_model(name, num_classes=10, **kw)
     apply_adapter(model, LoRA(rank=16, alpha=32, target_modules=["qkv", "proj", "fc1", "fc2"]), trainable_modules=["head"])
-    info = dict(model=name, batch=batch, img=img, blocks=len(model.blocks), unit="img/s", items=batch,
-                precision="bf16-mixed" if device.type == "cuda" else "32-true", **kw)
+    info = dict(
+        model=name,
+        batch=batch,
+        img=img,
+        blocks=len(model.blocks),
+        unit="img/s",
+        items=batch,
+        precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        **kw,
+    )
     return model, info
 
 
@@ -85,11 +93,23 @@ def llama_config(device: torch.device, layers: int | None):
     import transformers
 
     if device.type == "cuda":  # TinyLlama dimensions (1.1B)
-        dims = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers or 22, num_attention_heads=32,
-                    num_key_value_heads=4, vocab_size=32000)
+        dims = dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=layers or 22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+        )
     else:
-        dims = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=layers or 10, num_attention_heads=4,
-                    num_key_value_heads=4, vocab_size=512)
+        dims = dict(
+            hidden_size=128,
+            intermediate_size=344,
+            num_hidden_layers=layers or 10,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=512,
+        )
     return transformers.LlamaConfig(**dims, max_position_embeddings=4096, use_cache=False)
 
 
@@ -104,13 +124,22 @@ def build_llama(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
         model = transformers.LlamaForCausalLM(cfg)
     if device.type == "cuda":
         model.to(torch.bfloat16)
-    apply_adapter(model, LoRA(rank=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                 "up_proj", "down_proj"]))
+    apply_adapter(
+        model, LoRA(rank=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    )
     batch = args.batch or (8 if device.type == "cuda" else 4)
     seq = args.seq or (2048 if device.type == "cuda" else 128)
-    info = dict(model="llama", layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, batch=batch, seq=seq,
-                blocks=cfg.num_hidden_layers, unit="tok/s", items=batch * seq,
-                precision="bf16-true" if device.type == "cuda" else "32-true")
+    info = dict(
+        model="llama",
+        layers=cfg.num_hidden_layers,
+        hidden=cfg.hidden_size,
+        batch=batch,
+        seq=seq,
+        blocks=cfg.num_hidden_layers,
+        unit="tok/s",
+        items=batch * seq,
+        precision="bf16-true" if device.type == "cuda" else "32-true",
+    )
     return model, info
 
 
@@ -192,9 +221,16 @@ def fit(model: nn.Module, kind: str, batches: list[Any], cb, device: torch.devic
     timer = make_timer()
     module = make_module(model, kind)
     trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=len(batches),
-        precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[cb, timer],
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=len(batches),
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[cb, timer],
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
     trainer.fit(module, loader)
@@ -250,8 +286,7 @@ def first_k_sweep(model: nn.Module, kind: str, batch: Any, profiles, pre: int, p
             with SavedTensorMeter(model) as meter:
                 step_loss(model, kind, batch).backward()
             flops = sum(p.flops for p, m in zip(profiles, modes) if m == "checkpoint")
-            out.append(dict(k=k, peak_bytes=meter.peak_bytes, predicted=predict_peak(profiles, modes, pre, post),
-                            recompute_flops=flops))
+            out.append(dict(k=k, peak_bytes=meter.peak_bytes, predicted=predict_peak(profiles, modes, pre, post), recompute_flops=flops))
     finally:
         unwrap_blocks(blocks)
         model.zero_grad(set_to_none=True)
@@ -273,8 +308,9 @@ def cpu_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
     for name, kw in [("none", dict(mode="none")), ("all", dict(mode="all")), ("every_2", dict(mode="every_k", k=2))]:
         runs[name] = fit(model, kind, batches, callback(**kw), device, prec)
         result["variants"][name] = summarize(runs[name], 1, info["items"])
-        log(f"{name}: peak {result['variants'][name]['peak_bytes_max'] / MiB:.2f} MiB, "
-            f"step {result['variants'][name]['step_time_s']:.3f} s")
+        log(
+            f"{name}: peak {result['variants'][name]['peak_bytes_max'] / MiB:.2f} MiB, step {result['variants'][name]['step_time_s']:.3f} s"
+        )
     none_peak = result["variants"]["none"]["peak_bytes_max"]
     full_t = result["variants"]["all"]["step_time_s"]
     none_t = result["variants"]["none"]["step_time_s"]
@@ -294,10 +330,13 @@ def cpu_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
         s = summarize(run, 1, info["items"])
         full_flops = sum(p.flops for p in bucket.profiles)
         adaptive_flops = s["recompute_fraction"] * full_flops
-        budgets[frac] = dict(budget_bytes=budget, adaptive=s, cb_bucket=bucket, history=run["history"],
-                             full_flops=full_flops, adaptive_flops=adaptive_flops)
-        log(f"adaptive @ {frac:.0%}: plan {s['checkpointed']}, peak {s['peak_bytes_max'] / MiB:.2f} MiB "
-            f"(budget {budget / MiB:.2f}), recompute {s['recompute_fraction']:.2f}, step {s['step_time_s']:.3f} s")
+        budgets[frac] = dict(
+            budget_bytes=budget, adaptive=s, cb_bucket=bucket, history=run["history"], full_flops=full_flops, adaptive_flops=adaptive_flops
+        )
+        log(
+            f"adaptive @ {frac:.0%}: plan {s['checkpointed']}, peak {s['peak_bytes_max'] / MiB:.2f} MiB "
+            f"(budget {budget / MiB:.2f}), recompute {s['recompute_fraction']:.2f}, step {s['step_time_s']:.3f} s"
+        )
 
     if not budgets:
         return result
@@ -319,12 +358,9 @@ def cpu_model(kind: str, args: argparse.Namespace, device: torch.device) -> dict
             max_measured_over_budget=max(h["measured_peak_bytes"] for h in hist) / b["budget_bytes"],
             every_step_within_budget=all(h["measured_peak_bytes"] <= b["budget_bytes"] for h in hist),
             prediction_max_relative_error=max(
-                abs(h["predicted_peak_bytes"] - h["measured_peak_bytes"]) / h["measured_peak_bytes"]
-                for h in hist if not h["events"]
+                abs(h["predicted_peak_bytes"] - h["measured_peak_bytes"]) / h["measured_peak_bytes"] for h in hist if not h["events"]
             ),
-            predicted_never_below_measured=all(
-                h["predicted_peak_bytes"] >= h["measured_peak_bytes"] for h in hist if not h["events"]
-            ),
+            predicted_never_below_measured=all(h["predicted_peak_bytes"] >= h["measured_peak_bytes"] for h in hist if not h["events"]),
             adaptive_checkpointed=s["checkpointed"],
             adaptive_recompute_flops_per_step=b["adaptive_flops"],
             best_first_k=None if best is None else best["k"],
@@ -355,8 +391,20 @@ def cpu_variable_length(args: argparse.Namespace, device: torch.device) -> dict[
 
     model, info = build_llama(args, device)
     longest = info["seq"]
-    lengths = [longest, longest // 4, longest // 2, longest // 4, 3 * longest // 4, longest // 2, longest // 4,
-               longest, longest // 2, longest // 4, 3 * longest // 4, longest // 4]
+    lengths = [
+        longest,
+        longest // 4,
+        longest // 2,
+        longest // 4,
+        3 * longest // 4,
+        longest // 2,
+        longest // 4,
+        longest,
+        longest // 2,
+        longest // 4,
+        3 * longest // 4,
+        longest // 4,
+    ]
     vocab = model.config.vocab_size
     none = fit(model, "llama", text_batches(info, device, [longest], vocab), callback(mode="none"), device, info["precision"])
     budget = int(0.5 * none["history"][0]["measured_peak_bytes"])
@@ -374,15 +422,25 @@ def cpu_variable_length(args: argparse.Namespace, device: torch.device) -> dict[
         per_shape = h["recompute_fraction"] * flops_full
         worst_modes = worst.plan.modes
         worst_flops = sum(p.flops for p, m in zip(b.profiles, worst_modes) if m == "checkpoint")
-        steps.append(dict(seq=n, events=h["events"], measured_peak_bytes=h["measured_peak_bytes"],
-                          per_shape_checkpointed=h["checkpointed"], per_shape_recompute_flops=per_shape,
-                          worst_case_checkpointed=[i for i, m in enumerate(worst_modes) if m == "checkpoint"],
-                          worst_case_recompute_flops=worst_flops,
-                          worst_case_predicted_peak=predict_peak(b.profiles, worst_modes, b.pre, b.post)))
+        steps.append(
+            dict(
+                seq=n,
+                events=h["events"],
+                measured_peak_bytes=h["measured_peak_bytes"],
+                per_shape_checkpointed=h["checkpointed"],
+                per_shape_recompute_flops=per_shape,
+                worst_case_checkpointed=[i for i, m in enumerate(worst_modes) if m == "checkpoint"],
+                worst_case_recompute_flops=worst_flops,
+                worst_case_predicted_peak=predict_peak(b.profiles, worst_modes, b.pre, b.post),
+            )
+        )
     steady = [s for s in steps if not s["events"]]
     total = lambda key, rows: sum(r[key] for r in rows)  # noqa: E731
     out = dict(
-        info=info, lengths=lengths, budget_bytes=budget, buckets=sorted(cb._buckets),
+        info=info,
+        lengths=lengths,
+        budget_bytes=budget,
+        buckets=sorted(cb._buckets),
         every_step_within_budget=all(s["measured_peak_bytes"] <= budget for s in steps),
         steady_per_shape_recompute_flops=total("per_shape_recompute_flops", steady),
         steady_worst_case_recompute_flops=total("worst_case_recompute_flops", steady),
@@ -392,11 +450,15 @@ def cpu_variable_length(args: argparse.Namespace, device: torch.device) -> dict[
     )
     out["steady_ratio_per_shape_over_worst_case"] = (
         out["steady_per_shape_recompute_flops"] / out["steady_worst_case_recompute_flops"]
-        if out["steady_worst_case_recompute_flops"] else None
+        if out["steady_worst_case_recompute_flops"]
+        else None
     )
-    print(f"[varlen] buckets {out['buckets']}: per-shape recompute {out['steady_per_shape_recompute_flops'] / 1e9:.2f} "
-          f"GFLOP vs worst-case plan {out['steady_worst_case_recompute_flops'] / 1e9:.2f} GFLOP (steady steps); "
-          f"within budget every step: {out['every_step_within_budget']}", flush=True)
+    print(
+        f"[varlen] buckets {out['buckets']}: per-shape recompute {out['steady_per_shape_recompute_flops'] / 1e9:.2f} "
+        f"GFLOP vs worst-case plan {out['steady_worst_case_recompute_flops'] / 1e9:.2f} GFLOP (steady steps); "
+        f"within budget every step: {out['every_step_within_budget']}",
+        flush=True,
+    )
     return out
 
 
@@ -420,9 +482,11 @@ def cuda_model(kind: str, args: argparse.Namespace, device: torch.device) -> dic
             s = summarize(r, warm, info["items"])
             s["wall_s"] = time.perf_counter() - t0
             result["variants"][name] = s
-            log(f"{name:>22}: peak {s['peak_bytes_steady'] / GiB:6.2f} GiB  {s['throughput']:9.1f} {info['unit']}  "
+            log(
+                f"{name:>22}: peak {s['peak_bytes_steady'] / GiB:6.2f} GiB  {s['throughput']:9.1f} {info['unit']}  "
                 f"plan {''.join('.CSO'[('none', 'checkpoint', 'selective', 'offload').index(m)] for m in s['modes'])}  "
-                f"({s['wall_s']:.0f} s)")
+                f"({s['wall_s']:.0f} s)"
+            )
         except Exception as err:  # keep going: one failing variant must not lose the others
             result["variants"][name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
             log(f"{name}: FAILED {type(err).__name__}: {err}")
@@ -494,10 +558,17 @@ def cuda_selfcheck(model: nn.Module, kind: str, info: dict[str, Any], batch: Any
             if ref is None:
                 ref = grads
             rel = float((grads - ref).norm() / ref.norm().clamp_min(1e-30))
-            out[mode] = dict(peak_bytes=torch.cuda.max_memory_allocated(), fwd_bwd_time_s=min(times[1:]),
-                             grad_rel_diff_vs_none=rel, recomputed_blocks=sum(1 for c in schedule.recomputed if c))
-            print(f"[{kind}] selfcheck {mode:>10}: peak {out[mode]['peak_bytes'] / GiB:6.2f} GiB, "
-                  f"fwd+bwd {out[mode]['fwd_bwd_time_s'] * 1e3:7.1f} ms, grad rel diff {rel:.1e}", flush=True)
+            out[mode] = dict(
+                peak_bytes=torch.cuda.max_memory_allocated(),
+                fwd_bwd_time_s=min(times[1:]),
+                grad_rel_diff_vs_none=rel,
+                recomputed_blocks=sum(1 for c in schedule.recomputed if c),
+            )
+            print(
+                f"[{kind}] selfcheck {mode:>10}: peak {out[mode]['peak_bytes'] / GiB:6.2f} GiB, "
+                f"fwd+bwd {out[mode]['fwd_bwd_time_s'] * 1e3:7.1f} ms, grad rel diff {rel:.1e}",
+                flush=True,
+            )
     except Exception as err:
         out["error"] = f"{type(err).__name__}: {err}"
         out["trace"] = traceback.format_exc()[-2000:]
@@ -536,8 +607,9 @@ def compiled_budget_sweep(model: nn.Module, info: dict[str, Any], batches: list[
             if i == 1:
                 torch.cuda.reset_peak_memory_stats()
         t = statistics.median(times[2:])
-        out[f"compiled_budget_{budget}"] = dict(peak_bytes_steady=torch.cuda.max_memory_allocated(), step_time_s=t,
-                                                throughput=info["items"] / t, modes=[], checkpointed=[])
+        out[f"compiled_budget_{budget}"] = dict(
+            peak_bytes_steady=torch.cuda.max_memory_allocated(), step_time_s=t, throughput=info["items"] / t, modes=[], checkpointed=[]
+        )
     fconfig.activation_memory_budget = 1.0
     return out
 
@@ -564,18 +636,32 @@ def plot(results: dict[str, Any], path: Path, device: str) -> None:
             full = r["budgets"][next(iter(r["budgets"]))]
             fk = r["first_k"]
             total = full["one_time_profile_flops"] / 2
-            ax.plot([x["recompute_flops"] / total for x in fk], [x["peak_bytes"] / none for x in fk], "o-", color="grey",
-                    label="static first-k (k = 0..L)")
+            ax.plot(
+                [x["recompute_flops"] / total for x in fk],
+                [x["peak_bytes"] / none for x in fk],
+                "o-",
+                color="grey",
+                label="static first-k (k = 0..L)",
+            )
             ax.plot([0.5], [v["every_2"]["peak_bytes_max"] / none], "s", color="tab:blue", label="static every-2")
             for key, e in r["budgets"].items():
                 ax.axhline(e["budget_bytes"] / none, color="tab:red", lw=0.6, ls=":")
-                ax.plot([e["adaptive_recompute_flops_per_step"] / total], [1 - e["peak_reduction_vs_none"]], "*",
-                        ms=14, color="tab:red", label="adaptive (budget: dotted)" if key == next(iter(r["budgets"])) else None)
+                ax.plot(
+                    [e["adaptive_recompute_flops_per_step"] / total],
+                    [1 - e["peak_reduction_vs_none"]],
+                    "*",
+                    ms=14,
+                    color="tab:red",
+                    label="adaptive (budget: dotted)" if key == next(iter(r["budgets"])) else None,
+                )
             ax.set_xlabel("recomputed block FLOPs / all blocks (per step)")
             ax.set_ylabel("peak saved-activation bytes / no checkpointing")
             info = r["info"]
-            shape = (f"dim {info.get('embed_dim')}, {info['img']}px/patch {info.get('patch_size')}" if m == "vit"
-                     else f"hidden {info.get('hidden')}, seq {info.get('seq')}")
+            shape = (
+                f"dim {info.get('embed_dim')}, {info['img']}px/patch {info.get('patch_size')}"
+                if m == "vit"
+                else f"hidden {info.get('hidden')}, seq {info.get('seq')}"
+            )
             ax.set_title(f"{m}: {info['blocks']} blocks, {shape}, batch {info['batch']} (CPU, exact meter)", fontsize=9)
         else:
             none = v.get("none", {})
@@ -585,8 +671,7 @@ def plot(results: dict[str, Any], path: Path, device: str) -> None:
                 color = "tab:red" if name.startswith("adaptive") else ("tab:green" if name.startswith("compiled") else "grey")
                 star = color == "tab:red"
                 ax.plot(s["throughput"], s["peak_bytes_steady"] / GiB, "*" if star else "o", ms=12 if star else 7, color=color)
-                ax.annotate(name, (s["throughput"], s["peak_bytes_steady"] / GiB), fontsize=7, xytext=(4, 3),
-                            textcoords="offset points")
+                ax.annotate(name, (s["throughput"], s["peak_bytes_steady"] / GiB), fontsize=7, xytext=(4, 3), textcoords="offset points")
             if "peak_bytes_steady" in none:
                 ax.axhline(0.5 * none["peak_bytes_steady"] / GiB, color="tab:red", lw=0.6, ls=":")
             info = r["info"]
@@ -636,8 +721,9 @@ def main() -> None:
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"adaptive_checkpoint_{args.device}.json")
     png = Path(args.png or ROOT / "docs" / f"adaptive_checkpointing_{args.device}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(torch=torch.__version__, python=platform.python_version(), device=args.device,
-               threads=torch.get_num_threads(), argv=sys.argv[1:])
+    env = dict(
+        torch=torch.__version__, python=platform.python_version(), device=args.device, threads=torch.get_num_threads(), argv=sys.argv[1:]
+    )
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -670,18 +756,22 @@ def print_summary(results: dict[str, Any], device: str) -> None:
         if device == "cpu":
             for key, e in r.get("budgets", {}).items():
                 ratio = e["adaptive_over_first_k_recompute"]
-                print(f"  {m} budget {float(key):.0%}: within budget every step {e['every_step_within_budget']}, "
-                      f"peak -{e['peak_reduction_vs_none']:.0%} vs none, adaptive blocks {e['adaptive_checkpointed']}, "
-                      f"recompute / best first-{e['best_first_k']} = {ratio if ratio is None else round(ratio, 3)}, "
-                      f"step time +{e['step_time_overhead_vs_none']:.0%} vs none (full checkpointing "
-                      f"+{e['full_checkpointing_overhead_vs_none']:.0%})")
+                print(
+                    f"  {m} budget {float(key):.0%}: within budget every step {e['every_step_within_budget']}, "
+                    f"peak -{e['peak_reduction_vs_none']:.0%} vs none, adaptive blocks {e['adaptive_checkpointed']}, "
+                    f"recompute / best first-{e['best_first_k']} = {ratio if ratio is None else round(ratio, 3)}, "
+                    f"step time +{e['step_time_overhead_vs_none']:.0%} vs none (full checkpointing "
+                    f"+{e['full_checkpointing_overhead_vs_none']:.0%})"
+                )
         else:
             for name, s in r["variants"].items():
                 if "error" in s:
                     print(f"  {m} {name}: ERROR {s['error']}")
                     continue
-                print(f"  {m} {name:>24}: peak {s.get('peak_over_none', float('nan')):.2f} x none, "
-                      f"throughput {s.get('throughput_over_none', float('nan')):.2f} x none")
+                print(
+                    f"  {m} {name:>24}: peak {s.get('peak_over_none', float('nan')):.2f} x none, "
+                    f"throughput {s.get('throughput_over_none', float('nan')):.2f} x none"
+                )
     if "variable_length" in results:
         v = results["variable_length"]
         ratio = v.get("steady_ratio_per_shape_over_worst_case", f"infeasible ({v.get('infeasible')})")

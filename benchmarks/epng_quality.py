@@ -37,9 +37,21 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 BOS, EOS, VOCAB = 256, 257, 258
-MODEL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
-             bos_token_id=BOS, eos_token_id=EOS, pad_token_id=None, tie_word_embeddings=False)
+MODEL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    num_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+    pad_token_id=None,
+    tie_word_embeddings=False,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,8 +144,9 @@ def pretrain(stream: torch.Tensor, steps: int, batch: int, seq: int, lr: float) 
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def finetune(method: str, base: dict[str, torch.Tensor], train: torch.Tensor, val: torch.Tensor, seed: int,
-             args: argparse.Namespace) -> dict[str, Any]:
+def finetune(
+    method: str, base: dict[str, torch.Tensor], train: torch.Tensor, val: torch.Tensor, seed: int, args: argparse.Namespace
+) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     from lightning_peft import AdapterCallback, ExpertImportanceCallback, ExpertLoRA
@@ -153,6 +166,7 @@ def finetune(method: str, base: dict[str, torch.Tensor], train: torch.Tensor, va
     model = new_model(0)
     model.load_state_dict(base)
     pl.seed_everything(seed, verbose=False)
+
     class RandomImportance(ExpertImportanceCallback):
         """Control: the same prune/grow mechanics and budget, but random 'importance'."""
 
@@ -173,15 +187,31 @@ def finetune(method: str, base: dict[str, torch.Tensor], train: torch.Tensor, va
         spec = ExpertLoRA(rank=args.rank, alpha=2.0 * args.rank, max_rank=2 * args.rank)
         cls = RandomImportance if method == "epng_random" else ExpertImportanceCallback
         heatmap = seed == args.seeds[0] and method == "epng"  # one heatmap: EPnG's first seed
-        epng = cls(prune_fraction=0.2, grow_fraction=0.2, warmup_steps=args.warmup, interval=args.interval, decay=0.9,
-                   scope="global", seed=seed, heatmap=heatmap,
-                   output_dir=str(args.heatmap_dir if heatmap else args.tmp / f"epng_seed{seed}"))
+        epng = cls(
+            prune_fraction=0.2,
+            grow_fraction=0.2,
+            warmup_steps=args.warmup,
+            interval=args.interval,
+            decay=0.9,
+            scope="global",
+            seed=seed,
+            heatmap=heatmap,
+            output_dir=str(args.heatmap_dir if heatmap else args.tmp / f"epng_seed{seed}"),
+        )
         callbacks = [AdapterCallback(spec), epng]
     module = LM(model)
     data = DataLoader(Windows(train, args.seq, args.steps * args.batch, seed=1000 + seed), batch_size=args.batch)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                         default_root_dir=str(args.tmp))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=str(args.tmp),
+    )
     cpu0 = time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -219,8 +249,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=None, help="EPnG warm-up steps")
     parser.add_argument("--interval", type=int, default=None, help="EPnG steps between cycles")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--controls", action="store_true",
-                        help="also run epng_random (same mechanics, random importance) and uniform_2x (twice the budget)")
+    parser.add_argument(
+        "--controls", action="store_true", help="also run epng_random (same mechanics, random importance) and uniform_2x (twice the budget)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
@@ -234,18 +265,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.tmp = Path(tempfile.mkdtemp(prefix="epng_quality-"))
     cpu0, wall0 = time.process_time(), time.perf_counter()
 
-    print(f"EPnG quality: OLMoE-style {MODEL['num_hidden_layers']} layers x {MODEL['num_experts']} experts (top-"
-          f"{MODEL['num_experts_per_tok']}), hidden {MODEL['hidden_size']}, byte tokens; rank {args.rank}", flush=True)
+    print(
+        f"EPnG quality: OLMoE-style {MODEL['num_hidden_layers']} layers x {MODEL['num_experts']} experts (top-"
+        f"{MODEL['num_experts_per_tok']}), hidden {MODEL['hidden_size']}, byte tokens; rank {args.rank}",
+        flush=True,
+    )
     py_train, py_val = pydoc_corpus()
     bbc_train, bbc_val = bbc_corpus()
-    print(f"pretrain corpus pydoc_data.topics: {len(py_train):,} tokens; fine-tune corpus BBC News: {len(bbc_train):,} "
-          f"train / {len(bbc_val):,} val tokens", flush=True)
+    print(
+        f"pretrain corpus pydoc_data.topics: {len(py_train):,} tokens; fine-tune corpus BBC News: {len(bbc_train):,} "
+        f"train / {len(bbc_val):,} val tokens",
+        flush=True,
+    )
     base = pretrain(py_train, args.pretrain_steps, args.batch, args.seq, lr=3e-3)
     base_model = new_model(0)
     base_model.load_state_dict(base)
     val = val_blocks(bbc_val, args.seq, 96 if args.quick else 192)
     reference = {"pydoc_val_loss": evaluate(base_model, val_blocks(py_val, args.seq, 64)), "bbc_val_loss_before": evaluate(base_model, val)}
-    print(f"pretrained base: pydoc val loss {reference['pydoc_val_loss']:.3f}, BBC val loss {reference['bbc_val_loss_before']:.3f}", flush=True)
+    print(
+        f"pretrained base: pydoc val loss {reference['pydoc_val_loss']:.3f}, BBC val loss {reference['bbc_val_loss_before']:.3f}",
+        flush=True,
+    )
 
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"epng_quality{'_quick' if args.quick else ''}.json"
     args.heatmap_dir = out.parent / f"{out.stem}_heatmap"  # EPnG's heatmap and state of the first seed
@@ -255,8 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for method in methods:
             r = finetune(method, base, bbc_train, val, seed, args)
             runs.append(r)
-            print(f"  seed {seed} {method:<8} val loss {r['val_loss']:.4f}  trainable {r['trainable']:,}  "
-                  f"({r['train_cpu_s']:.0f} s CPU)", flush=True)
+            print(
+                f"  seed {seed} {method:<8} val loss {r['val_loss']:.4f}  trainable {r['trainable']:,}  ({r['train_cpu_s']:.0f} s CPU)",
+                flush=True,
+            )
 
     summary: dict[str, Any] = {}
     by = {(r["method"], r["seed"]): r["val_loss"] for r in runs}
@@ -271,20 +313,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budgets = {r["trainable"] for r in runs if r["method"] == "uniform"}
     summary["budget_identical"] = all(
         r.get("budget") in budgets and all(c["trainable"] <= r["budget"] for c in r["cycles"])
-        for r in runs if r["method"] in ("epng", "epng_random")
+        for r in runs
+        if r["method"] in ("epng", "epng_random")
     )
     output = {
-        "benchmark": "epng_quality", "model": MODEL, "rank": args.rank, "seeds": args.seeds, "pretrain_steps": args.pretrain_steps,
-        "finetune_steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr, "epng_warmup": args.warmup,
-        "epng_interval": args.interval, "reference": reference, "runs": runs, "summary": summary,
-        "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0, "torch": torch.__version__,
+        "benchmark": "epng_quality",
+        "model": MODEL,
+        "rank": args.rank,
+        "seeds": args.seeds,
+        "pretrain_steps": args.pretrain_steps,
+        "finetune_steps": args.steps,
+        "batch": args.batch,
+        "seq": args.seq,
+        "lr": args.lr,
+        "epng_warmup": args.warmup,
+        "epng_interval": args.interval,
+        "reference": reference,
+        "runs": runs,
+        "summary": summary,
+        "cpu_s": time.process_time() - cpu0,
+        "wall_s": time.perf_counter() - wall0,
+        "torch": torch.__version__,
     }
     print("\nBBC validation loss (nats/token), mean +- std over seeds", args.seeds)
     for method in methods:
         st = summary[method]
         diff = summary.get(f"{method}_minus_uniform")
         paired = f"   vs uniform {diff['mean']:+.4f} +- {diff['std']:.4f}" if diff else ""
-        print(f"  {method:<12} {st['val_loss_mean']:.4f} +- {st['val_loss_std']:.4f}{paired}   per seed {[round(v, 4) for v in st['per_seed']]}")
+        print(
+            f"  {method:<12} {st['val_loss_mean']:.4f} +- {st['val_loss_std']:.4f}{paired}"
+            f"   per seed {[round(v, 4) for v in st['per_seed']]}"
+        )
     print(f"  same budget at every step (epng vs uniform): {summary['budget_identical']}")
     print(f"  before fine-tuning: {reference['bbc_val_loss_before']:.4f}; total {output['cpu_s']:.0f} s CPU, {output['wall_s']:.0f} s wall")
     out.parent.mkdir(parents=True, exist_ok=True)

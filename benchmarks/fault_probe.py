@@ -69,8 +69,14 @@ def make_trainer(root: Path, max_epochs: int, extra: list[Any]) -> Any:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     return pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        num_sanity_val_steps=0,
         # export_weights="last": the live model is the result (nothing reloads a checkpoint at fit end)
         callbacks=[lora_callback(export_weights="last"), ModelCheckpoint(dirpath=root / "ckpt", save_last=True), *extra],
     )
@@ -151,8 +157,12 @@ def probe_kill(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         killed_at = read_step(root / "progress")
         last = root / "ckpt" / "last.ckpt"
         record: dict[str, Any] = {
-            "run": i, "kill_after_steps": kill_after, "step_fraction": round(fraction, 3), "finished_before_kill": finished_first,
-            "steps_done_when_killed": killed_at, "returncode": proc.returncode,
+            "run": i,
+            "kill_after_steps": kill_after,
+            "step_fraction": round(fraction, 3),
+            "finished_before_kill": finished_first,
+            "steps_done_when_killed": killed_at,
+            "returncode": proc.returncode,
             "temp_files_left": sorted(p.name for p in (root / "ckpt").glob(".*tmp*")) if (root / "ckpt").exists() else [],
         }
         resume = None
@@ -177,8 +187,11 @@ def probe_kill(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             record.update(bit_exact=False, error=(root / "stderr.txt").read_text()[-1000:])
         record["ok"] = bool(record["bit_exact"] and record["checkpoint_loadable"] is not False)
         runs.append(record)
-        print(f"  kill run {i}: killed after {killed_at} steps, checkpoint step {record.get('checkpoint_step')}, "
-              f"bit-exact {record['bit_exact']}", flush=True)
+        print(
+            f"  kill run {i}: killed after {killed_at} steps, checkpoint step {record.get('checkpoint_step')}, "
+            f"bit-exact {record['bit_exact']}",
+            flush=True,
+        )
     return {"runs": runs, "ok": sum(r["ok"] for r in runs), "total": len(runs), "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -292,11 +305,19 @@ def probe_disk_full(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         resumed = fresh_model()
         make_trainer(root, EPOCHS, []).fit(resumed, loader(), ckpt_path=str(last))
         record.update(compare(trainable_state(resumed), reference))
-        record["ok"] = bool(record.get("enospc") and record["previous_intact"] and record["loadable"]
-                            and not record["temp_files_left"] and record["bit_exact"])
+        record["ok"] = bool(
+            record.get("enospc")
+            and record["previous_intact"]
+            and record["loadable"]
+            and not record["temp_files_left"]
+            and record["bit_exact"]
+        )
         runs.append(record)
-        print(f"  disk-full run {i}: epoch {epoch} at {fraction:.0%} of the file: previous intact "
-              f"{record['previous_intact']}, resumed bit-exact {record['bit_exact']}", flush=True)
+        print(
+            f"  disk-full run {i}: epoch {epoch} at {fraction:.0%} of the file: previous intact "
+            f"{record['previous_intact']}, resumed bit-exact {record['bit_exact']}",
+            flush=True,
+        )
     return {"runs": runs, "ok": sum(r["ok"] for r in runs), "total": len(runs), "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -342,9 +363,15 @@ def probe_oom(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         cb = AdaptiveCheckpointCallback(budget=budget, headroom=0.0, relax_after=2, memory_source=source, verbose=False)
         model, seen, trainer = run(cb, work / f"oom_{phase}")
         record = {
-            "phase": phase, "injected": count, "oom_raised": source.ooms, "oom_retries": cb.counters["oom_retries"],
-            "optimizer_steps": trainer.global_step, "expected_steps": len(ref_seen), "budget_bytes": budget,
-            "batches_done_in_order": seen == ref_seen, "counters": dict(cb.counters),
+            "phase": phase,
+            "injected": count,
+            "oom_raised": source.ooms,
+            "oom_retries": cb.counters["oom_retries"],
+            "optimizer_steps": trainer.global_step,
+            "expected_steps": len(ref_seen),
+            "budget_bytes": budget,
+            "batches_done_in_order": seen == ref_seen,
+            "counters": dict(cb.counters),
             **compare(trainable_state(model), trainable_state(reference)),
         }
         complete = record["batches_done_in_order"] and record["optimizer_steps"] == record["expected_steps"]
@@ -352,8 +379,11 @@ def probe_oom(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         record["close_to_reference"] = bool(record["max_abs_diff"] <= 1e-5 * scale)
         record["retried_no_batch_lost"] = min(source.ooms, cb.counters["oom_retries"]) if complete and record["close_to_reference"] else 0
         results.append(record)
-        print(f"  oom {phase}: {source.ooms} raised, {cb.counters['oom_retries']} retried, steps "
-              f"{trainer.global_step}/{len(ref_seen)}, bit-exact {record['bit_exact']}", flush=True)
+        print(
+            f"  oom {phase}: {source.ooms} raised, {cb.counters['oom_retries']} retried, steps "
+            f"{trainer.global_step}/{len(ref_seen)}, bit-exact {record['bit_exact']}",
+            flush=True,
+        )
     ok = sum(r["retried_no_batch_lost"] for r in results)
     return {"runs": results, "ok": ok, "total": args.oom_steps, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -377,10 +407,9 @@ def main() -> None:
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
 
+    import logging
     import tempfile
     import warnings
-
-    import logging
 
     import lightning.pytorch  # noqa: F401  (configures its loggers on import: quiet them after)
 
@@ -396,9 +425,17 @@ def main() -> None:
         print(f"(c) out-of-memory steps ({args.oom_steps})", flush=True)
         oom = probe_oom(args, work)
     result = {
-        "config": {"epochs": EPOCHS, "steps": STEPS, "batch": BATCH, "seed": args.seed, "step_sleep": args.step_sleep,
-                   "torch": torch.__version__},
-        "kill9": kill, "disk_full": disk, "oom": oom,
+        "config": {
+            "epochs": EPOCHS,
+            "steps": STEPS,
+            "batch": BATCH,
+            "seed": args.seed,
+            "step_sleep": args.step_sleep,
+            "torch": torch.__version__,
+        },
+        "kill9": kill,
+        "disk_full": disk,
+        "oom": oom,
         "summary": {
             "kill9_resumed_bit_exact": f"{kill['ok']}/{kill['total']}",
             "disk_full_previous_kept": f"{disk['ok']}/{disk['total']}",

@@ -183,9 +183,7 @@ def resident_bytes(v: Variant) -> dict[str, int]:
     return {"params": params, "grads": grads, "optimizer_state": state}
 
 
-def make_variant(
-    name: str, ref: nn.Module, spec: dict[str, Any], batch: dict[str, torch.Tensor], autocast: Callable[[], Any]
-) -> Variant:
+def make_variant(name: str, ref: nn.Module, spec: dict[str, Any], batch: dict[str, torch.Tensor], autocast: Callable[[], Any]) -> Variant:
     model = copy.deepcopy(ref)
     model.train()
     vit = spec["kind"] == "vit"
@@ -334,10 +332,7 @@ def check_same_init(variants: dict[str, Variant], device: torch.device) -> dict[
         a, b = grads[peft_names[0]], grads[peft_names[1]]
         out["grad_rel_err_peft_bf16_vs_peft"] = max((a[n] - b[n]).norm().item() / max(b[n].norm().item(), 1e-30) for n in a)
     for name in peft_names:
-        errs = [
-            (grads["ours"][n] - grads[name][n]).norm().item() / max(grads[name][n].norm().item(), 1e-30)
-            for n in grads["ours"]
-        ]
+        errs = [(grads["ours"][n] - grads[name][n]).norm().item() / max(grads[name][n].norm().item(), 1e-30) for n in grads["ours"]]
         out[f"grad_rel_err_ours_vs_{name}"] = max(errs)
         out[f"loss_abs_diff_ours_vs_{name}"] = abs(out["loss_ours"] - out[f"loss_{name}"])
     # back to the standard init (B = 0), all LoRA variants with the same A
@@ -510,7 +505,10 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     except Exception as exc:
         result["check"] = {"error": repr(exc)}
         traceback.print_exc()
-    print(f"[{name}] step-0 check: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in result["check"].items()), flush=True)
+    print(
+        f"[{name}] step-0 check: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in result["check"].items()),
+        flush=True,
+    )
 
     # interleaved rounds: warm-up rounds, then timed rounds; the order rotates every round
     order = list(variants)
@@ -609,9 +607,11 @@ def print_table(name: str, result: dict[str, Any]) -> None:
     print("-" * len(header))
     for n, v in result["variants"].items():
         print(
-            f"{n:<11} {1000 * v['step_s_median']:>9.2f} {1000 * v['host_s_median']:>8.2f} {v['throughput']:>10,.0f} {v.get('throughput_vs_frozen', float('nan')):>8.3f} "
+            f"{n:<11} {1000 * v['step_s_median']:>9.2f} {1000 * v['host_s_median']:>8.2f} {v['throughput']:>10,.0f} "
+            f"{v.get('throughput_vs_frozen', float('nan')):>8.3f} "
             f"{v.get('throughput_vs_frozen_paired', float('nan')):>7.3f} {v.get('throughput_vs_frozen_cpu_time', float('nan')):>6.3f} "
-            f"{fmt_bytes(v['saved_activation_bytes']):>10} {v.get('saved_vs_frozen', float('nan')):>8.3f} {fmt_bytes(v['peak_bytes']):>10} {v.get('peak_vs_frozen', float('nan')):>8.3f} "
+            f"{fmt_bytes(v['saved_activation_bytes']):>10} {v.get('saved_vs_frozen', float('nan')):>8.3f} "
+            f"{fmt_bytes(v['peak_bytes']):>10} {v.get('peak_vs_frozen', float('nan')):>8.3f} "
             f"{v['trainable_params']:>13,}"
         )
     for n, e in result["errors"].items():

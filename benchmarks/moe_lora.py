@@ -48,11 +48,29 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
 
 #: OLMoE-1B-7B (allenai/OLMoE-1B-7B-0924) dimensions
-OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
-                   num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096)
+OLMOE_1B_7B = dict(
+    vocab_size=50304,
+    hidden_size=2048,
+    intermediate_size=1024,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    num_experts=64,
+    num_experts_per_tok=8,
+    max_position_embeddings=4096,
+)
 #: small shape with the same structure for CPU runs
-CPU_SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, num_experts=16, num_experts_per_tok=4, max_position_embeddings=1024)
+CPU_SHAPE = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    num_experts=16,
+    num_experts_per_tok=4,
+    max_position_embeddings=1024,
+)
 
 
 def build_model(shape: dict[str, Any], layers: int, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
@@ -108,8 +126,16 @@ def verify(device: torch.device) -> dict[str, Any]:
     from lightning_peft import ExpertLoRA, apply_adapter
     from lightning_peft.adapters.experts import expert_layers
 
-    tiny = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
-                num_experts=8, num_experts_per_tok=2, max_position_embeddings=64)
+    tiny = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
     report: dict[str, Any] = {}
     for dtype in (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,):
         model = build_model(tiny, 1, device, dtype, 0)
@@ -241,17 +267,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.seq = args.seq or (2048 if cuda else 256)
     args.warmup = args.warmup if args.warmup is not None else 2 if cuda else 1
     args.repeats = args.repeats or (3 if args.quick else 6 if cuda else 3)
-    methods = args.methods.split(",") if args.methods else (["frozen_limit", "peft", "peft_bf16", "ours"] if cuda else ["frozen_limit", "peft", "ours"])
+    methods = (
+        args.methods.split(",")
+        if args.methods
+        else (["frozen_limit", "peft", "peft_bf16", "ours"] if cuda else ["frozen_limit", "peft", "ours"])
+    )
     if not cuda:
         torch.set_num_threads(args.threads)
 
     shape = {**args.shape, "num_hidden_layers": args.layers}
     header = {
-        "benchmark": "moe_lora", "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "benchmark": "moe_lora",
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
         "gpu": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "shape": shape, "full_model_layers": args.shape["num_hidden_layers"],
-        "batch": args.batch, "seq": args.seq, "rank": args.rank, "alpha": args.alpha,
-        "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
+        "torch": torch.__version__,
+        "shape": shape,
+        "full_model_layers": args.shape["num_hidden_layers"],
+        "batch": args.batch,
+        "seq": args.seq,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "quick": args.quick,
     }
     try:
         import transformers
@@ -262,8 +301,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         header["peft"] = peft.__version__
     except ImportError as err:
         header["import_error"] = str(err)
-    print(f"MoE LoRA benchmark: OLMoE-shaped, {args.layers} of {args.shape['num_hidden_layers']} layers "
-          f"({'quick' if args.quick else 'full'}), {args.batch} x {args.seq} tokens, {header['dtype']}, rank {args.rank}", flush=True)
+    print(
+        f"MoE LoRA benchmark: OLMoE-shaped, {args.layers} of {args.shape['num_hidden_layers']} layers "
+        f"({'quick' if args.quick else 'full'}), {args.batch} x {args.seq} tokens, {header['dtype']}, rank {args.rank}",
+        flush=True,
+    )
 
     try:
         header["verify"] = verify(device)
@@ -313,7 +355,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{r['method']:<12}  ERROR {r['error'][:100]}")
             continue
         peak = f"   {r['peak_bytes'] / 2**30:8.2f}" if cuda else ""
-        print(f"{r['method']:<12}  {r['tokens_per_s']:9.0f}  {1000 * r['step_s']:9.1f}  {r['saved_activation_bytes'] / 2**20:13.1f}{peak}   {r['trainable']:,}")
+        print(
+            f"{r['method']:<12}  {r['tokens_per_s']:9.0f}  {1000 * r['step_s']:9.1f}  "
+            f"{r['saved_activation_bytes'] / 2**20:13.1f}{peak}   {r['trainable']:,}"
+        )
     for k, v in summary.items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) and math.isfinite(v) else f"{k}: {v}")
 

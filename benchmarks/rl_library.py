@@ -278,8 +278,12 @@ def train_base(task: str, out: Path, max_rollouts: int, seed: int) -> dict[str, 
     model = PPO(task, lr_schedule="linear", export_path=str(out), **PPO_SETTINGS[task])
     dm = RLDataModule(task, num_envs=8, rollout_steps=128, minibatch_size=256, update_epochs=10, seed=seed)
     stop = EarlyStopping(
-        "rollout/episode_return", mode="max", stopping_threshold=SOLVED[task], patience=10**9,
-        check_on_train_epoch_end=True, strict=False,
+        "rollout/episode_return",
+        mode="max",
+        stopping_threshold=SOLVED[task],
+        patience=10**9,
+        check_on_train_epoch_end=True,
+        strict=False,
     )
     curve = _Curve(dm)
     trainer = _trainer(max_rollouts * dm.steps_per_rollout, [stop, curve])
@@ -377,8 +381,11 @@ def study_returns(work: Path, args: argparse.Namespace, results: dict[str, Any],
         path = work / f"trained_base_{source}.safetensors"
         info = train_base(source, path, args.base_rollouts, seed=0)
         mean100 = info["final_mean_return_100_episodes"]
-        print(f"[base] {source}: solved={info['solved']} mean100={'n/a' if mean100 is None else f'{mean100:.1f}'} "
-              f"env_steps={info['env_steps']} wall={info['wall_s']:.0f}s cpu={info['cpu_s']:.0f}s", flush=True)
+        print(
+            f"[base] {source}: solved={info['solved']} mean100={'n/a' if mean100 is None else f'{mean100:.1f}'} "
+            f"env_steps={info['env_steps']} wall={info['wall_s']:.0f}s cpu={info['cpu_s']:.0f}s",
+            flush=True,
+        )
         results["base_training"].append(info)
         bases[source] = path
         _write(out, results)
@@ -387,8 +394,7 @@ def study_returns(work: Path, args: argparse.Namespace, results: dict[str, Any],
         base = PPO.from_policy_file(bases[source], task=target)
         zero = [evaluate_policy(base, target, episodes=20, seed=90_000 + 100 * s)["mean_return"] for s in range(args.seeds)]
         zero_sampled = [
-            evaluate_policy(base, target, episodes=20, seed=95_000 + 100 * s, deterministic=False)["mean_return"]
-            for s in range(args.seeds)
+            evaluate_policy(base, target, episodes=20, seed=95_000 + 100 * s, deterministic=False)["mean_return"] for s in range(args.seeds)
         ]
         methods = ("lora", "full", "full_low_lr")
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
@@ -405,9 +411,12 @@ def study_returns(work: Path, args: argparse.Namespace, results: dict[str, Any],
                     r["library_eval_mean_return"] = evaluate_policy(live, target, episodes=20, seed=90_000)["mean_return"]
                     r["library_adapter_bytes"] = lib.report()["policies"][target]["tensor_bytes"]
                 runs[method].append(r)
-                print(f"[{source} -> {target}] seed {seed} {method}: greedy {r['eval_mean_return']:.1f}, sampled "
-                      f"{r['eval_sampled_mean_return']:.1f} ({r['env_steps']} env steps, {r['trainable_parameters']} "
-                      f"trainable, cpu {r['cpu_s']:.0f}s)", flush=True)
+                print(
+                    f"[{source} -> {target}] seed {seed} {method}: greedy {r['eval_mean_return']:.1f}, sampled "
+                    f"{r['eval_sampled_mean_return']:.1f} ({r['env_steps']} env steps, {r['trainable_parameters']} "
+                    f"trainable, cpu {r['cpu_s']:.0f}s)",
+                    flush=True,
+                )
         entry: dict[str, Any] = {
             "source": source,
             "target": target,
@@ -421,9 +430,7 @@ def study_returns(work: Path, args: argparse.Namespace, results: dict[str, Any],
             entry[f"{method}_sampled"] = _summary([r["eval_sampled_mean_return"] for r in runs[method]])
         for other in ("full", "full_low_lr"):
             for suffix, key in (("", "eval_mean_return"), ("_sampled", "eval_sampled_mean_return")):
-                entry[f"lora_minus_{other}{suffix}"] = _welch(
-                    [r[key] for r in runs["lora"]], [r[key] for r in runs[other]]
-                )
+                entry[f"lora_minus_{other}{suffix}"] = _welch([r[key] for r in runs["lora"]], [r[key] for r in runs[other]])
         entry["runs"] = runs
         results["returns"].append(entry)
         _write(out, results)
@@ -477,9 +484,12 @@ def main() -> None:
         ]
         results["bytes"] = measure_bytes(work, ranks, architectures)
         for row in results["bytes"]:
-            print(f"[bytes] {row['task']:<12} hidden {row['hidden_sizes']!s:<16} rank {row['rank']:>2}: "
-                  f"adapter {row['adapter_tensor_bytes']:>8,} B vs full {row['full_copy_tensor_bytes']:>9,} B "
-                  f"-> {row['ratio']:6.1f}x", flush=True)
+            print(
+                f"[bytes] {row['task']:<12} hidden {row['hidden_sizes']!s:<16} rank {row['rank']:>2}: "
+                f"adapter {row['adapter_tensor_bytes']:>8,} B vs full {row['full_copy_tensor_bytes']:>9,} B "
+                f"-> {row['ratio']:6.1f}x",
+                flush=True,
+            )
         _write(out, results)
         results["library"] = measure_library(
             work,
@@ -488,27 +498,30 @@ def main() -> None:
             [[64, 64], [256, 256]],
         )
         for row in results["library"]:
-            print(f"[library] hidden {row['hidden_sizes']!s:<10} rank {row['rank']:>2} N={row['policies']:>3}: "
-                  f"saves {100 * row['savings']:.1f}% (disk {100 * row['savings_disk']:.1f}%), "
-                  f"activate {row['activate_cached_median_us']:.0f} us cached / {row['activate_from_disk_median_us']:.0f} us "
-                  f"from disk vs a full copy {row['load_full_copy_from_memory_median_us']:.0f} / "
-                  f"{row['load_full_copy_from_disk_median_us']:.0f} us",
-                  flush=True)
+            print(
+                f"[library] hidden {row['hidden_sizes']!s:<10} rank {row['rank']:>2} N={row['policies']:>3}: "
+                f"saves {100 * row['savings']:.1f}% (disk {100 * row['savings_disk']:.1f}%), "
+                f"activate {row['activate_cached_median_us']:.0f} us cached / {row['activate_from_disk_median_us']:.0f} us "
+                f"from disk vs a full copy {row['load_full_copy_from_memory_median_us']:.0f} / "
+                f"{row['load_full_copy_from_disk_median_us']:.0f} us",
+                flush=True,
+            )
         _write(out, results)
         results["activation_scaling"] = measure_activation_scaling(work, [[256, 256], [1024, 1024], [2048, 2048]], 8)
         for row in results["activation_scaling"]:
-            print(f"[activate] hidden {row['hidden_sizes']!s:<12} adapter {row['adapter_tensor_bytes']:>9,.0f} B: "
-                  f"{row['activate_cached_median_us']:8.0f} us (merged {row['activate_merged_median_us']:8.0f} us) vs copying "
-                  f"a full policy of {row['full_copy_tensor_bytes']:>11,} B: {row['copy_full_policy_median_us']:8.0f} us", flush=True)
+            print(
+                f"[activate] hidden {row['hidden_sizes']!s:<12} adapter {row['adapter_tensor_bytes']:>9,.0f} B: "
+                f"{row['activate_cached_median_us']:8.0f} us (merged {row['activate_merged_median_us']:8.0f} us) vs copying "
+                f"a full policy of {row['full_copy_tensor_bytes']:>11,} B: {row['copy_full_policy_median_us']:8.0f} us",
+                flush=True,
+            )
         _write(out, results)
         if not args.skip_returns:
             study_returns(work, args, results, out)
     results["cpu_s_total"] = time.process_time() - t0
     _write(out, results)
     for pair in results.get("returns", []):
-        line = ", ".join(
-            f"{m} {pair[m]['mean']:.1f} +- {pair[m]['std']:.1f}" for m in ("zero_shot_base", "lora", "full", "full_low_lr")
-        )
+        line = ", ".join(f"{m} {pair[m]['mean']:.1f} +- {pair[m]['std']:.1f}" for m in ("zero_shot_base", "lora", "full", "full_low_lr"))
         print(f"[summary] {pair['source']} -> {pair['target']} (greedy return, mean +- std over seeds): {line}")
     print(f"wrote {out} (cpu {results['cpu_s_total']:.0f} s)")
 

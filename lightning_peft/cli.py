@@ -84,8 +84,7 @@ class LightningPEFTCLI(LightningCLI):
             "--test_after_fit",
             type=bool,
             default=True,
-            help="After fit, evaluate on the datamodule's test split (best checkpoint if one was "
-            "saved) and print the test metrics.",
+            help="After fit, evaluate on the datamodule's test split (best checkpoint if one was saved) and print the test metrics.",
         )
 
     def after_fit(self) -> None:

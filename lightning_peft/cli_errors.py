@@ -280,7 +280,11 @@ def instantiation_error(err: BaseException, config: Any) -> ConfigError | None:
     instance = frame.f_locals["self"]
     cls = type(instance)
     message = str(candidate).strip()
-    nodes = [(k, n) for k, n in _class_nodes(config) if _resolve(n.get("class_path") if isinstance(n, dict) else getattr(n, "class_path", None)) is cls]
+    nodes = [
+        (k, n)
+        for k, n in _class_nodes(config)
+        if _resolve(n.get("class_path") if isinstance(n, dict) else getattr(n, "class_path", None)) is cls
+    ]
     key = None
     if nodes:  # the config node that holds these arguments
         key, _ = max(nodes, key=lambda item: _matching(getattr(item[1], "init_args", None), frame.f_locals))

@@ -57,7 +57,9 @@ class _Walk:
     def visit(self, obj: Any) -> None:
         if len(self.seen) >= _MAX_NODES or id(obj) in self.seen:
             return
-        if obj is None or isinstance(obj, (bool, int, float, complex, type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)):
+        if obj is None or isinstance(
+            obj, (bool, int, float, complex, type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
+        ):
             return
         self.seen.add(id(obj))
         if isinstance(obj, torch.Tensor):

@@ -177,9 +177,7 @@ def _base_name(model: nn.Module) -> str:
     return str(name) if name else type(model).__name__
 
 
-def state_mismatch(
-    current: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor], required: Iterable[str] | None = None
-) -> str:
+def state_mismatch(current: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor], required: Iterable[str] | None = None) -> str:
     """What keeps ``saved`` from loading into a module whose state dict is ``current``:
     ``"missing [...]; unexpected [...]; shape [...]"`` (only the parts that apply), or ``""``.
     ``required``: the keys that must be present (default: all of ``current``)."""
@@ -364,8 +362,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     }
     extra_module_names = sorted({_relative(n, root).rsplit(".", 1)[0] for n in inside})
     # peft would drop buffers silently (it loads only parameters of modules_to_save): our format
-    peft_config = None if (outside and not root) or trained_buffers else _peft_config(
-        record.specs, {_relative(n, root): l for n, l in layers.items()}, [m for m in extra_module_names if m], meta["base_model"]
+    peft_config = (
+        None
+        if (outside and not root) or trained_buffers
+        else _peft_config(
+            record.specs, {_relative(n, root): l for n, l in layers.items()}, [m for m in extra_module_names if m], meta["base_model"]
+        )
     )
     config = peft_config or {"peft_type": "LIGHTNING_PEFT", **{k: meta[k] for k in ("specs", "base_model", "base_fingerprint")}}
     meta["peft_layout"] = peft_config is not None  # layer tensors in peft's layout (load converts back)

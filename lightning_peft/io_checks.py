@@ -154,8 +154,16 @@ def _kind_of(dtype: torch.dtype) -> str:
     return "float" if dtype.is_floating_point else "integer"
 
 
-def _layer_tensors(layer: AdapterLayer, target: str, prefix: str, own: dict[str, torch.Tensor], entry: dict[str, Any],
-                   peft_layout: bool, pool: dict[str, torch.Tensor], damage: list[str]) -> dict[str, torch.Tensor]:
+def _layer_tensors(
+    layer: AdapterLayer,
+    target: str,
+    prefix: str,
+    own: dict[str, torch.Tensor],
+    entry: dict[str, Any],
+    peft_layout: bool,
+    pool: dict[str, torch.Tensor],
+    damage: list[str],
+) -> dict[str, torch.Tensor]:
     """The adapter tensors (model keys) ``layer`` gets from the file tensors ``own`` (keys
     relative to the layer; ``prefix`` is their file prefix), converted from peft's layout when
     ``peft_layout``. Problems go to ``damage``; trained base tensors inside the layer to ``pool``."""
@@ -414,8 +422,15 @@ class _Planner:
         return out
 
 
-def plan_load(model: nn.Module, source: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
-              extra: dict[str, torch.Tensor], strict_base: bool, describe: Callable[[nn.Module], str]) -> LoadPlan:
+def plan_load(
+    model: nn.Module,
+    source: str,
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    extra: dict[str, torch.Tensor],
+    strict_base: bool,
+    describe: Callable[[nn.Module], str],
+) -> LoadPlan:
     """Validate the file against ``model`` and return the plan; raises ``ValueError`` with
     every problem found (see the module docstring). ``model`` is not changed."""
     planner = _Planner(model, source, meta)

@@ -113,14 +113,16 @@ def _empty_hooks() -> collections.OrderedDict[Any, Any]:
     return collections.OrderedDict()
 
 
-def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
-                       backward_hooks: Any, metadata: Any = None) -> torch.Tensor:
+def _rebuild_tensor_v2(
+    storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, backward_hooks: Any, metadata: Any = None
+) -> torch.Tensor:
     _check_tensor_args(storage, storage_offset, size, stride, requires_grad, metadata)
     return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride), requires_grad, _empty_hooks(), metadata)
 
 
-def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
-                       backward_hooks: Any, dtype: Any, metadata: Any = None) -> torch.Tensor:
+def _rebuild_tensor_v3(
+    storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, backward_hooks: Any, dtype: Any, metadata: Any = None
+) -> torch.Tensor:
     _check_tensor_args(storage, storage_offset, size, stride, requires_grad, metadata)
     if not isinstance(dtype, torch.dtype):
         _refuse("dtype", dtype)
@@ -246,7 +248,9 @@ def _check_archive(path: Path) -> None:
     except (zipfile.BadZipFile, OSError) as error:
         raise ValueError(f"{str(path)!r} is damaged: {error}") from error
     if any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in names):
-        raise ValueError(f"{str(path)!r} is a TorchScript archive, not a checkpoint; it is not loaded (load it with torch.jit.load if you trust it)")
+        raise ValueError(
+            f"{str(path)!r} is a TorchScript archive, not a checkpoint; it is not loaded (load it with torch.jit.load if you trust it)"
+        )
     if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         raise ValueError(f"{str(path)!r} is damaged or not a torch.save file (no data.pkl record)")
 

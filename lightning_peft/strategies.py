@@ -146,7 +146,12 @@ class AdapterFSDP2Strategy(ModelParallelStrategy):
         if data_parallel_size != "auto":
             check_int("data_parallel_size", data_parallel_size, low=1)
         check_int("tensor_parallel_size", tensor_parallel_size, low=1)
-        for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype), ("frozen_dtype", frozen_dtype), ("trainable_dtype", trainable_dtype)):
+        for name, value in (
+            ("param_dtype", param_dtype),
+            ("reduce_dtype", reduce_dtype),
+            ("frozen_dtype", frozen_dtype),
+            ("trainable_dtype", trainable_dtype),
+        ):
             check_choice(name, value, sorted(_DTYPES), allow_none=True)
         check_str_list("block_paths", block_paths, allow_none=True)
         check_bool("reshard_after_forward", reshard_after_forward)
@@ -439,4 +444,3 @@ class AdapterFSDP2Strategy(ModelParallelStrategy):
         full = {n: p.full_tensor() for n, p in module.named_parameters() if p.requires_grad and _is_dtensor(p)}
         with tensors_swapped_in(module, full):
             yield
-

@@ -123,8 +123,14 @@ def _unmatched_entry_error(model: nn.Module, spec: AdapterSpec, modules: dict[st
     return ValueError(f"target {entry!r} matches no module of {type(model).__name__}. Nearest module names: {near}")
 
 
-def _nothing_adaptable_error(model: nn.Module, spec: AdapterSpec, modules: dict[str, nn.Module], targets: str | list[str],
-                             chosen: list[str], before_exclusion: list[str]) -> ValueError:
+def _nothing_adaptable_error(
+    model: nn.Module,
+    spec: AdapterSpec,
+    modules: dict[str, nn.Module],
+    targets: str | list[str],
+    chosen: list[str],
+    before_exclusion: list[str],
+) -> ValueError:
     if spec.exclude_modules and not chosen and before_exclusion:
         return ValueError(
             f"{type(spec).__name__}(target_modules={targets!r}) matches {before_exclusion[:5]}, but exclude_modules "
@@ -282,8 +288,7 @@ def _claim(model: nn.Module, specs: list[AdapterSpec], trainable: list[str]) -> 
                 raise ValueError(f"module {name!r} is targeted by both {claimed[name]!r} and {spec!r}; give each module one adapter")
             if any(name == t or name.startswith(t + ".") for t in trainable) and not spec.trains_base:
                 raise ValueError(
-                    f"module {name!r} is both adapted by {type(spec).__name__} and listed in trainable_modules; "
-                    "exclude it from one of them"
+                    f"module {name!r} is both adapted by {type(spec).__name__} and listed in trainable_modules; exclude it from one of them"
                 )
             claimed[name] = spec
     return claimed
@@ -324,9 +329,7 @@ def _enable_training(model: nn.Module, claimed: dict[str, AdapterSpec], trainabl
     return rows
 
 
-def make_report(
-    model: nn.Module, rows: list[tuple[str, str, str, int]], trainable_patterns: Sequence[str] = ()
-) -> AdapterReport:
+def make_report(model: nn.Module, rows: list[tuple[str, str, str, int]], trainable_patterns: Sequence[str] = ()) -> AdapterReport:
     """The report of ``model`` as adapted: ``rows`` plus, for fully trained modules (rows of
     kind ``"trained"``), the parameters they share with other modules (tied weights train
     both) and, for ``trainable_patterns`` entries, the full module names they matched."""
@@ -361,8 +364,12 @@ def make_report(
         kept = trained_buffer_names(model)
         notes.append(f"buffers that change in training, kept in checkpoints and the export ({len(kept)}): {', '.join(kept)}")
     return AdapterReport(
-        rows=out_rows, trainable=trainable, total=sum(parameter_count(p) for p in params),
-        notes=notes, tied=tied_all, trainable_matches=matches,
+        rows=out_rows,
+        trainable=trainable,
+        total=sum(parameter_count(p) for p in params),
+        notes=notes,
+        tied=tied_all,
+        trainable_matches=matches,
     )
 
 

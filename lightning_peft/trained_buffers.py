@@ -78,7 +78,8 @@ class BufferWatch:
         """Names of watched buffers whose value differs now; they are no longer watched."""
         current = persistent_buffers(model)
         changed = [
-            k for k, v in self.initial.items()
+            k
+            for k, v in self.initial.items()
             if k in current and (current[k].shape != v.shape or not torch.equal(current[k].detach().cpu(), v))
         ]
         for k in changed:

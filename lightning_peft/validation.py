@@ -130,7 +130,9 @@ def check_bool(name: str, value: Any, allow_none: bool = False) -> bool | None:
         hint = ""
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
             hint = f"; write {value.strip().lower()} without quotes (YAML) or {value.strip().capitalize()} (Python)"
-        raise InvalidArgumentTypeError(name, f"{name} must be True or False{' or None' if allow_none else ''}, got {_describe(value)}{hint}")
+        raise InvalidArgumentTypeError(
+            name, f"{name} must be True or False{' or None' if allow_none else ''}, got {_describe(value)}{hint}"
+        )
     return value
 
 
@@ -163,7 +165,9 @@ def check_str_list(name: str, value: Any, allow_none: bool = True, allow_empty: 
         return None
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         hint = f"; write [{value!r}]" if isinstance(value, str) else ""
-        raise InvalidArgumentTypeError(name, f"{name} must be a list of strings{' or None' if allow_none else ''}, got {_describe(value)}{hint}")
+        raise InvalidArgumentTypeError(
+            name, f"{name} must be a list of strings{' or None' if allow_none else ''}, got {_describe(value)}{hint}"
+        )
     if not value and not allow_empty:
         raise InvalidArgumentError(name, f"{name} must be a non-empty list of strings{' or None' if allow_none else ''}, got []")
     for i, item in enumerate(value):
@@ -180,7 +184,9 @@ def check_mapping(name: str, value: Any, check_value: Callable[[str, Any], Any],
     if value is None and allow_none:
         return None
     if not isinstance(value, Mapping):
-        raise InvalidArgumentTypeError(name, f"{name} must be a dict with string keys{' or None' if allow_none else ''}, got {_describe(value)}")
+        raise InvalidArgumentTypeError(
+            name, f"{name} must be a dict with string keys{' or None' if allow_none else ''}, got {_describe(value)}"
+        )
     out = {}
     for key, item in value.items():
         if not isinstance(key, str) or not key.strip():
@@ -202,5 +208,7 @@ def check_regex(name: str, pattern: str, shown: str | None = None) -> None:
         re.compile(pattern)
     except re.error as err:
         raise InvalidArgumentError(
-            name, f"{name} entry {shown or repr(pattern)} is not a valid regular expression ({err}); fix the pattern, or use re.escape(name) to match a name literally"
+            name,
+            f"{name} entry {shown or repr(pattern)} is not a valid regular expression ({err}); "
+            "fix the pattern, or use re.escape(name) to match a name literally",
         ) from None

@@ -22,9 +22,17 @@ sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from epng_ddp import loader  # noqa: E402
 
 TINY_LLAMA = {
-    "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64,
-    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+    "model_type": "llama",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 64,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
 }
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -127,8 +135,16 @@ def test_undriven_adalora_warns_that_ranks_never_change():
 
 
 def _trainer(tmp_path, callbacks, max_steps, **kwargs):
-    defaults = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+    )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **defaults)
 

@@ -50,8 +50,14 @@ from lightning_peft.memory import (
 def tiny_vit(depth: int = 4, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = timm.create_model(
-        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=depth, num_heads=2,
-        num_classes=10, in_chans=1,
+        "vit_tiny_patch16_224",
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=depth,
+        num_heads=2,
+        num_classes=10,
+        in_chans=1,
     )
     apply_adapter(model, LoRA(rank=4, alpha=8, target_modules=["qkv", "proj"]), trainable_modules=["head"])
     perturb_trainable(model)
@@ -101,8 +107,14 @@ def image_loader(n: int = 48, batch: int = 8) -> torch.utils.data.DataLoader:
 
 def trainer(callbacks: list, max_steps: int = 4, **kwargs: Any) -> L.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     defaults.update(kwargs)
     return L.Trainer(callbacks=callbacks, **defaults)
@@ -245,8 +257,12 @@ def test_predicted_peak_equals_measured_peak() -> None:
     assert profiles is not None and all(p.act_bytes > p.input_bytes > 0 and p.flops > 0 for p in profiles)
     pre, post = schedule.pre_bytes, meter.forward_peak_bytes - schedule.last_exit_live
     assert predict_peak(profiles, schedule.modes, pre, post) == meter.peak_bytes
-    for modes in (static_modes("none", 4), static_modes("first_k", 4, 2), static_modes("every_k", 4, 2),
-                  ("none", "checkpoint", "none", "checkpoint")):
+    for modes in (
+        static_modes("none", 4),
+        static_modes("first_k", 4, 2),
+        static_modes("every_k", 4, 2),
+        ("none", "checkpoint", "none", "checkpoint"),
+    ):
         schedule.set_modes(modes)
         schedule.begin_step(profiling=False)
         meter = run_step(model, x, y)
@@ -255,8 +271,10 @@ def test_predicted_peak_equals_measured_peak() -> None:
 
 def test_wrapper_passes_keyword_arguments_and_skips_under_no_grad() -> None:
     import transformers
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2)
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     apply_adapter(model, LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
@@ -296,10 +314,7 @@ def test_callback_keeps_measured_peak_within_budget() -> None:
     assert 0 < len(cb.plan.checkpointed) < 4
     # at least as cheap as the cheapest static first-k plan that fits
     profiles = next(iter(cb._buckets.values()))
-    fitting = [
-        k for k in range(5)
-        if predict_peak(profiles.profiles, static_modes("first_k", 4, k), profiles.pre, profiles.post) <= budget
-    ]
+    fitting = [k for k in range(5) if predict_peak(profiles.profiles, static_modes("first_k", 4, k), profiles.pre, profiles.post) <= budget]
     assert len(cb.plan.checkpointed) <= min(fitting)
     assert module.seen == [0, 1, 2, 3]
 
@@ -329,8 +344,12 @@ def test_callback_logs_through_the_lightning_logger() -> None:
     trainer([cb], max_steps=3, logger=logger).fit(ViTModule(), image_loader())
     rows = [m for _, m in logger.rows if "adaptive_ckpt/measured_peak_bytes" in m]
     assert len(rows) == 3
-    assert {"adaptive_ckpt/predicted_peak_bytes", "adaptive_ckpt/recompute_fraction",
-            "adaptive_ckpt/checkpointed_blocks", "adaptive_ckpt/budget_bytes"} <= set(rows[-1])
+    assert {
+        "adaptive_ckpt/predicted_peak_bytes",
+        "adaptive_ckpt/recompute_fraction",
+        "adaptive_ckpt/checkpointed_blocks",
+        "adaptive_ckpt/budget_bytes",
+    } <= set(rows[-1])
     assert rows[-1]["adaptive_ckpt/checkpointed_blocks"] == 0  # 1 GiB: nothing to checkpoint
 
 
@@ -357,9 +376,7 @@ def test_lightning_and_torch_patch_points() -> None:
     from lightning.pytorch.loops.optimization.closure import AbstractClosure
 
     # the closure factory wrapped per instance: trainer.fit_loop.epoch_loop.automatic_optimization._make_closure
-    assert list(inspect.signature(_AutomaticOptimization._make_closure).parameters) == [
-        "self", "kwargs", "optimizer", "batch_idx"
-    ]
+    assert list(inspect.signature(_AutomaticOptimization._make_closure).parameters) == ["self", "kwargs", "optimizer", "batch_idx"]
     assert isinstance(trainer([]).fit_loop.epoch_loop.automatic_optimization, _AutomaticOptimization)
     # the closure's body is replaced on the instance and reached through self.closure(...)
     assert list(inspect.signature(Closure.__init__).parameters) == ["self", "step_fn", "backward_fn", "zero_grad_fn"]
@@ -446,9 +463,7 @@ def test_out_of_memory_in_backward_while_accumulating_restores_gradients() -> No
     trainer([cb], max_steps=2, accumulate_grad_batches=2).fit(module, image_loader())
     assert source.ooms == 1 and cb.counters["oom_retries"] == 1
     reference = ViTModule()
-    trainer([AdaptiveCheckpointCallback(mode="none", verbose=False)], max_steps=2, accumulate_grad_batches=2).fit(
-        reference, image_loader()
-    )
+    trainer([AdaptiveCheckpointCallback(mode="none", verbose=False)], max_steps=2, accumulate_grad_batches=2).fit(reference, image_loader())
     expected = trainable_state(reference)
     for name, value in trainable_state(module).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
@@ -472,9 +487,7 @@ def test_state_is_saved_and_restored_on_resume(tmp_path: Path) -> None:
 
     cb2 = AdaptiveCheckpointCallback(budget=budget, headroom=0.0, verbose=False)
     ckpt2 = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
-    trainer([cb2, ckpt2], max_steps=5, enable_checkpointing=True).fit(
-        ViTModule(), image_loader(), ckpt_path=str(tmp_path / "last.ckpt")
-    )
+    trainer([cb2, ckpt2], max_steps=5, enable_checkpointing=True).fit(ViTModule(), image_loader(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert len(cb2.history) == 2
     assert all("profile" not in h["events"] for h in cb2.history)  # profile restored, not re-measured
     assert cb2.history[0]["modes"] == list(cb.plan.modes)
@@ -541,8 +554,10 @@ class TinyLM(L.LightningModule):
     def __init__(self, layers: int = 4) -> None:
         super().__init__()
         import transformers
-        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
-                                       num_attention_heads=4, num_key_value_heads=2)
+
+        cfg = transformers.LlamaConfig(
+            vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2
+        )
         torch.manual_seed(0)
         self.model = transformers.LlamaForCausalLM(cfg)
         apply_adapter(self.model, LoRA(rank=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
@@ -616,8 +631,9 @@ def test_qlora_gradients_equal_with_and_without_checkpointing() -> None:
     from lightning_peft import QLoRA
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=64, depth=2,
-                              num_heads=2, num_classes=10, in_chans=1)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=10, in_chans=1
+    )
     apply_adapter(model, QLoRA(rank=4, target_modules=["qkv", "fc1"]), trainable_modules=["head"])
     perturb_trainable(model)
     x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
@@ -682,8 +698,9 @@ def test_distributed_plans_identical_on_every_rank(tmp_path: Path, kind: str) ->
     script = tmp_path / "dist_run.py"
     script.write_text(DIST_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(script), str(budget), kind], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(budget), kind], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
@@ -769,8 +786,7 @@ def test_whole_device_source_learns_the_static_offset() -> None:
     assert all(h["measured_peak_bytes"] <= budget for h in cb.history)
     assert module.seen == [0, 1, 2, 3, 4]
 
-    sel = AdaptiveCheckpointCallback(budget=budget, headroom=0.0, memory_source=WholeDeviceSource(),
-                                     selective=True, verbose=False)
+    sel = AdaptiveCheckpointCallback(budget=budget, headroom=0.0, memory_source=WholeDeviceSource(), selective=True, verbose=False)
     trainer([sel], max_steps=5).fit(ViTModule(), image_loader())
     assert "selective" in sel._allowed
     assert all(h["measured_peak_bytes"] <= budget for h in sel.history[2:])  # after feedback, if any
@@ -800,8 +816,7 @@ def test_tighten_at_once_and_relax_with_hysteresis() -> None:
     # relax: the profile step over-measures (offset too pessimistic); after `relax_after` calm
     # steps the offset is lowered to what was observed and fewer blocks are checkpointed
     source = WholeDeviceSource(first_step_extra=int(0.8 * (budget - floor)))
-    cb = AdaptiveCheckpointCallback(budget=budget, headroom=0.0, hysteresis=0.0, relax_after=2,
-                                    memory_source=source, verbose=False)
+    cb = AdaptiveCheckpointCallback(budget=budget, headroom=0.0, hysteresis=0.0, relax_after=2, memory_source=source, verbose=False)
     trainer([cb], max_steps=6).fit(ViTModule(), image_loader())
     counts = [len(h["checkpointed"]) for h in cb.history]
     assert cb.counters["relaxations"] == 1 and counts[-1] < counts[1], counts

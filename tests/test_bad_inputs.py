@@ -41,7 +41,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 NAN, INF = float("nan"), float("inf")
 #: words every message uses to say what is accepted or what to do
 HINT = re.compile(
-    r"must be|must not|use |expected|write |remove|narrow|nearest|adaptable|give each|did you mean|e\.g\.|instead|is not accepted|shorten|exclude it",
+    r"must be|must not|use |expected|write |remove|narrow|nearest|adaptable|give each|did you mean|e\.g\.|instead"
+    r"|is not accepted|shorten|exclude it",
     re.IGNORECASE,
 )
 OURS = (InvalidArgumentError, InvalidArgumentTypeError)
@@ -265,8 +266,16 @@ def test_nan_is_refused_wherever_a_float_is_taken():
 
 @pytest.mark.parametrize(
     "budget, expected",
-    [("0.5", ("fraction", 0.5)), (0.5, ("fraction", 0.5)), ("40%", ("fraction", 0.4)), ("1.0", ("fraction", 1.0)),
-     ("2GiB", ("bytes", 2.0 * 2**30)), ("1e9", ("bytes", 1e9)), (4096, ("bytes", 4096.0)), (None, None)],
+    [
+        ("0.5", ("fraction", 0.5)),
+        (0.5, ("fraction", 0.5)),
+        ("40%", ("fraction", 0.4)),
+        ("1.0", ("fraction", 1.0)),
+        ("2GiB", ("bytes", 2.0 * 2**30)),
+        ("1e9", ("bytes", 1e9)),
+        (4096, ("bytes", 4096.0)),
+        (None, None),
+    ],
 )
 def test_budget_forms_accepted(budget, expected):
     """A fraction written as a string is read like the float; sizes and percentages as before."""
@@ -380,12 +389,21 @@ CLI: list[tuple[str, list[str], str]] = [
     ("rank_pattern", [AD + "rank_pattern={fc1: 0}"], "trainer.callbacks[1].init_args.adapter.init_args.rank_pattern"),
     ("export_weights", [CB + "export_weights=bestt"], "trainer.callbacks[1].init_args.export_weights"),
     ("trainable empty entry", [CB + 'trainable_modules=[""]'], "trainer.callbacks[1].init_args.trainable_modules"),
-    ("budget text", ["--trainer.callbacks+=lightning_peft.AdaptiveCheckpointCallback", CB + "budget=abc"],
-     "trainer.callbacks[2].init_args.budget"),
-    ("budget negative", ["--trainer.callbacks+=lightning_peft.AdaptiveCheckpointCallback", CB + "budget=-1"],
-     "trainer.callbacks[2].init_args.budget"),
-    ("checkpoint mode", ["--trainer.callbacks+=lightning_peft.AdaptiveCheckpointCallback", CB + "budget=1GiB", CB + "mode=some"],
-     "trainer.callbacks[2].init_args.mode"),
+    (
+        "budget text",
+        ["--trainer.callbacks+=lightning_peft.AdaptiveCheckpointCallback", CB + "budget=abc"],
+        "trainer.callbacks[2].init_args.budget",
+    ),
+    (
+        "budget negative",
+        ["--trainer.callbacks+=lightning_peft.AdaptiveCheckpointCallback", CB + "budget=-1"],
+        "trainer.callbacks[2].init_args.budget",
+    ),
+    (
+        "checkpoint mode",
+        ["--trainer.callbacks+=lightning_peft.AdaptiveCheckpointCallback", CB + "budget=1GiB", CB + "mode=some"],
+        "trainer.callbacks[2].init_args.mode",
+    ),
     ("model lr", ["--model.init_args.lr=-1"], "model.init_args.lr"),
     ("model schedule", ["--model.init_args.schedule=cosin"], "model.init_args.schedule"),
     ("model num_classes", ["--model.init_args.num_classes=0"], "model.init_args.num_classes"),

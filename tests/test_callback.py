@@ -293,6 +293,7 @@ def test_full_fine_tune_trains_everything(tmp_path: Path) -> None:
 
 def test_qlora_trains_adapter_keeps_quantized_base(tmp_path: Path) -> None:
     import bitsandbytes  # noqa: F401  (a test dependency: fail loudly if missing)
+
     callback = AdapterCallback(QLoRA(rank=4, alpha=8, target_modules=["fc1", "fc2"], compute_dtype="float32"), trainable_modules=HEAD)
     model, before, after, saved = _run_and_compare(tmp_path, callback)
     weight = model.model.blocks[0].fc1.base_layer.weight

@@ -98,14 +98,11 @@ def test_pretrain_then_adapt(tmp_path, monkeypatch, capsys):
     """Digits 0-4 base -> LoRA on 5-9 via two configs: the adapted run starts from the base."""
     monkeypatch.chdir(tmp_path)
     cli_main(
-        ["fit", "--config", str(CONFIGS / "vit_digits_pretrain.yaml"), *FAST, "--trainer.val_check_interval=2",
-         "--test_after_fit=false"]
+        ["fit", "--config", str(CONFIGS / "vit_digits_pretrain.yaml"), *FAST, "--trainer.val_check_interval=2", "--test_after_fit=false"]
     )
     base = tmp_path / "runs" / "vit_digits_pretrain" / "checkpoints" / "base.ckpt"
     assert base.is_file()
-    cli = cli_main(
-        ["--config", str(CONFIGS / "vit_digits.yaml"), f"--model.init_args.base_checkpoint={base}"], run=False
-    )
+    cli = cli_main(["--config", str(CONFIGS / "vit_digits.yaml"), f"--model.init_args.base_checkpoint={base}"], run=False)
     base_state = torch.load(base, map_location="cpu", weights_only=False)["state_dict"]
     model_state = cli.model.model.state_dict()
     assert base_state.keys() == {f"model.{k}" for k in model_state}
@@ -115,8 +112,14 @@ def test_pretrain_then_adapt(tmp_path, monkeypatch, capsys):
     # the adapted run itself: validation at step 2 saves an adapter-only best checkpoint, which
     # the test after fit loads back (strict loading is the callback's business)
     cli = cli_main(
-        ["fit", "--config", str(CONFIGS / "vit_digits.yaml"), *FAST, "--trainer.val_check_interval=2",
-         f"--model.init_args.base_checkpoint={base}"]
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "vit_digits.yaml"),
+            *FAST,
+            "--trainer.val_check_interval=2",
+            f"--model.init_args.base_checkpoint={base}",
+        ]
     )
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
     assert best.is_file()
@@ -129,9 +132,7 @@ def test_adapter_callback_overridable_from_command_line():
     """The AdapterCallback is the last callback in each config, so `--trainer.callbacks.init_args.X`
     (which jsonargparse applies to the last list item) reaches it."""
     for config in ("quickstart.yaml", "vit_digits.yaml", "vit_digits_bitfit.yaml", "vit_digits_full.yaml", "qlora_lm.yaml"):
-        cli = cli_main(
-            ["--config", str(CONFIGS / config), "--trainer.callbacks.init_args.export_dir=elsewhere"], run=False
-        )
+        cli = cli_main(["--config", str(CONFIGS / config), "--trainer.callbacks.init_args.export_dir=elsewhere"], run=False)
         from lightning_peft import AdapterCallback
 
         adapter_cbs = [c for c in cli.trainer.callbacks if isinstance(c, AdapterCallback)]

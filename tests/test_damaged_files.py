@@ -58,6 +58,7 @@ def edit_tensors(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[P
         tensors, metadata = read(directory / WEIGHTS_NAME)
         edit(tensors)
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata=metadata)
+
     return apply
 
 
@@ -68,6 +69,7 @@ def edit_meta(edit: Callable[[dict], None]) -> Callable[[Path], None]:
         edit(meta)
         metadata["lightning_peft"] = json.dumps(meta)  # NaN stays NaN (json allows it)
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata=metadata)
+
     return apply
 
 
@@ -79,12 +81,14 @@ def raw_meta(text: str | None) -> Callable[[Path], None]:
         else:
             metadata["lightning_peft"] = text
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata=metadata)
+
     return apply
 
 
 def file_bytes(edit: Callable[[bytes], bytes], name: str = WEIGHTS_NAME) -> Callable[[Path], None]:
     def apply(directory: Path) -> None:
         (directory / name).write_bytes(edit((directory / name).read_bytes()))
+
     return apply
 
 
@@ -94,6 +98,7 @@ def set_path(keys: tuple, value) -> Callable[[dict], None]:
         for k in keys[:-1]:
             node = node[k]
         node[keys[-1]] = value
+
     return edit
 
 
@@ -103,6 +108,7 @@ def delete_path(keys: tuple) -> Callable[[dict], None]:
         for k in keys[:-1]:
             node = node[k]
         del node[keys[-1]]
+
     return edit
 
 
@@ -115,6 +121,7 @@ def nan_at(key: str, value: float = math.nan) -> Callable[[dict], None]:
     def edit(tensors: dict) -> None:
         tensors[key] = tensors[key].clone()
         tensors[key].view(-1)[0] = value
+
     return edit
 
 
@@ -124,19 +131,67 @@ def extra_head_file(directory: Path) -> None:
 
 # (id, damage, error type, pattern the message must match, what the message must name)
 CASES = [
-    ("lora_B removed from one layer", edit_tensors(lambda t: t.pop(P + "v.lora_B.weight")), ValueError, "missing tensors", P + "v.lora_B.weight"),
-    ("every lora_B removed", edit_tensors(lambda t: [t.pop(k) for k in list(t) if "lora_B" in k]), ValueError, "missing tensors", P + "q.lora_B.weight"),
+    (
+        "lora_B removed from one layer",
+        edit_tensors(lambda t: t.pop(P + "v.lora_B.weight")),
+        ValueError,
+        "missing tensors",
+        P + "v.lora_B.weight",
+    ),
+    (
+        "every lora_B removed",
+        edit_tensors(lambda t: [t.pop(k) for k in list(t) if "lora_B" in k]),
+        ValueError,
+        "missing tensors",
+        P + "q.lora_B.weight",
+    ),
     ("lora_A removed", edit_tensors(lambda t: t.pop(P + "q.lora_A.weight")), ValueError, "missing tensors", P + "q.lora_A.weight"),
-    ("wrong-shape tensor", edit_tensors(lambda t: t.__setitem__(P + "q.lora_A.weight", t[P + "q.lora_A.weight"].T.contiguous())), ValueError, r"saved shape \(8, 2\) != model \(2, 8\)", "q.lora_A.weight"),
-    ("unknown tensor inside a layer", edit_tensors(lambda t: t.__setitem__(P + "q.lora_C.weight", torch.zeros(2))), ValueError, "unknown tensor", P + "q.lora_C.weight"),
-    ("tensor of a module the model lacks", edit_tensors(lambda t: t.__setitem__(P + "decoder.weight", torch.zeros(2))), ValueError, "no counterpart", "decoder.weight"),
-    ("tensor outside the key prefix", edit_tensors(lambda t: t.__setitem__("q.weight", torch.zeros(8, 8))), ValueError, "not under", "q.weight"),
+    (
+        "wrong-shape tensor",
+        edit_tensors(lambda t: t.__setitem__(P + "q.lora_A.weight", t[P + "q.lora_A.weight"].T.contiguous())),
+        ValueError,
+        r"saved shape \(8, 2\) != model \(2, 8\)",
+        "q.lora_A.weight",
+    ),
+    (
+        "unknown tensor inside a layer",
+        edit_tensors(lambda t: t.__setitem__(P + "q.lora_C.weight", torch.zeros(2))),
+        ValueError,
+        "unknown tensor",
+        P + "q.lora_C.weight",
+    ),
+    (
+        "tensor of a module the model lacks",
+        edit_tensors(lambda t: t.__setitem__(P + "decoder.weight", torch.zeros(2))),
+        ValueError,
+        "no counterpart",
+        "decoder.weight",
+    ),
+    (
+        "tensor outside the key prefix",
+        edit_tensors(lambda t: t.__setitem__("q.weight", torch.zeros(8, 8))),
+        ValueError,
+        "not under",
+        "q.weight",
+    ),
     ("NaN in an adapter tensor", edit_tensors(nan_at(P + "v.lora_B.weight")), ValueError, "non-finite", "v.lora_B.weight"),
     ("inf in a trained head", edit_tensors(nan_at(P + "head.weight", math.inf)), ValueError, "non-finite", "head.weight"),
-    ("integer adapter tensor", edit_tensors(lambda t: t.__setitem__(P + "q.lora_A.weight", torch.ones(2, 8, dtype=torch.int32))), ValueError, "dtype torch.int32", "q.lora_A.weight"),
+    (
+        "integer adapter tensor",
+        edit_tensors(lambda t: t.__setitem__(P + "q.lora_A.weight", torch.ones(2, 8, dtype=torch.int32))),
+        ValueError,
+        "dtype torch.int32",
+        "q.lora_A.weight",
+    ),
     ("trained head tensor removed", edit_tensors(lambda t: t.pop(P + "head.bias")), ValueError, "missing trained tensors", "head.bias"),
     ("fingerprints removed", edit_meta(strip_fingerprints), ValueError, "records no base fingerprint.*strict_base=False", "'q'"),
-    ("one fingerprint altered", edit_meta(lambda m: m["targets"]["q"].__setitem__("fingerprint", "0" * 16)), ValueError, "base weights differ.*strict_base=False", "'q'"),
+    (
+        "one fingerprint altered",
+        edit_meta(lambda m: m["targets"]["q"].__setitem__("fingerprint", "0" * 16)),
+        ValueError,
+        "base weights differ.*strict_base=False",
+        "'q'",
+    ),
     ("combined fingerprint altered", edit_meta(set_path(("base_fingerprint",), "f" * 16)), ValueError, "do not combine", "fingerprint"),
     ("truncated safetensors", file_bytes(lambda b: b[: len(b) // 2]), ValueError, "is damaged or not a safetensors file", WEIGHTS_NAME),
     ("garbage bytes", file_bytes(lambda b: b"\x93" * 64), ValueError, "is damaged or not a safetensors file", WEIGHTS_NAME),
@@ -147,20 +202,80 @@ CASES = [
     ("metadata lacks specs", edit_meta(delete_path(("specs",))), ValueError, "lacks 'specs'", WEIGHTS_NAME),
     ("targets is a list", edit_meta(set_path(("targets",), ["q"])), ValueError, "'targets' must be an object", WEIGHTS_NAME),
     ("spec index out of range", edit_meta(set_path(("targets", "q", "spec"), 7)), ValueError, "names spec 7", "'q'"),
-    ("kind does not match its spec", edit_meta(set_path(("targets", "q", "kind"), "bitfit")), ValueError, "has kind 'bitfit' but its spec 0 is a 'lora'", "'q'"),
+    (
+        "kind does not match its spec",
+        edit_meta(set_path(("targets", "q", "kind"), "bitfit")),
+        ValueError,
+        "has kind 'bitfit' but its spec 0 is a 'lora'",
+        "'q'",
+    ),
     ("invalid shape entry", edit_meta(set_path(("targets", "v", "shape"), [0, -1])), ValueError, r"has shape \[0, -1\]", "'v'"),
-    ("unknown spec class", edit_meta(set_path(("specs", 0, "class_path"), "lightning_peft.adapters.lora.NotLoRA")), ValueError, "unknown adapter class", "NotLoRA"),
-    ("unknown init argument", edit_meta(set_path(("specs", 0, "init_args", "ranks"), 3)), ValueError, r"no init argument\(s\) \['ranks'\]", "LoRA"),
-    ("init argument of the wrong type", edit_meta(set_path(("specs", 0, "init_args", "rank"), "2")), ValueError, r"init_args\['rank'\] = '2' does not fit", "rank"),
-    ("init argument out of range", edit_meta(set_path(("specs", 0, "init_args", "rank"), 0)), ValueError, "init_args are refused: rank must be an int >= 1", "rank"),
-    ("NaN init argument", edit_meta(set_path(("specs", 0, "init_args", "alpha"), math.nan)), ValueError, r"init_args\['alpha'\] = nan does not fit", "alpha"),
+    (
+        "unknown spec class",
+        edit_meta(set_path(("specs", 0, "class_path"), "lightning_peft.adapters.lora.NotLoRA")),
+        ValueError,
+        "unknown adapter class",
+        "NotLoRA",
+    ),
+    (
+        "unknown init argument",
+        edit_meta(set_path(("specs", 0, "init_args", "ranks"), 3)),
+        ValueError,
+        r"no init argument\(s\) \['ranks'\]",
+        "LoRA",
+    ),
+    (
+        "init argument of the wrong type",
+        edit_meta(set_path(("specs", 0, "init_args", "rank"), "2")),
+        ValueError,
+        r"init_args\['rank'\] = '2' does not fit",
+        "rank",
+    ),
+    (
+        "init argument out of range",
+        edit_meta(set_path(("specs", 0, "init_args", "rank"), 0)),
+        ValueError,
+        "init_args are refused: rank must be an int >= 1",
+        "rank",
+    ),
+    (
+        "NaN init argument",
+        edit_meta(set_path(("specs", 0, "init_args", "alpha"), math.nan)),
+        ValueError,
+        r"init_args\['alpha'\] = nan does not fit",
+        "alpha",
+    ),
     ("init_args not a dict", edit_meta(set_path(("specs", 0, "init_args"), [2])), ValueError, "init_args of .* must be a dict", "LoRA"),
     ("unsupported format version", edit_meta(set_path(("format_version",), 99)), ValueError, "has format 99", WEIGHTS_NAME),
     ("not written by lightning-peft", raw_meta(None), ValueError, "not written by lightning-peft", WEIGHTS_NAME),
-    ("record prefix names a missing module", edit_meta(set_path(("record_prefix",), "encoder")), ValueError, "applied to 'encoder', which this model lacks", "encoder"),
-    ("trainable_modules not names", edit_meta(set_path(("trainable_modules",), [3])), ValueError, "'trainable_modules' must be module names", WEIGHTS_NAME),
-    ("truncated extra tensors file", lambda d: (extra_head_file(d), file_bytes(lambda b: b[:20], EXTRA_NAME)(d)), ValueError, "is damaged or not a safetensors file", EXTRA_NAME),
-    ("extra tensors with a wrong shape", lambda d: save_file({"head.weight": torch.zeros(4, 8)}, str(d / EXTRA_NAME)), ValueError, r"saved shape \(4, 8\) != model \(3, 8\)", "head.weight"),
+    (
+        "record prefix names a missing module",
+        edit_meta(set_path(("record_prefix",), "encoder")),
+        ValueError,
+        "applied to 'encoder', which this model lacks",
+        "encoder",
+    ),
+    (
+        "trainable_modules not names",
+        edit_meta(set_path(("trainable_modules",), [3])),
+        ValueError,
+        "'trainable_modules' must be module names",
+        WEIGHTS_NAME,
+    ),
+    (
+        "truncated extra tensors file",
+        lambda d: (extra_head_file(d), file_bytes(lambda b: b[:20], EXTRA_NAME)(d)),
+        ValueError,
+        "is damaged or not a safetensors file",
+        EXTRA_NAME,
+    ),
+    (
+        "extra tensors with a wrong shape",
+        lambda d: save_file({"head.weight": torch.zeros(4, 8)}, str(d / EXTRA_NAME)),
+        ValueError,
+        r"saved shape \(4, 8\) != model \(3, 8\)",
+        "head.weight",
+    ),
 ]
 
 

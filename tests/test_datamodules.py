@@ -150,9 +150,7 @@ def test_bbc_deterministic(bbc):
     other = BBCNewsDataModule(max_length=64, batch_size=8)
     other.setup("fit")
     assert torch.equal(other.test_set.tensors["input_ids"], bbc.test_set.tensors["input_ids"])
-    assert torch.equal(
-        next(iter(other.train_dataloader()))["input_ids"], next(iter(bbc.train_dataloader()))["input_ids"]
-    )
+    assert torch.equal(next(iter(other.train_dataloader()))["input_ids"], next(iter(bbc.train_dataloader()))["input_ids"])
     setup_again = bbc.test_set
     bbc.setup("test")  # fit then test: tokenized once, the same objects
     assert bbc.test_set is setup_again

@@ -153,8 +153,16 @@ class BudgetProbe(Callback):
 
 
 def _trainer(tmp_path, callbacks, max_steps=8, **kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+    )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **defaults)
 
@@ -248,7 +256,9 @@ def test_fails_loudly_without_router_statistics(tmp_path):
 
 def test_fails_loudly_on_wrong_setup(tmp_path):
     with pytest.raises(ValueError, match="found no ExpertLoRA layers"):
-        _trainer(tmp_path, [AdapterCallback(LoRA(target_modules=["q_proj"])), _epng()], max_steps=1).fit(make_module(), train_dataloaders=loader())
+        _trainer(tmp_path, [AdapterCallback(LoRA(target_modules=["q_proj"])), _epng()], max_steps=1).fit(
+            make_module(), train_dataloaders=loader()
+        )
     with pytest.raises(ValueError, match="max_rank"):
         _trainer(tmp_path, [AdapterCallback(ExpertLoRA(rank=2)), _epng()], max_steps=1).fit(make_module(), train_dataloaders=loader())
     with pytest.raises(ValueError, match="no router found"):
@@ -272,8 +282,14 @@ def test_works_with_router_logits_output_and_gradient_accumulation(tmp_path):
 def _run_two_processes(tmp_path: Path, strategy: str) -> tuple[dict, dict]:
     out = tmp_path / strategy
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "epng_ddp.py"), str(out), strategy], env=env, capture_output=True,
-                          text=True, timeout=900, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "epng_ddp.py"), str(out), strategy],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]
 
@@ -296,14 +312,22 @@ def test_ddp_and_fsdp2_processes_take_identical_decisions(tmp_path):
     assert runs["fsdp2"]["history"] == runs["ddp"]["history"]
     assert runs["fsdp2"]["digest"] == runs["ddp"]["digest"]
 
+
 def test_config_runs_a_few_steps(tmp_path):
     from lightning_peft.cli import cli_main
 
     config = Path(__file__).parents[1] / "configs" / "moe_epng.yaml"
-    cli = cli_main([
-        "fit", "--config", str(config), "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.enable_progress_bar=false", "--data.init_args.max_articles=60",
-    ])
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_steps=3",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            "--data.init_args.max_articles=60",
+        ]
+    )
     epng = next(c for c in cli.trainer.callbacks if isinstance(c, ExpertImportanceCallback))
     assert epng.steps == 3 and epng.initial_budget > 0
     assert len(expert_layers(cli.model)) == 4

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from lightning_peft import ExpertLoRA, LoRA, apply_adapter, load_adapter, merge_adapter, save_adapter, unmerge_adapter
@@ -25,21 +26,35 @@ from lightning_peft.adapters.experts import (
 )
 from lightning_peft.allocation.rank_ops import effective_parameters
 
-import transformers
-
 VOCAB = 64
 
 
 def tiny_moe(kind: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                  num_experts_per_tok=2, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=64)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts_per_tok=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        max_position_embeddings=64,
+    )
     if kind == "olmoe":
         cfg = transformers.OlmoeConfig(intermediate_size=48, num_experts=4, **common)
         model = transformers.OlmoeForCausalLM(cfg)
     elif kind == "qwen2_moe":
-        cfg = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
-                                          num_experts=4, decoder_sparse_step=1, **common)
+        cfg = transformers.Qwen2MoeConfig(
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            num_experts=4,
+            decoder_sparse_step=1,
+            **common,
+        )
         model = transformers.Qwen2MoeForCausalLM(cfg)
     elif kind == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=40, num_local_experts=4, **common)
@@ -225,6 +240,7 @@ def test_module_list_experts_train_only_on_routed_tokens():
     assert isinstance(layer, ModuleListExpertsLoRA) and len(layer) == 4 and isinstance(layer[1], Expert)
     assert_scaled_close(logits(model, x), ref)
     randomize(model)
+
     # expert 2 receives no token at all: its factors get no gradient, every routed one does
     def never_two(module, args, out):
         out = out.clone()
@@ -338,6 +354,7 @@ def test_our_format_when_peft_cannot_represent_it(tmp_path):
 @pytest.mark.parametrize("kind", ["olmoe", "mixtral", "list"])
 def test_peft_loads_the_export_with_the_same_outputs(kind, tmp_path):
     import peft
+
     model = make(kind)
     targets = ["head"] if kind == "list" else ["q_proj", "v_proj"]
     apply_adapter(model, [ExpertLoRA(rank=2, max_rank=4), LoRA(rank=3, alpha=6.0, target_modules=targets)])

@@ -161,8 +161,15 @@ class Zeroed(nn.Module):
 
 def fit(tmp_path: Path, model: pl.LightningModule, callback: AdapterCallback, max_steps: int) -> list[str]:
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, callbacks=[callback], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -2,27 +2,30 @@
 
 import json
 
+import peft
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 from torch import nn
 
 from lightning_peft import BitFit, LoRA, QLoRA, apply_adapter, load_adapter, merge_adapter, save_adapter, unmerge_adapter
 from lightning_peft.io import CONFIG_NAME, EXTRA_NAME, WEIGHTS_NAME, state_mismatch
 
-import transformers
-import peft
-
 
 def tiny_bert():
     torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3)
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3
+    )
     return config, transformers.BertForSequenceClassification(config).eval()
 
 
 def tiny_llama():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100
+    )
     return config, transformers.LlamaForCausalLM(config).eval()
 
 
@@ -44,7 +47,11 @@ def randomize_trainable(model):
 @pytest.mark.parametrize("model_fn, targets, extra", [(tiny_bert, ["query", "value"], ["classifier"]), (tiny_llama, "all-linear", [])])
 def test_peft_loads_our_export_with_identical_outputs(tmp_path, model_fn, targets, extra):
     model, base_copy = clone(model_fn)
-    apply_adapter(model, LoRA(rank=4, alpha=8, target_modules=targets, rank_pattern={"layers.1.mlp.down_proj": 2, "layer.1.attention.self.value": 2}), trainable_modules=extra)
+    apply_adapter(
+        model,
+        LoRA(rank=4, alpha=8, target_modules=targets, rank_pattern={"layers.1.mlp.down_proj": 2, "layer.1.attention.self.value": 2}),
+        trainable_modules=extra,
+    )
     randomize_trainable(model)
     save_adapter(model, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
@@ -81,7 +88,9 @@ def test_refuses_other_base_and_other_shapes_without_changing_the_model(tmp_path
         load_adapter(other, tmp_path / "a")
     assert not any(p.requires_grad is False for p in other.parameters())  # untouched: nothing frozen or injected
     load_adapter(other, tmp_path / "a", strict_base=False)  # on purpose: allowed
-    wide = transformers.BertForSequenceClassification(transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100))
+    wide = transformers.BertForSequenceClassification(
+        transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    )
     with pytest.raises(ValueError, match=r"shape \[out=48, in=48\] != saved \[32, 32\]"):
         load_adapter(wide, tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="adapter export directory"):
@@ -167,6 +176,7 @@ def test_merge_unmerge_whole_model_and_refuse_saving_merged(tmp_path):
 
 def test_qlora_trains_merges_and_round_trips(tmp_path):
     import bitsandbytes  # noqa: F401  (a test dependency: fail loudly if missing)
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
     dense = {k: v.clone() for k, v in model.state_dict().items()}
@@ -195,6 +205,7 @@ def test_qlora_trains_merges_and_round_trips(tmp_path):
 
 def test_qlora_eval_without_grad_on_widths_the_cpu_kernel_cannot_run():
     import bitsandbytes  # noqa: F401  (a test dependency: fail loudly if missing)
+
     for d_in, d_out in [(64, 40), (40, 64), (96, 32)]:
         model = nn.Sequential(nn.Linear(d_in, d_out))
         apply_adapter(model, QLoRA(rank=2, target_modules=["0"], compute_dtype="float32"))

@@ -187,9 +187,7 @@ class _EmbedsModel(nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_llama_layer_saves_less_than_plain_and_at_most_listed_extras(dtype):
-    case = measure(
-        lambda: _EmbedsModel(llama_layer(dtype)()), llama_input(dtype), LLAMA_TARGETS, autocast=False
-    )
+    case = measure(lambda: _EmbedsModel(llama_layer(dtype)()), llama_input(dtype), LLAMA_TARGETS, autocast=False)
     assert case.n_targets == 7
     act = torch.empty((), dtype=dtype).element_size()
     tokens, d = case.tokens, LLAMA_HIDDEN
@@ -209,7 +207,5 @@ def test_llama_layer_ours_recomputes_mlp_product():
     """``down_proj``'s input ``silu(gate) * up`` ([tokens, intermediate]) is not stored by ours;
     plain LoRA stores it."""
     dtype = torch.float32
-    case = measure(
-        lambda: _EmbedsModel(llama_layer(dtype)()), llama_input(dtype), LLAMA_TARGETS, autocast=False
-    )
+    case = measure(lambda: _EmbedsModel(llama_layer(dtype)()), llama_input(dtype), LLAMA_TARGETS, autocast=False)
     assert case.plain - case.ours >= case.tokens * LLAMA_INTER * 4 - case.n_targets * case.tokens * RANK * 4

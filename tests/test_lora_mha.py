@@ -326,7 +326,11 @@ def test_parent_that_calls_its_child_passes():
     assert isinstance(model.proj, LoRALinear)
     # a parent whose source cannot be read (defined at run time) is not refused either
     namespace: dict = {}
-    exec("import torch.nn as nn\nclass Dyn(nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.proj = nn.Linear(4, 4)\n    def forward(self, x):\n        return self.proj(x)\n", namespace)  # noqa: S102
+    exec(
+        "import torch.nn as nn\nclass Dyn(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.proj = nn.Linear(4, 4)\n    def forward(self, x):\n        return self.proj(x)\n",
+        namespace,
+    )  # noqa: S102
     dyn = namespace["Dyn"]()
     apply_adapter(dyn, LoRA(rank=2, target_modules=["proj"]))
     assert isinstance(dyn.proj, LoRALinear)
@@ -419,7 +423,9 @@ def test_nn_transformer_all_linear():
 
 def tiny_vit():
     torch.manual_seed(0)
-    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5)
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5
+    )
 
 
 def test_torchvision_vit_all_linear_merge_and_round_trip(tmp_path):

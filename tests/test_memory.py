@@ -154,6 +154,7 @@ def test_find_blocks_errors_list_candidates() -> None:
 
 def test_find_blocks_timm_vit() -> None:
     import timm
+
     vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2)
     [(path, blocks)] = find_blocks(vit)
     assert path == "blocks" and len(blocks) == 3
@@ -161,8 +162,13 @@ def test_find_blocks_timm_vit() -> None:
 
 def test_find_blocks_transformers_llama_and_encoder_decoder() -> None:
     import transformers
+
     cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
         num_key_value_heads=2,
     )
     llama = transformers.LlamaForCausalLM(cfg)
@@ -329,8 +335,11 @@ def test_offload_cost_is_one_computation():
     again = make_plan(profiles, plan.modes, kind="time", offload_bandwidth=900.0)
     assert again.cost == pytest.approx(plan.cost)
     assert plan_cost(profiles, plan.modes, "time", 900.0) == pytest.approx(plan.cost)
-    c = CheckpointController(ControllerConfig(num_blocks=4, budget_bytes=300, headroom=0.0, cost_kind="time",
-                                              allowed=("none", "checkpoint", "offload"), bandwidth=900.0))
+    c = CheckpointController(
+        ControllerConfig(
+            num_blocks=4, budget_bytes=300, headroom=0.0, cost_kind="time", allowed=("none", "checkpoint", "offload"), bandwidth=900.0
+        )
+    )
     c.start_step(SHAPE, SHAPE)
     c.end_step(0.0, False, (profiles, 0, 0))
     assert "offload" in plan.modes and c.make_plan(c.bucket, plan.modes).cost == pytest.approx(plan.cost)
@@ -349,7 +358,9 @@ def test_memory_package_imports_no_lightning():
     import subprocess
     import sys
 
-    code = ("import sys, lightning_peft.memory, lightning_peft.checkpointing; "
-            "bad = [m for m in sys.modules if m == 'lightning' or m.startswith(('lightning.', 'pytorch_lightning'))]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, lightning_peft.memory, lightning_peft.checkpointing; "
+        "bad = [m for m in sys.modules if m == 'lightning' or m.startswith(('lightning.', 'pytorch_lightning'))]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

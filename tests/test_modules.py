@@ -288,12 +288,19 @@ def _lora_callback(targets, trainable):
 @pytest.mark.parametrize(
     "make_model, make_data, targets, trainable",
     [
-        (lambda: ImageClassifier(num_classes=10, model_kwargs=VIT_KWARGS), lambda: DigitsDataModule(batch_size=16),
-         "all-linear", ["head"]),
-        (lambda: TextClassifier(config=TINY_BERT), lambda: BBCNewsDataModule(max_per_class=10, batch_size=4, max_length=32),
-         ["query", "value"], ["classifier"]),
-        (lambda: CausalLM(config=TINY_LLAMA), lambda: BBCLanguageModelingDataModule(seq_len=32, batch_size=4, max_articles=20),
-         "all-linear", None),
+        (lambda: ImageClassifier(num_classes=10, model_kwargs=VIT_KWARGS), lambda: DigitsDataModule(batch_size=16), "all-linear", ["head"]),
+        (
+            lambda: TextClassifier(config=TINY_BERT),
+            lambda: BBCNewsDataModule(max_per_class=10, batch_size=4, max_length=32),
+            ["query", "value"],
+            ["classifier"],
+        ),
+        (
+            lambda: CausalLM(config=TINY_LLAMA),
+            lambda: BBCLanguageModelingDataModule(seq_len=32, batch_size=4, max_articles=20),
+            "all-linear",
+            None,
+        ),
     ],
     ids=["image", "text", "causal_lm"],
 )

@@ -80,8 +80,17 @@ PROJECTS = {
 
 def trainer(root: Path, callbacks: list[Callback], epochs: int, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root, limit_val_batches=0, deterministic=True, **kwargs,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        limit_val_batches=0,
+        deterministic=True,
+        **kwargs,
     )
 
 

@@ -31,8 +31,13 @@ from lightning_peft.hyperparameters import LARGE_BYTES, format_bytes, heavy_hype
 def tiny_bert() -> BertForMaskedLM:
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, tie_word_embeddings=True,
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        tie_word_embeddings=True,
     )
     return BertForMaskedLM(config)  # built from a config: nothing downloaded
 
@@ -129,8 +134,13 @@ class HydraStyleModule(pl.LightningModule):
 
 def fit_two_epochs(tmp_path: Path, module: pl.LightningModule) -> list[str]:
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
         # export_weights="last": nothing reloads the (pickled) best checkpoint at fit end (issue point 1)
         callbacks=[lora_callback(export_weights="last"), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
     )

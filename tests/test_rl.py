@@ -308,8 +308,14 @@ def test_ppo_trains_through_lightning(tmp_path: Path):
     model = PPO("CartPole-v1", learning_rate=1e-3, normalize_observations=True)
     dm = RLDataModule("CartPole-v1", num_envs=2, rollout_steps=32, minibatch_size=32, update_epochs=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=8, max_epochs=-1, enable_progress_bar=False,
-                        enable_model_summary=False, logger=L.pytorch.loggers.CSVLogger(tmp_path))
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=8,
+        max_epochs=-1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+    )
     trainer.fit(model, dm)
     assert trainer.global_step == 8 and trainer.current_epoch == 2  # 4 minibatch steps per rollout
     assert not torch.equal(before["policy.0.weight"], model.policy[0].weight)
@@ -330,8 +336,16 @@ def test_lora_adaptation_freezes_the_base_and_keeps_obs_statistics(tmp_path: Pat
     base = {k: v.clone() for k, v in model.state_dict().items()}
     callback = AdapterCallback(adapter=_lora(), export_dir=str(tmp_path / "adapter"))
     dm = RLDataModule("CartPole-v1/long-pole", num_envs=2, rollout_steps=16, minibatch_size=16, update_epochs=1)
-    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=4, max_epochs=-1, enable_progress_bar=False,
-                        enable_model_summary=False, logger=False, enable_checkpointing=False, callbacks=[callback])
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=4,
+        max_epochs=-1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[callback],
+    )
     trainer.fit(model, dm)
     state = model.state_dict()
     for key, value in base.items():
@@ -484,9 +498,7 @@ def test_configs_run_a_few_steps(tmp_path: Path):
     trainable = {n for n, p in cli.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     full = tmp_path / "full.safetensors"
-    cli = _run_config(
-        "rl_full.yaml", tmp_path, f"--model.init_args.base_checkpoint={base}", f"--model.init_args.export_path={full}"
-    )
+    cli = _run_config("rl_full.yaml", tmp_path, f"--model.init_args.base_checkpoint={base}", f"--model.init_args.export_path={full}")
     assert cli.trainer.global_step == 8 and full.is_file()
     assert all(p.requires_grad for p in cli.model.parameters())
     # the adapter from the LoRA run goes into a library built on the same base
@@ -501,11 +513,17 @@ def test_configs_run_a_few_steps(tmp_path: Path):
 def test_ppo_learns_cartpole(tmp_path: Path):
     """~40k environment steps of PPO lift CartPole's mean return far above random (~22)."""
     L.seed_everything(0)
-    model = PPO("CartPole-v1", learning_rate=1e-3, lr_schedule="linear", gamma=0.98, gae_lambda=0.8,
-                normalize_observations=False)
+    model = PPO("CartPole-v1", learning_rate=1e-3, lr_schedule="linear", gamma=0.98, gae_lambda=0.8, normalize_observations=False)
     dm = RLDataModule("CartPole-v1", num_envs=8, rollout_steps=128, minibatch_size=256, update_epochs=10)
-    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=40 * 40, max_epochs=-1, enable_progress_bar=False,
-                        enable_model_summary=False, logger=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=40 * 40,
+        max_epochs=-1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(model, dm)
     assert float(trainer.callback_metrics["rollout/episode_return"]) > 150
     assert evaluate_policy(model, "CartPole-v1", episodes=5)["mean_return"] > 150

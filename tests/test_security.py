@@ -71,8 +71,13 @@ class SetStateHook:
         os.system(f"touch {state['marker']}")
 
 
-PAYLOADS = {"os.system": OsSystem, "subprocess.run(shell=True)": SubprocessShell, "builtins.eval": BuiltinEval,
-            "builtins.exec": BuiltinExec, "__setstate__": SetStateHook}
+PAYLOADS = {
+    "os.system": OsSystem,
+    "subprocess.run(shell=True)": SubprocessShell,
+    "builtins.eval": BuiltinEval,
+    "builtins.exec": BuiltinExec,
+    "__setstate__": SetStateHook,
+}
 
 
 def tiny_state() -> dict[str, torch.Tensor]:
@@ -83,8 +88,14 @@ def tiny_state() -> dict[str, torch.Tensor]:
 def crafted_checkpoint(path: Path, payload: object) -> dict[str, torch.Tensor]:
     """A Lightning-shaped checkpoint with ``payload`` nested in its hyper_parameters."""
     state = tiny_state()
-    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 0,
-                "hyper_parameters": {"net": nn.Linear(1, 1), "nested": {"deep": [payload]}}}, path)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in state.items()},
+            "epoch": 0,
+            "hyper_parameters": {"net": nn.Linear(1, 1), "nested": {"deep": [payload]}},
+        },
+        path,
+    )
     return state
 
 
@@ -132,7 +143,9 @@ def test_hand_written_opcodes_reach_no_callable(tmp_path):
         b"cos\nsystem\n(S'" + cmd + b"'\ntR.",
         b"(S'" + cmd + b"'\nios\nsystem\n.",
         b"\x80\x02ccollections\nOrderedDict\n)R}X\x0c\x00\x00\x00__setstate__cos\nsystem\nsbX"
-        + len(cmd).to_bytes(4, "little") + cmd + b"b.",
+        + len(cmd).to_bytes(4, "little")
+        + cmd
+        + b"b.",
         b"\x80\x02cbuiltins\ngetattr\ncos\nsystem\nX\x08\x00\x00\x00__call__\x86R(S'" + cmd + b"'\ntR.",
     ]
     for i, program in enumerate(programs):
@@ -199,8 +212,14 @@ def test_real_lightning_checkpoint_with_pickled_module_and_partial(tmp_path):
     net[1].float()
     module = HydraStyle(net, functools.partial(torch.optim.SGD, lr=0.1))
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4, dtype=torch.bfloat16)), batch_size=4)
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, data)
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     with pytest.raises(pickle.UnpicklingError):
@@ -312,7 +331,9 @@ def test_load_adapter_with_a_crafted_class_path_runs_nothing(tmp_path, crafted):
     model = Tiny()
     apply_adapter(model, LoRA(rank=2, target_modules=["q"]))
     save_adapter(model, tmp_path / "export")
-    rewrite_metadata(tmp_path / "export" / "adapter_model.safetensors", lambda m: m["specs"].__setitem__(0, crafted_class_paths(marker)[crafted]))
+    rewrite_metadata(
+        tmp_path / "export" / "adapter_model.safetensors", lambda m: m["specs"].__setitem__(0, crafted_class_paths(marker)[crafted])
+    )
     fresh = Tiny()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(ValueError, match=r"unknown adapter class .*register_adapter") as error:
@@ -456,8 +477,13 @@ def _crafted_ppo_checkpoint(path: Path, marker: Path) -> dict[str, torch.Tensor]
 
     torch.manual_seed(3)
     state = PPO("CartPole-v1", normalize_observations=False).state_dict()
-    torch.save({"state_dict": state, "hyper_parameters": {"task": "CartPole-v1", "normalize_observations": False,
-                                                           "activation": "tanh", "evil": OsSystem(marker)}}, path)
+    torch.save(
+        {
+            "state_dict": state,
+            "hyper_parameters": {"task": "CartPole-v1", "normalize_observations": False, "activation": "tanh", "evil": OsSystem(marker)},
+        },
+        path,
+    )
     return state
 
 
@@ -516,8 +542,15 @@ def test_best_export_after_fit_reads_a_crafted_checkpoint_without_running_it(tmp
     torch.manual_seed(0)
     model = CarriesPayload()
     callback = lora_callback(export_dir="adapter")  # export_weights="best"
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path, callbacks=[callback, ModelCheckpoint(dirpath=tmp_path / "ckpt")])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback, ModelCheckpoint(dirpath=tmp_path / "ckpt")],
+    )
     trainer.fit(model, make_loader(n=16, batch_size=8))
     best = trainer.checkpoint_callback.best_model_path
     assert best and not marker.exists()

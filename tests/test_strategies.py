@@ -7,6 +7,7 @@ the tests check here, together with single-process references.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -42,8 +43,17 @@ def lora_model(seed: int = 0, **kwargs) -> Classifier:
 
 def single_process_trainer(root: Path, epochs: int) -> pl.Trainer:
     """One CPU process with the same LoRA callback as the scripts, no checkpoints."""
-    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, callbacks=[lora_callback()], logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=root)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        callbacks=[lora_callback()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+    )
 
 
 def both_ranks_loader(n: int = 64, per_rank_batch: int = 8, epoch: int = 0) -> torch.utils.data.DataLoader:
@@ -51,9 +61,7 @@ def both_ranks_loader(n: int = 64, per_rank_batch: int = 8, epoch: int = 0) -> t
     each DDP rank a DistributedSampler(shuffle=True, seed=0): rank r gets perm[r::2]."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0 + epoch)).tolist()
     per_rank = [perm[r::2] for r in range(2)]
-    batches = [
-        per_rank[0][k : k + per_rank_batch] + per_rank[1][k : k + per_rank_batch] for k in range(0, n // 2, per_rank_batch)
-    ]
+    batches = [per_rank[0][k : k + per_rank_batch] + per_rank[1][k : k + per_rank_batch] for k in range(0, n // 2, per_rank_batch)]
     return torch.utils.data.DataLoader(make_loader(n).dataset, batch_sampler=batches)
 
 
@@ -80,12 +88,24 @@ def test_fsdp2_strategy_is_configurable_from_yaml() -> None:
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--strategy", type=AdapterFSDP2Strategy)
-    cfg = parser.parse_args(["--strategy", json.dumps({"class_path": "lightning_peft.AdapterFSDP2Strategy", "init_args": {"frozen_dtype": "bfloat16", "block_paths": ["model.blocks"]}})])
+    cfg = parser.parse_args(
+        [
+            "--strategy",
+            json.dumps(
+                {
+                    "class_path": "lightning_peft.AdapterFSDP2Strategy",
+                    "init_args": {"frozen_dtype": "bfloat16", "block_paths": ["model.blocks"]},
+                }
+            ),
+        ]
+    )
     strategy = parser.instantiate(cfg).strategy
     assert isinstance(strategy, AdapterFSDP2Strategy)
     assert strategy.frozen_dtype == "bfloat16" and strategy.block_paths == ["model.blocks"] and strategy.trainable_dtype == "float32"
-    with pytest.raises(Exception):  # typed: a wrong dtype is refused while parsing
-        parser.parse_args(["--strategy", json.dumps({"class_path": "lightning_peft.AdapterFSDP2Strategy", "init_args": {"param_dtype": "fp8"}})])
+    with pytest.raises(argparse.ArgumentError, match="param_dtype"):  # typed: a wrong dtype is refused while parsing
+        parser.parse_args(
+            ["--strategy", json.dumps({"class_path": "lightning_peft.AdapterFSDP2Strategy", "init_args": {"param_dtype": "fp8"}})]
+        )
 
 
 def test_trainable_state_keys() -> None:
@@ -102,7 +122,10 @@ def test_fsdp2_block_discovery() -> None:
 
     strategy = AdapterFSDP2Strategy()
     assert [name for name, _ in strategy._blocks(lora_model())] == ["model.blocks.0", "model.blocks.1"]
-    assert [name for name, _ in AdapterFSDP2Strategy(block_paths=["model.blocks"])._blocks(lora_model())] == ["model.blocks.0", "model.blocks.1"]
+    assert [name for name, _ in AdapterFSDP2Strategy(block_paths=["model.blocks"])._blocks(lora_model())] == [
+        "model.blocks.0",
+        "model.blocks.1",
+    ]
     with pytest.raises(BlockDiscoveryError, match="model.layers"):
         AdapterFSDP2Strategy(block_paths=["model.layers"])._blocks(lora_model())
     flat = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
@@ -213,6 +236,7 @@ def test_fsdp2_adapter_strategy(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_fsdp2_qlora_keeps_quantized_weights_whole(tmp_path: Path) -> None:
     import bitsandbytes  # noqa: F401  (a test dependency: fail loudly if missing)
+
     from lightning_peft import QLoRA
 
     rank0, rank1 = run_script("fsdp2_qlora.py", tmp_path)

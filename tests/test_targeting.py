@@ -65,9 +65,12 @@ def test_freezing_and_report():
     report = apply_adapter(model, LoRA(rank=2, target_modules=["query"], rank_pattern={"blocks.1.query": 4}), trainable_modules=["head"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {
-        "blocks.0.query.lora_A.weight", "blocks.0.query.lora_B.weight",
-        "blocks.1.query.lora_A.weight", "blocks.1.query.lora_B.weight",
-        "head.weight", "head.bias",
+        "blocks.0.query.lora_A.weight",
+        "blocks.0.query.lora_B.weight",
+        "blocks.1.query.lora_A.weight",
+        "blocks.1.query.lora_B.weight",
+        "head.weight",
+        "head.bias",
     }
     assert model.blocks[1].query.rank == 4 and model.blocks[0].query.rank == 2
     expected = 2 * (16 + 16) + 4 * (16 + 16) + 16 * 3 + 3

@@ -59,8 +59,15 @@ class AdaLoRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus AdaLoRA factors ``lora_A [R, d_in]``, ``lora_E [R, 1]``,
     ``lora_B [d_out, R]`` and the ``rank_mask [1, R]`` buffer (peft's parameter names)."""
 
-    def __init__(self, base_layer: nn.Linear, init_rank: int, alpha: float, dropout: float = 0.0,
-                 recompute_input: bool = True, spec: AdapterSpec | None = None) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        init_rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        recompute_input: bool = True,
+        spec: AdapterSpec | None = None,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.init_rank, self.alpha, self.dropout, self.recompute_input = init_rank, float(alpha), dropout, recompute_input
@@ -358,8 +365,11 @@ class AdaLoRAAllocator:
         self.last_allocation = step
         scores = self.scores()
         candidates = sorted(
-            ((float(scores[name][k]), i, k) for i, (name, layer) in enumerate(self.layers.items())
-             for k in layer.rank_mask[0].nonzero().flatten().tolist()),
+            (
+                (float(scores[name][k]), i, k)
+                for i, (name, layer) in enumerate(self.layers.items())
+                for k in layer.rank_mask[0].nonzero().flatten().tolist()
+            ),
         )
         layers = list(self.layers.values())
         pruned: dict[int, torch.Tensor] = {}  # layer index -> slots to prune, one zeroing pass per layer

@@ -58,7 +58,8 @@ def check_targets(name: str, targets: object) -> None:
     if isinstance(targets, str):
         if not targets.strip():
             raise InvalidArgumentError(
-                name, f"{name} must not be an empty string (got {targets!r}): use 'all-linear', a regular expression, or a list of module names"  # noqa: E501
+                name,
+                f"{name} must not be an empty string (got {targets!r}): use 'all-linear', a regular expression, or a list of module names",  # noqa: E501
             )
         if targets != "all-linear":
             check_regex(name, targets.removeprefix("re:"), repr(targets))

@@ -272,7 +272,12 @@ class LoRA(AdapterSpec):
             return attention
         self.check(name, module)
         return LoRALinear(
-            module, rank=self.rank_for(name), alpha=self.alpha_for(name), dropout=self.dropout,
-            use_rslora=self.use_rslora, init=self.init, recompute_input=self.recompute_input, spec=self,
+            module,
+            rank=self.rank_for(name),
+            alpha=self.alpha_for(name),
+            dropout=self.dropout,
+            use_rslora=self.use_rslora,
+            init=self.init,
+            recompute_input=self.recompute_input,
+            spec=self,
         )
-

@@ -299,7 +299,13 @@ def wrap_attention(spec: Any, name: str, module: nn.Module) -> nn.Module | None:
         spec.check(name, module)
         _warn_dropout(name, spec.dropout)
         return LoRAOutProjection(
-            module, rank=spec.rank_for(name), alpha=spec.alpha_for(name), dropout=0.0,
-            use_rslora=spec.use_rslora, init=spec.init, recompute_input=spec.recompute_input, spec=spec,
+            module,
+            rank=spec.rank_for(name),
+            alpha=spec.alpha_for(name),
+            dropout=0.0,
+            use_rslora=spec.use_rslora,
+            init=spec.init,
+            recompute_input=spec.recompute_input,
+            spec=spec,
         )
     return None

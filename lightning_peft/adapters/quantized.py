@@ -60,8 +60,16 @@ class QLoRA(LoRA):
     ) -> None:
         # by keyword: a reordered LoRA signature must not silently misassign them
         super().__init__(
-            rank=rank, alpha=alpha, target_modules=target_modules, exclude_modules=exclude_modules, module_path=module_path,
-            dropout=dropout, use_rslora=use_rslora, init=init, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+            rank=rank,
+            alpha=alpha,
+            target_modules=target_modules,
+            exclude_modules=exclude_modules,
+            module_path=module_path,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            init=init,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
             recompute_input=recompute_input,
         )
         check_choice("quant_type", quant_type, ("nf4", "fp4", "int8"))
@@ -102,8 +110,11 @@ class QLoRA(LoRA):
                 quant_storage=storage,
             )
             layer.weight = bnb.nn.Params4bit(
-                weight.to("cpu", copy=True), requires_grad=False, quant_type=self.quant_type,
-                compress_statistics=self.double_quant, quant_storage=storage,
+                weight.to("cpu", copy=True),
+                requires_grad=False,
+                quant_type=self.quant_type,
+                compress_statistics=self.double_quant,
+                quant_storage=storage,
             )
         if has_bias:
             layer.bias = nn.Parameter(module.bias.detach().to("cpu", copy=True), requires_grad=False)
@@ -112,8 +123,14 @@ class QLoRA(LoRA):
     def wrap(self, name: str, module: nn.Module) -> nn.Module:
         self.check(name, module)
         layer = LoRALinear(
-            self.quantize(module), rank=self.rank_for(name), alpha=self.alpha_for(name), dropout=self.dropout,
-            use_rslora=self.use_rslora, init=self.init, recompute_input=self.recompute_input, spec=self,
+            self.quantize(module),
+            rank=self.rank_for(name),
+            alpha=self.alpha_for(name),
+            dropout=self.dropout,
+            use_rslora=self.use_rslora,
+            init=self.init,
+            recompute_input=self.recompute_input,
+            spec=self,
         )
         # bitsandbytes' CPU 4-bit inference kernel (taken under no_grad, e.g. in validation) only
         # handles in_features % 64 == 0 and out_features % 32 == 0 and fails with a bare assertion

@@ -37,15 +37,20 @@ _BUILTIN: dict[str, tuple[str, str]] = {
 }
 # short names: the class name and the spec's ``kind`` (what reports and index files show)
 _BUILTIN_ALIASES: dict[str, str] = {
-    "LoRA": "lightning_peft.adapters.lora.LoRA", "lora": "lightning_peft.adapters.lora.LoRA",
-    "QLoRA": "lightning_peft.adapters.quantized.QLoRA", "qlora": "lightning_peft.adapters.quantized.QLoRA",
-    "BitFit": "lightning_peft.adapters.bitfit.BitFit", "bitfit": "lightning_peft.adapters.bitfit.BitFit",
-    "FullFineTune": "lightning_peft.adapters.full.FullFineTune", "full": "lightning_peft.adapters.full.FullFineTune",
+    "LoRA": "lightning_peft.adapters.lora.LoRA",
+    "lora": "lightning_peft.adapters.lora.LoRA",
+    "QLoRA": "lightning_peft.adapters.quantized.QLoRA",
+    "qlora": "lightning_peft.adapters.quantized.QLoRA",
+    "BitFit": "lightning_peft.adapters.bitfit.BitFit",
+    "bitfit": "lightning_peft.adapters.bitfit.BitFit",
+    "FullFineTune": "lightning_peft.adapters.full.FullFineTune",
+    "full": "lightning_peft.adapters.full.FullFineTune",
     "ExpertLoRA": "lightning_peft.adapters.experts.spec.ExpertLoRA",
     "expert_lora": "lightning_peft.adapters.experts.spec.ExpertLoRA",
     # the class path files written before adapters/experts.py became a package record
     "lightning_peft.adapters.experts.ExpertLoRA": "lightning_peft.adapters.experts.spec.ExpertLoRA",
-    "AdaLoRA": "lightning_peft.adapters.adalora.AdaLoRA", "adalora": "lightning_peft.adapters.adalora.AdaLoRA",
+    "AdaLoRA": "lightning_peft.adapters.adalora.AdaLoRA",
+    "adalora": "lightning_peft.adapters.adalora.AdaLoRA",
     # lightning_peft's public names (``from lightning_peft import LoRA``)
     "lightning_peft.LoRA": "lightning_peft.adapters.lora.LoRA",
     "lightning_peft.QLoRA": "lightning_peft.adapters.quantized.QLoRA",
@@ -187,7 +192,8 @@ def spec_from_config(config: Any, source: str | None = None) -> AdapterSpec:
     unknown = [k for k in init_args if k not in params]
     if unknown and not var_keyword:
         raise ValueError(
-            f"{where}{cls.__name__} has no init argument(s) {unknown} (it takes {sorted(params)}); the file is damaged or from another version"
+            f"{where}{cls.__name__} has no init argument(s) {unknown} (it takes {sorted(params)}); "
+            "the file is damaged or from another version"
         )
     missing = [n for n, p in params.items() if p.default is p.empty and n not in init_args]
     if missing:

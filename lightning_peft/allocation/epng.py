@@ -18,8 +18,15 @@ def _count(fraction: float, active: int) -> int:
     return 0 if fraction <= 0 else max(1, int(fraction * active)) if active > 1 else 0
 
 
-def _prune(new: list[list[int]], by_importance: list[Unit], grow: list[Unit], costs: Sequence[int],
-           min_active: Sequence[int], n_prune: int, headroom: int) -> None:
+def _prune(
+    new: list[list[int]],
+    by_importance: list[Unit],
+    grow: list[Unit],
+    costs: Sequence[int],
+    min_active: Sequence[int],
+    n_prune: int,
+    headroom: int,
+) -> None:
     """Set the least important experts' ranks to 0 in place, at most ``n_prune``, never a growing
     one nor below ``min_active`` per layer, and stop once the freed parameters reach ``headroom``
     (what the growing experts can still absorb beyond the slack)."""

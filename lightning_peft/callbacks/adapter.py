@@ -194,16 +194,16 @@ class AdapterCallback(Callback):
                 rank_zero_info(f"lightning-peft: added {class_name} for {type(spec).__name__}")
 
     def _inject(self, pl_module: pl.LightningModule) -> None:
-        self.report = apply_adapter(
-            pl_module, self.adapter, self.trainable_modules, norm_stats=self.norm_stats, check_gradients=False
-        )
+        self.report = apply_adapter(pl_module, self.adapter, self.trainable_modules, norm_stats=self.norm_stats, check_gradients=False)
         self._base_fingerprint = self._fingerprint(pl_module)
         rank_zero_info(f"lightning-peft: adapters injected\n{self.report}")
 
     @staticmethod
     def _fingerprint(pl_module: pl.LightningModule) -> str | None:
         """One hash of the base weights under every adapter layer (computed at injection)."""
-        per_layer = {n: m.base_fingerprint for n, m in pl_module.named_modules() if isinstance(m, AdapterLayer) and m.base_fingerprint is not None}
+        per_layer = {
+            n: m.base_fingerprint for n, m in pl_module.named_modules() if isinstance(m, AdapterLayer) and m.base_fingerprint is not None
+        }
         return combine_fingerprints(per_layer) if per_layer else None
 
     def _check_before_loading(self, pl_module: pl.LightningModule) -> None:
@@ -337,9 +337,7 @@ class AdapterCallback(Callback):
             "trainable_modules": self.trainable_modules,
             "norm_stats": self.norm_stats,
             "base_fingerprint": self._base_fingerprint,
-            "trained_buffers": (
-                [f"{found[0]}.{b}" if found[0] else b for b in found[1].trained_buffers] if found is not None else []
-            ),
+            "trained_buffers": ([f"{found[0]}.{b}" if found[0] else b for b in found[1].trained_buffers] if found is not None else []),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -365,7 +363,8 @@ class AdapterCallback(Callback):
             prefix = f"{found[0]}." if found[0] else ""
             record = found[1]
             record.trained_buffers += [
-                b.removeprefix(prefix) for b in state_dict.get("trained_buffers", [])
+                b.removeprefix(prefix)
+                for b in state_dict.get("trained_buffers", [])
                 if b.startswith(prefix) and b.removeprefix(prefix) not in record.trained_buffers
             ]
 

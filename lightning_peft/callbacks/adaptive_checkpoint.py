@@ -57,6 +57,7 @@ from lightning_peft.memory import (
 
 __all__ = ["AdaptiveCheckpointCallback", "parse_budget"]
 
+
 class AdaptiveCheckpointCallback(Callback):
     """Checkpoint (or offload) the fewest, cheapest blocks that keep the peak under a budget.
 
@@ -206,13 +207,24 @@ class AdaptiveCheckpointCallback(Callback):
         previous = self.controller
         self.controller = CheckpointController(
             ControllerConfig(
-                num_blocks=len(self._blocks), budget_bytes=self.budget_bytes, mode=self.mode, k=self.k,
-                headroom=self.headroom, hysteresis=self.hysteresis, relax_after=self.relax_after,
-                shape_bucket=self.shape_bucket, oom_backoff=self.oom_backoff, allowed=self._allowed,
+                num_blocks=len(self._blocks),
+                budget_bytes=self.budget_bytes,
+                mode=self.mode,
+                k=self.k,
+                headroom=self.headroom,
+                hysteresis=self.hysteresis,
+                relax_after=self.relax_after,
+                shape_bucket=self.shape_bucket,
+                oom_backoff=self.oom_backoff,
+                allowed=self._allowed,
                 cost_kind=("time" if device.type == "cuda" else "flops") if self.cost == "auto" else self.cost,
-                bandwidth=bandwidth, activation_only=self._source.activation_only, verbose=self.verbose,
+                bandwidth=bandwidth,
+                activation_only=self._source.activation_only,
+                verbose=self.verbose,
             ),
-            counters=self.counters, info=rank_zero_info, warn=rank_zero_warn,
+            counters=self.counters,
+            info=rank_zero_info,
+            warn=rank_zero_warn,
         )
         if previous is not None:  # a second fit with this callback: keep what was learnt
             self.controller.buckets = previous.buckets
@@ -259,8 +271,7 @@ class AdaptiveCheckpointCallback(Callback):
             allowed.append("selective")
         if self.offload:
             if device.type != "cuda":
-                rank_zero_warn("AdaptiveCheckpointCallback: offload=True needs CUDA; offloading is disabled on "
-                               f"{device.type}.")
+                rank_zero_warn(f"AdaptiveCheckpointCallback: offload=True needs CUDA; offloading is disabled on {device.type}.")
             else:
                 allowed.append("offload")
         return tuple(allowed)
@@ -358,9 +369,7 @@ class AdaptiveCheckpointCallback(Callback):
             self._aux_meter.__exit__(None, None, None)
             self._aux_meter = None
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.schedule is not None and self._source is not None and self.controller is not None
         source = self._source
         meter = source.meter() or self._aux_meter
@@ -376,9 +385,7 @@ class AdaptiveCheckpointCallback(Callback):
         if self.log_every_n_steps and self.counters["steps"] % self.log_every_n_steps == 0:
             self._log_metrics(trainer, record)
 
-    def _collect_profiles(
-        self, trainer: pl.Trainer, meter: SavedTensorMeter | None
-    ) -> tuple[list[BlockProfile], int, int] | None:
+    def _collect_profiles(self, trainer: pl.Trainer, meter: SavedTensorMeter | None) -> tuple[list[BlockProfile], int, int] | None:
         """This profile step's block profiles and pre/post bytes, maximum over ranks (``None``:
         some block did not run)."""
         assert self.schedule is not None
@@ -452,8 +459,7 @@ class AdaptiveCheckpointCallback(Callback):
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self.controller is None:
-            return {"version": 1, "num_blocks": None, "budget_bytes": self.budget_bytes, "buckets": {},
-                    "counters": dict(self.counters)}
+            return {"version": 1, "num_blocks": None, "budget_bytes": self.budget_bytes, "buckets": {}, "counters": dict(self.counters)}
         state = self.controller.state_dict()
         state["num_blocks"] = len(self._blocks) if self._blocks else None
         state["budget_bytes"] = self.budget_bytes

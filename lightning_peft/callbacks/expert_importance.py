@@ -422,9 +422,13 @@ class AdaLoRACallback(Callback):
         reg = self.allocator.accumulate()
         if pl_module._trainer is not None and pl_module._trainer.logger is not None:
             pl_module.log_dict(
-                {"adalora/budget": float(self.allocator.active_slots()), "adalora/orth_reg": float(reg),
-                 "adalora/trainable": float(self.allocator.trainable())},
-                on_step=True, on_epoch=False,
+                {
+                    "adalora/budget": float(self.allocator.active_slots()),
+                    "adalora/orth_reg": float(reg),
+                    "adalora/trainable": float(self.allocator.trainable()),
+                },
+                on_step=True,
+                on_epoch=False,
             )
 
     def state_dict(self) -> dict[str, Any]:

@@ -62,9 +62,11 @@ def retrying(
     at every call)."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        snapshot = [
-            (p, None if p.grad is None else p.grad.detach().clone()) for p in pl_module.parameters() if p.requires_grad
-        ] if keep_grads else []
+        snapshot = (
+            [(p, None if p.grad is None else p.grad.detach().clone()) for p in pl_module.parameters() if p.requires_grad]
+            if keep_grads
+            else []
+        )
         attempt = 0
         while True:
             message = None
@@ -109,8 +111,10 @@ def install_oom_retry(
 
         loop._make_closure = make_closure
         return [lambda: loop.__dict__.pop("_make_closure", None)]
-    rank_zero_warn("AdaptiveCheckpointCallback: this Lightning version has no closure factory to wrap; "
-                   "out-of-memory retries cover only the forward pass (strategy.training_step).")
+    rank_zero_warn(
+        "AdaptiveCheckpointCallback: this Lightning version has no closure factory to wrap; "
+        "out-of-memory retries cover only the forward pass (strategy.training_step)."
+    )
     strategy = trainer.strategy
     # forward only: an attempt never touches the gradients
     strategy.training_step = wrap(strategy.training_step, keep_grads=False)

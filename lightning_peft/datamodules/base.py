@@ -9,9 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 
-def stratified_split(
-    labels: Any, fractions: tuple[float, float], seed: int
-) -> tuple[list[int], list[int], list[int]]:
+def stratified_split(labels: Any, fractions: tuple[float, float], seed: int) -> tuple[list[int], list[int], list[int]]:
     """Split ``range(len(labels))`` into train/val/test index lists, stratified by label.
 
     ``fractions`` = (val_fraction, test_fraction); the rest is train. Deterministic for a given
@@ -33,9 +31,7 @@ def stratified_split(
                 f"{name}={fraction} of {len(labels)} examples leaves fewer than one example per "
                 f"class ({n_classes} classes) in a stratified split; use more data or a larger fraction."
             )
-    train_idx, rest_idx = train_test_split(
-        indices, test_size=held_out, stratify=labels, random_state=seed
-    )
+    train_idx, rest_idx = train_test_split(indices, test_size=held_out, stratify=labels, random_state=seed)
     if test_fraction <= 0:
         return sorted(train_idx), sorted(rest_idx), []
     if val_fraction <= 0:
@@ -59,8 +55,7 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
     if val_fraction + test_fraction >= 1.0:
         raise InvalidArgumentError(
             "val_fraction",
-            f"val_fraction + test_fraction must be < 1 (got {val_fraction} + {test_fraction}); "
-            "nothing would be left to train on.",
+            f"val_fraction + test_fraction must be < 1 (got {val_fraction} + {test_fraction}); nothing would be left to train on.",
         )
 
 

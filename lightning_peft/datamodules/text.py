@@ -44,8 +44,7 @@ def load_tokenizer(path: str) -> Any:
     hub_offline()
     if not Path(path).exists():
         raise ValueError(
-            f"tokenizer path {path!r} does not exist; pass a local directory holding a Hugging "
-            "Face tokenizer (downloads are disabled)."
+            f"tokenizer path {path!r} does not exist; pass a local directory holding a Hugging Face tokenizer (downloads are disabled)."
         )
     from transformers import AutoTokenizer
 
@@ -69,9 +68,7 @@ def _read_text(path: Path) -> str:
         return raw.decode("cp1252", errors="replace")
 
 
-def load_bbc_news(
-    data_dir: str | Path | None = None, max_per_class: int | None = None
-) -> tuple[list[str], list[int], list[str]]:
+def load_bbc_news(data_dir: str | Path | None = None, max_per_class: int | None = None) -> tuple[list[str], list[int], list[str]]:
     """Return ``(texts, labels, class_names)`` in sorted class / sorted file order.
 
     ``max_per_class`` keeps the first ``n`` files (sorted) of each class, for fast tests.
@@ -325,8 +322,4 @@ class BBCLanguageModelingDataModule(SplitDataModule):
         self.train_set = _BlockDataset(self._stream([texts[i] for i in train_ids]), self.seq_len)
         self.val_set = _BlockDataset(self._stream([texts[i] for i in val_ids]), self.seq_len)
         if len(self.train_set) == 0 or len(self.val_set) == 0:
-            raise ValueError(
-                f"seq_len={self.seq_len} is longer than a split's whole token stream; "
-                "use more articles or a shorter seq_len."
-            )
-
+            raise ValueError(f"seq_len={self.seq_len} is longer than a split's whole token stream; use more articles or a shorter seq_len.")

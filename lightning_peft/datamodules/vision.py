@@ -107,9 +107,7 @@ class DigitsDataModule(SplitDataModule):
         if self.train_set is not None:  # fit then test: split once, reuse
             return
         x, y = self.load_arrays()
-        train_idx, val_idx, test_idx = stratified_split(
-            y.tolist(), (self.val_fraction, self.test_fraction), self.seed
-        )
+        train_idx, val_idx, test_idx = stratified_split(y.tolist(), (self.val_fraction, self.test_fraction), self.seed)
         self.train_set = TensorDataset(x[train_idx], y[train_idx])
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
         self.test_set = TensorDataset(x[test_idx], y[test_idx])

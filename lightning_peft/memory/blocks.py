@@ -11,6 +11,7 @@ from torch import nn
 
 __all__ = ["BlockDiscoveryError", "block_candidates", "find_blocks"]
 
+
 class BlockDiscoveryError(ValueError):
     """No repeated blocks could be found (or a given path does not name a list of blocks)."""
 
@@ -118,8 +119,7 @@ def _blocks_at_paths(model: nn.Module, paths: list[str]) -> list[tuple[str, nn.M
             container = model.get_submodule(path)
         except AttributeError as err:
             raise BlockDiscoveryError(
-                f"blocks path {path!r} does not exist in {type(model).__name__}; candidate module "
-                f"lists: {_describe_candidates(model)}"
+                f"blocks path {path!r} does not exist in {type(model).__name__}; candidate module lists: {_describe_candidates(model)}"
             ) from err
         if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) == 0:
             raise BlockDiscoveryError(

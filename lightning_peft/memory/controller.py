@@ -288,8 +288,13 @@ class CheckpointController:
         usable = cfg.budget_bytes * (1 - cfg.headroom) * bucket.oom_scale - bucket.offset
         try:
             return plan_blocks(
-                bucket.profiles, int(usable), pre=bucket.pre, post=bucket.post, allowed=cfg.allowed,
-                cost=cfg.cost_kind, offload_bandwidth=cfg.bandwidth,
+                bucket.profiles,
+                int(usable),
+                pre=bucket.pre,
+                post=bucket.post,
+                allowed=cfg.allowed,
+                cost=cfg.cost_kind,
+                offload_bandwidth=cfg.bandwidth,
             )
         except BudgetTooSmallError:
             if strict:

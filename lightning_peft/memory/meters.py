@@ -113,6 +113,7 @@ class SavedTensorMeter:
         # tensor then carries no history (double backward through it would differentiate
         # nothing).
         self.detach = detach
+
         # Plain functions (not bound methods) so they can carry the marker below.
         def pack(tensor: torch.Tensor) -> Any:
             return self._pack(tensor)

@@ -71,11 +71,7 @@ class Offloader:
             self.stream = torch.cuda.Stream()
 
         def pack(t: torch.Tensor) -> Any:
-            if (
-                not t.is_cuda
-                or isinstance(t, nn.Parameter)
-                or t.numel() * t.element_size() < self.min_bytes
-            ):
+            if not t.is_cuda or isinstance(t, nn.Parameter) or t.numel() * t.element_size() < self.min_bytes:
                 return t
             handle = _OffloadHandle(t, self.stream, group)
             self.groups.setdefault(group, []).append(weakref.ref(handle))

@@ -21,10 +21,20 @@ __all__ = ["OpProfiler", "expensive_ops", "selective_policy"]
 
 def _expensive_ops() -> set:
     names = [
-        "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "_convolution",
-        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-        "_flash_attention_forward", "_efficient_attention_forward", "_scaled_dot_product_fused_attention_overrideable",
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "_scaled_mm",
+        "convolution",
+        "_convolution",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+        "_scaled_dot_product_fused_attention_overrideable",
     ]
     ops = set()
     for name in names:
@@ -138,4 +148,3 @@ def selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     of it, which holds for the library's adapters and the usual transformer blocks.
     """
     return CheckpointPolicy.MUST_SAVE if _kept_by_selective(op) else CheckpointPolicy.PREFER_RECOMPUTE
-

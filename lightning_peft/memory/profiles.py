@@ -88,9 +88,15 @@ class BlockProfile:
         """This profile with every byte, FLOP and second multiplied by ``s`` (a shape bucket's
         ceiling over the profiled shape; bandwidth is a property of the device, unchanged)."""
         return BlockProfile(
-            act_bytes=int(self.act_bytes * s), input_bytes=int(self.input_bytes * s), extra_bytes=int(self.extra_bytes * s),
-            flops=self.flops * s, time=self.time * s, sel_bytes=int(self.sel_bytes * s), sel_time=self.sel_time * s,
-            recompute_peak=int(self.recompute_peak * s), offload_bandwidth=self.offload_bandwidth,
+            act_bytes=int(self.act_bytes * s),
+            input_bytes=int(self.input_bytes * s),
+            extra_bytes=int(self.extra_bytes * s),
+            flops=self.flops * s,
+            time=self.time * s,
+            sel_bytes=int(self.sel_bytes * s),
+            sel_time=self.sel_time * s,
+            recompute_peak=int(self.recompute_peak * s),
+            offload_bandwidth=self.offload_bandwidth,
         )
 
     @classmethod

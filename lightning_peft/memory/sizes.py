@@ -11,11 +11,20 @@ from lightning_peft.validation import InvalidArgumentError, InvalidArgumentTypeE
 __all__ = ["parse_bytes", "format_bytes", "parse_budget"]
 
 _UNITS = {
-    "b": 1, "": 1,
-    "k": 1000, "kb": 1000, "kib": 1024,
-    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
-    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+    "b": 1,
+    "": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
 }
 
 
@@ -73,8 +82,7 @@ def parse_budget(budget: int | float | str | None) -> tuple[Literal["bytes", "fr
             return "bytes", float(int(budget))
         raise InvalidArgumentError(
             "budget",
-            f"got budget={budget!r}: a float budget is a fraction of the device's total memory in (0, 1]; "
-            f"budget must be {_BUDGET_FORMS}",
+            f"got budget={budget!r}: a float budget is a fraction of the device's total memory in (0, 1]; budget must be {_BUDGET_FORMS}",
         )
     if budget < 1:
         raise InvalidArgumentError("budget", f"got budget={budget!r}, not a positive size; budget must be {_BUDGET_FORMS}")

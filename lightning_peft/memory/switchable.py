@@ -176,9 +176,7 @@ class BlockSchedule:
 
         def fn() -> tuple[Any, Any]:
             if mode == "selective":
-                fwd_ctx, rec_ctx = create_selective_checkpoint_contexts(
-                    selective_policy, allow_cache_entry_mutation=True
-                )
+                fwd_ctx, rec_ctx = create_selective_checkpoint_contexts(selective_policy, allow_cache_entry_mutation=True)
                 return fwd_ctx, _RecomputeObserver(self, index, None, rec_ctx)
             return contextlib.nullcontext(), _RecomputeObserver(self, index, meter)
 
@@ -222,8 +220,7 @@ class SwitchableBlock:
             if s.use_reentrant:
                 if kwargs:
                     raise ValueError(
-                        f"reentrant checkpointing cannot pass keyword arguments ({sorted(kwargs)}) to block "
-                        f"{i}; use use_reentrant=False"
+                        f"reentrant checkpointing cannot pass keyword arguments ({sorted(kwargs)}) to block {i}; use use_reentrant=False"
                     )
                 out = checkpoint(fwd, *args, use_reentrant=True)
             else:

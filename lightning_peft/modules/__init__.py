@@ -141,7 +141,7 @@ def load_base_state_dict(path: str, prefix: str = "model.") -> dict[str, Any]:
     else:
         obj = tensor_state_dict(load_checkpoint_tensors(file), path)
     if prefix and any(k.startswith(prefix) for k in obj):
-        obj = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
+        obj = {k[len(prefix) :]: v for k, v in obj.items() if k.startswith(prefix)}
     # A base saved while wrapped by an adapter layer keeps its weights under `<name>.base_layer.`
     return {k.replace(".base_layer.", "."): v for k, v in obj.items()}
 
@@ -156,9 +156,7 @@ def apply_base_state_dict(model: Any, state_dict: dict[str, Any], source: str) -
     from lightning.pytorch.utilities import rank_zero_info
 
     own = model.state_dict()
-    mismatched = sorted(
-        k for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
-    )
+    mismatched = sorted(k for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
     loadable = {k: v for k, v in state_dict.items() if k in own and k not in mismatched}
     if not loadable:
         raise ValueError(
@@ -171,8 +169,11 @@ def apply_base_state_dict(model: Any, state_dict: dict[str, Any], source: str) -
     rank_zero_info(
         f"Loaded {len(loadable)}/{len(own)} tensors of the base from {source!r}."
         + (f" Skipped (shape mismatch, re-initialised): {mismatched}." if mismatched else "")
-        + (f" Not in the file (kept initialisation): {[k for k in missing if k not in mismatched]}." if len(missing) > len(mismatched)
-           else "")
+        + (
+            f" Not in the file (kept initialisation): {[k for k in missing if k not in mismatched]}."
+            if len(missing) > len(mismatched)
+            else ""
+        )
         + (f" Ignored (not in the model): {unexpected}." if unexpected else "")
     )
     return missing
@@ -190,7 +191,9 @@ def check_datamodule_fits(module: L.LightningModule, attribute: str, capacity: i
 def check_num_classes(module: L.LightningModule, num_classes: int) -> None:
     """Raise ``ValueError`` when the trainer's datamodule has more classes than the head."""
     check_datamodule_fits(
-        module, "num_classes", num_classes,
+        module,
+        "num_classes",
+        num_classes,
         "the datamodule has {needed} classes but the model's head has {capacity}; set model num_classes: {needed}.",
     )
 

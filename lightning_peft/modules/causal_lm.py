@@ -91,7 +91,9 @@ class CausalLM(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_datamodule_fits(
-            self, "vocab_size", self.vocab_size,
+            self,
+            "vocab_size",
+            self.vocab_size,
             "the datamodule's vocabulary has {needed} tokens but the model embeds only {capacity}; "
             "set model config vocab_size: {needed} (or use a matching tokenizer_path).",
         )

@@ -66,9 +66,7 @@ class ImageClassifier(L.LightningModule):
         import timm
 
         if not timm.is_model(model_name):
-            raise ValueError(
-                f"timm has no model named {model_name!r}; see `timm.list_models('*vit*')`."
-            )
+            raise ValueError(f"timm has no model named {model_name!r}; see `timm.list_models('*vit*')`.")
         kwargs = dict(model_kwargs or {})
         if "pretrained" in kwargs or "num_classes" in kwargs:
             raise ValueError(

@@ -21,9 +21,7 @@ from lightning_peft.modules import (
 from lightning_peft.validation import check_choice, check_float, check_int, check_mapping, check_str
 
 
-def build_transformers_model(
-    auto_class: str, model_path: str | None, config: dict[str, Any] | None, default_path: str | None
-) -> nn.Module:
+def build_transformers_model(auto_class: str, model_path: str | None, config: dict[str, Any] | None, default_path: str | None) -> nn.Module:
     """``transformers.<auto_class>`` from a local directory, or randomly initialised from a
     config dict (``{"model_type": "bert", "hidden_size": 32, ...}``); exactly one of the two."""
     hub_offline()
@@ -36,10 +34,7 @@ def build_transformers_model(
         config = dict(config)
         model_type = config.pop("model_type", None)
         if model_type is None:
-            raise ValueError(
-                "config needs a 'model_type' key (e.g. 'bert', 'llama') naming the architecture; "
-                f"got keys {sorted(config)}."
-            )
+            raise ValueError(f"config needs a 'model_type' key (e.g. 'bert', 'llama') naming the architecture; got keys {sorted(config)}.")
         try:
             hf_config = transformers.AutoConfig.for_model(model_type, **config)
         except ValueError as err:
@@ -49,10 +44,7 @@ def build_transformers_model(
     if path is None:
         raise ValueError("give model_path (a local directory) or config (a dict).")
     if not Path(path).exists():
-        raise ValueError(
-            f"model_path {path!r} does not exist; pass a local directory with a Hugging Face "
-            "model (downloads are disabled)."
-        )
+        raise ValueError(f"model_path {path!r} does not exist; pass a local directory with a Hugging Face model (downloads are disabled).")
     model = auto.from_pretrained(path, local_files_only=True)
     # from_pretrained returns the model in eval mode, and Lightning (>= 2.2) keeps module modes
     # as they are at the start of fit: switch back to train mode so dropout behaves as when

@@ -107,8 +107,7 @@ class PolicyLibrary:
         else:
             if base is None:
                 raise FileNotFoundError(
-                    f"no policy library at {str(self.root)!r} (no {INDEX_NAME}); pass base= (a PPO "
-                    "policy or a policy file) to create one"
+                    f"no policy library at {str(self.root)!r} (no {INDEX_NAME}); pass base= (a PPO policy or a policy file) to create one"
                 )
             self._create(self._base_model_from(base))
 
@@ -363,8 +362,7 @@ class PolicyLibrary:
         tensors, meta = read_safetensors(path)
         if meta.get("base_fingerprint") != self.base_fingerprint:
             raise ValueError(
-                f"{str(path)!r} was written for base {meta.get('base_fingerprint')}, not this library's base "
-                f"{self._describe_base()}"
+                f"{str(path)!r} was written for base {meta.get('base_fingerprint')}, not this library's base {self._describe_base()}"
             )
         layout = meta.get("layout")
         if not isinstance(layout, str):

@@ -20,7 +20,16 @@ from torch import Tensor
 from lightning_peft.io import atomic_write_file
 
 __all__ = [
-    "ADAPTER_DIR", "BASE_NAME", "FORMAT", "INDEX_NAME", "library_path", "read_index", "save_tensors", "slug", "tensor_bytes", "write_json",
+    "ADAPTER_DIR",
+    "BASE_NAME",
+    "FORMAT",
+    "INDEX_NAME",
+    "library_path",
+    "read_index",
+    "save_tensors",
+    "slug",
+    "tensor_bytes",
+    "write_json",
 ]
 
 FORMAT = "lightning_peft.policy_library/2"

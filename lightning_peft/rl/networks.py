@@ -29,7 +29,6 @@ def mlp(sizes: Sequence[int], activation: type[nn.Module], out_gain: float) -> n
     return nn.Sequential(*layers)
 
 
-
 class LogStd(nn.Module):
     """A state-independent log standard deviation ``weight [action_dim]``."""
 
@@ -52,17 +51,12 @@ class IndependentNormal(torch.distributions.Independent):
         return self.mean
 
 
-
-def describe_spaces(task: str, obs_space: Any, act_space: Any) -> tuple[
-    tuple[int, ...], str, int, Any, Any
-]:
+def describe_spaces(task: str, obs_space: Any, act_space: Any) -> tuple[tuple[int, ...], str, int, Any, Any]:
     """Observation shape, action kind, action dim (or number of actions) and bounds."""
     from gymnasium import spaces
 
     if not isinstance(obs_space, spaces.Box):
-        raise ValueError(
-            f"task {task!r}: PPO's MLP policy needs a Box observation space, got {obs_space}"
-        )
+        raise ValueError(f"task {task!r}: PPO's MLP policy needs a Box observation space, got {obs_space}")
     if isinstance(act_space, spaces.Discrete):
         return tuple(obs_space.shape), "discrete", int(act_space.n), None, None
     if isinstance(act_space, spaces.Box) and len(act_space.shape) == 1:
@@ -73,6 +67,4 @@ def describe_spaces(task: str, obs_space: Any, act_space: Any) -> tuple[
             np.asarray(act_space.low, dtype=np.float32),
             np.asarray(act_space.high, dtype=np.float32),
         )
-    raise ValueError(
-        f"task {task!r}: PPO supports Discrete or 1-D Box action spaces, got {act_space}"
-    )
+    raise ValueError(f"task {task!r}: PPO supports Discrete or 1-D Box action spaces, got {act_space}")

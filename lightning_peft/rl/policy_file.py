@@ -105,10 +105,7 @@ def read_policy_state(path: str) -> tuple[dict[str, Tensor], str, dict[str, Any]
         return state, str(meta.get("task", "unknown")), _parse_hparams(path, meta, default="{}")
     ckpt = load_checkpoint_tensors(path)
     if "state_dict" not in ckpt:
-        raise ValueError(
-            f"base checkpoint {path!r} is neither a .safetensors policy file nor a Lightning "
-            "checkpoint with a 'state_dict'"
-        )
+        raise ValueError(f"base checkpoint {path!r} is neither a .safetensors policy file nor a Lightning checkpoint with a 'state_dict'")
     hp = ckpt.get("hyper_parameters", {}) or {}
     hp = dict(hp) if isinstance(hp, dict) else {}
     return tensor_state_dict(ckpt, path), str(hp.get("task", "unknown")), hp

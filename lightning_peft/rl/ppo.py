@@ -130,9 +130,7 @@ class PPO(L.LightningModule):
         self.hparams["task"] = spec.name
 
         obs_space, act_space = task_spaces(spec)
-        self.observation_shape, self.action_kind, self.action_dim, low, high = describe_spaces(
-            spec.name, obs_space, act_space
-        )
+        self.observation_shape, self.action_kind, self.action_dim, low, high = describe_spaces(spec.name, obs_space, act_space)
         obs_dim = self.observation_dim
         act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
 
@@ -144,9 +142,7 @@ class PPO(L.LightningModule):
             self.log_std = LogStd(self.action_dim, init_log_std)
             self.register_buffer("action_low", torch.as_tensor(low, dtype=torch.float32))
             self.register_buffer("action_high", torch.as_tensor(high, dtype=torch.float32))
-        self.update_obs_norm = (
-            base_checkpoint is None if update_obs_norm is None else bool(update_obs_norm)
-        ) and normalize_observations
+        self.update_obs_norm = (base_checkpoint is None if update_obs_norm is None else bool(update_obs_norm)) and normalize_observations
         self._ppo_loss: Any = None
         #: fingerprint and source of the base this policy started from (None: from scratch)
         self.base_fingerprint: str | None = None
@@ -306,16 +302,16 @@ class PPO(L.LightningModule):
                 batch_size=1,
             )
             if "episode_return" in stats:
-                self.log("rollout/episode_return", float(stats["episode_return"]), on_step=False,
-                         on_epoch=True, prog_bar=True, batch_size=1)
+                self.log(
+                    "rollout/episode_return", float(stats["episode_return"]), on_step=False, on_epoch=True, prog_bar=True, batch_size=1
+                )
         return losses["loss"]
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError(
-                "PPO has no trainable parameters: every parameter is frozen. Check the adapter's "
-                "target_modules / trainable_modules."
+                "PPO has no trainable parameters: every parameter is frozen. Check the adapter's target_modules / trainable_modules."
             )
         optimizer = torch.optim.Adam(params, lr=self.hparams["learning_rate"], eps=1e-5)
         max_steps = getattr(self.trainer, "max_steps", -1) if self._trainer is not None else -1
@@ -439,12 +435,26 @@ class PPO(L.LightningModule):
         self.base_source = f"{path} (task {source})"
 
 
-
 def _check_args(
-    task: Any, hidden_sizes: Any, activation: Any, learning_rate: Any, lr_schedule: Any, gamma: Any, gae_lambda: Any,
-    clip_epsilon: Any, value_coef: Any, entropy_coef: Any, normalize_advantage: Any, clip_value_loss: Any,
-    normalize_observations: Any, update_obs_norm: Any, init_log_std: Any, max_grad_norm: Any, base_checkpoint: Any,
-    export_path: Any, cpu_threads: Any,
+    task: Any,
+    hidden_sizes: Any,
+    activation: Any,
+    learning_rate: Any,
+    lr_schedule: Any,
+    gamma: Any,
+    gae_lambda: Any,
+    clip_epsilon: Any,
+    value_coef: Any,
+    entropy_coef: Any,
+    normalize_advantage: Any,
+    clip_value_loss: Any,
+    normalize_observations: Any,
+    update_obs_norm: Any,
+    init_log_std: Any,
+    max_grad_norm: Any,
+    base_checkpoint: Any,
+    export_path: Any,
+    cpu_threads: Any,
 ) -> list[int]:
     """Validate :class:`PPO`'s arguments (each error names the argument); returns the hidden sizes as a list."""
     check_str("task", task)

@@ -50,8 +50,7 @@ from lightning_peft.validation import check_bool, check_int, check_str
 
 __all__ = ["RLDataModule", "RolloutDataset", "evaluate_policy", "check_policy_fits_task"]
 
-_REQUIRED = ("rollout_step", "state_value", "normalize", "compute_advantages",
-             "observation_shape", "action_kind", "action_dim")
+_REQUIRED = ("rollout_step", "state_value", "normalize", "compute_advantages", "observation_shape", "action_kind", "action_dim")
 
 
 def check_policy_fits_task(module: Any, task: str) -> None:
@@ -70,9 +69,7 @@ def check_policy_fits_task(module: Any, task: str) -> None:
     obs_space, act_space = task_spaces(spec)
     problems = []
     if int(np.prod(obs_space.shape)) != int(np.prod(module.observation_shape)):
-        problems.append(
-            f"observation shape {tuple(obs_space.shape)} vs the policy's {module.observation_shape}"
-        )
+        problems.append(f"observation shape {tuple(obs_space.shape)} vs the policy's {module.observation_shape}")
     if isinstance(act_space, spaces.Discrete):
         env_action = ("discrete", int(act_space.n))
     elif isinstance(act_space, spaces.Box):
@@ -81,8 +78,7 @@ def check_policy_fits_task(module: Any, task: str) -> None:
         env_action = (type(act_space).__name__, -1)
     if env_action != (module.action_kind, module.action_dim):
         problems.append(
-            f"{env_action[0]} actions of size {env_action[1]} vs the policy's "
-            f"{module.action_kind} actions of size {module.action_dim}"
+            f"{env_action[0]} actions of size {env_action[1]} vs the policy's {module.action_kind} actions of size {module.action_dim}"
         )
     if problems:
         policy_task = getattr(module, "hparams", {}).get("task", "?")
@@ -229,9 +225,7 @@ class RolloutDataset(IterableDataset):
         reward_t = torch.as_tensor(rewards)
         done_t = torch.as_tensor(dones)
         term_t = torch.as_tensor(terms)
-        advantage, value_target = module.compute_advantages(
-            reward_t, value, next_value, done_t, term_t
-        )
+        advantage, value_target = module.compute_advantages(reward_t, value, next_value, done_t, term_t)
         return {
             "observation": observation,
             "action": torch.stack(act_list),
@@ -252,8 +246,7 @@ class RolloutDataset(IterableDataset):
         n = self.rollout_steps * self.num_envs
         flat = {
             k: rollout[k].reshape(n, *rollout[k].shape[2:])
-            for k in ("observation", "action", "sample_log_prob", "state_value", "advantage",
-                      "value_target")
+            for k in ("observation", "action", "sample_log_prob", "state_value", "advantage", "value_target")
         }
         stats = self.stats()
         first = True
@@ -369,8 +362,7 @@ class RLDataModule(L.LightningDataModule):
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {"env_steps": self.dataset.env_steps, "rollouts": self.dataset.rollouts,
-                "episodes": self.dataset.tracker.episodes}
+        return {"env_steps": self.dataset.env_steps, "rollouts": self.dataset.rollouts, "episodes": self.dataset.tracker.episodes}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.dataset.env_steps = int(state_dict.get("env_steps", 0))

@@ -127,20 +127,13 @@ def _validate_physics(env_id: str, physics: Mapping[str, float], task: str) -> d
     out: dict[str, float] = {}
     for key, value in physics.items():
         if key not in allowed:
-            raise ValueError(
-                f"task {task!r}: unknown physics parameter {key!r} for {env_id}; "
-                f"known: {sorted(allowed)}"
-            )
+            raise ValueError(f"task {task!r}: unknown physics parameter {key!r} for {env_id}; known: {sorted(allowed)}")
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise ValueError(
-                f"task {task!r}: physics parameter {key}={value!r} is not a number"
-            ) from None
+            raise ValueError(f"task {task!r}: physics parameter {key}={value!r} is not a number") from None
         if not math.isfinite(value) or value <= 0:
-            raise ValueError(
-                f"task {task!r}: physics parameter {key}={value} must be a positive finite number"
-            )
+            raise ValueError(f"task {task!r}: physics parameter {key}={value} must be a positive finite number")
         out[key] = value
     return out
 
@@ -237,8 +230,7 @@ def _make_metaworld(spec: TaskSpec, seed: int | None) -> Any:
         import metaworld  # noqa: F401  (registers the "Meta-World/..." ids with gymnasium)
     except ImportError:
         raise ImportError(
-            f"task {spec.name!r} needs the optional package 'metaworld'; install it with "
-            "pip install 'lightning-peft[rl]'"
+            f"task {spec.name!r} needs the optional package 'metaworld'; install it with pip install 'lightning-peft[rl]'"
         ) from None
     import gymnasium as gym
 
@@ -323,10 +315,8 @@ def _register_builtins() -> None:
         ("Acrobot-v1/heavy-link", "Acrobot-v1", {"link_mass_2": 2.0}, "second link 2x heavier"),
         ("Acrobot-v1/long-link", "Acrobot-v1", {"link_length_2": 1.5}, "second link 1.5x longer"),
         ("Acrobot-v1/light-link", "Acrobot-v1", {"link_mass_1": 0.5}, "first link half as heavy"),
-        ("MountainCarContinuous-v0/strong", "MountainCarContinuous-v0", {"power": 0.003},
-         "twice the engine power"),
-        ("MountainCarContinuous-v0/weak", "MountainCarContinuous-v0", {"power": 0.0012},
-         "80% of the engine power"),
+        ("MountainCarContinuous-v0/strong", "MountainCarContinuous-v0", {"power": 0.003}, "twice the engine power"),
+        ("MountainCarContinuous-v0/weak", "MountainCarContinuous-v0", {"power": 0.0012}, "80% of the engine power"),
     ]
     for name, env_id, physics, desc in variants:
         register_task(name, env_id, physics, description=desc)

@@ -100,8 +100,16 @@ def main(out: Path, strategy_name: str = "ddp") -> None:
 
         strategy = AdapterFSDP2Strategy(process_group_backend="gloo")
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_steps=8, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(out), callbacks=[adapter, epng],
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=8,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(out),
+        callbacks=[adapter, epng],
     )
     trainer.fit(module, train_dataloaders=loader(n=64))
     rank = trainer.global_rank

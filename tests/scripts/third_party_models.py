@@ -133,8 +133,15 @@ class MaskedLMModule(pl.LightningModule):
 
         self.save_hyperparameters()
         config = BertConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=SEQ, tie_word_embeddings=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=SEQ,
+            tie_word_embeddings=True,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
         )
         self.model = BertForMaskedLM(config)
 

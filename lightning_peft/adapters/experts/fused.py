@@ -21,8 +21,18 @@ class FusedExpertsLoRA(ExpertsLoRALayer):
     called as ``(hidden [N, H], top_k_index [N, K], top_k_weights [N, K]) -> [N, H]``.
     ``projections=None`` adapts every projection."""
 
-    def __init__(self, base_layer: nn.Module, projections: Sequence[str] | None, rank: int, alpha: float, max_rank: int,
-                 use_rslora: bool = False, init: str = "kaiming", recompute_input: bool = True, spec: AdapterSpec | None = None) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        projections: Sequence[str] | None,
+        rank: int,
+        alpha: float,
+        max_rank: int,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        recompute_input: bool = True,
+        spec: AdapterSpec | None = None,
+    ) -> None:
         layout = fused_layout(base_layer)
         if layout is None:
             raise TypeError(f"{type(base_layer).__name__} is not a fused experts module")
@@ -31,8 +41,18 @@ class FusedExpertsLoRA(ExpertsLoRALayer):
         weight = getattr(base_layer, layout["up"])
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         super().__init__(
-            base_layer, num_experts=layout["num_experts"], shapes=shapes, rank=rank, alpha=alpha, max_rank=max_rank, use_rslora=use_rslora,
-            init=init, recompute_input=recompute_input, spec=spec, device=weight.device, dtype=dtype,
+            base_layer,
+            num_experts=layout["num_experts"],
+            shapes=shapes,
+            rank=rank,
+            alpha=alpha,
+            max_rank=max_rank,
+            use_rslora=use_rslora,
+            init=init,
+            recompute_input=recompute_input,
+            spec=spec,
+            device=weight.device,
+            dtype=dtype,
         )
 
     def _w_io(self, name: str) -> torch.Tensor:

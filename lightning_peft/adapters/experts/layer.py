@@ -116,9 +116,7 @@ class ExpertsLoRALayer(AdapterLayer):
         return int(slots.sum())
 
     @torch.no_grad()
-    def grow_expert(
-        self, expert: int, n: int, generator: torch.Generator, optimizers: Sequence[torch.optim.Optimizer] = ()
-    ) -> list[int]:
+    def grow_expert(self, expert: int, n: int, generator: torch.Generator, optimizers: Sequence[torch.optim.Optimizer] = ()) -> list[int]:
         """Add ``n`` rank slots to ``expert``: new ``A`` rows orthogonal to its active rows (and
         to each other), new ``B`` columns zero -- so the layer's output is unchanged -- and fresh
         (zero) optimizer state for them. Returns the new slot indices."""

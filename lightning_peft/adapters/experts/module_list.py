@@ -40,8 +40,18 @@ class ModuleListExpertsLoRA(ExpertsLoRALayer):
     in place as ``base_layer`` (indexing, ``len`` and iteration pass through), so the MoE block's
     own routing code runs unchanged and each update sees only the tokens routed to its expert."""
 
-    def __init__(self, base_layer: nn.ModuleList, projections: Sequence[str] | None, rank: int, alpha: float, max_rank: int,
-                 use_rslora: bool = False, init: str = "kaiming", recompute_input: bool = True, spec: AdapterSpec | None = None) -> None:
+    def __init__(
+        self,
+        base_layer: nn.ModuleList,
+        projections: Sequence[str] | None,
+        rank: int,
+        alpha: float,
+        max_rank: int,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        recompute_input: bool = True,
+        spec: AdapterSpec | None = None,
+    ) -> None:
         linears = expert_linears(base_layer)
         if linears is None:
             raise TypeError("not a list of identically shaped experts with nn.Linear layers")
@@ -50,8 +60,18 @@ class ModuleListExpertsLoRA(ExpertsLoRALayer):
         shapes = linear_shapes(first, self.paths)
         weight = first.get_submodule(next(iter(self.paths.values()))).weight
         super().__init__(
-            base_layer, num_experts=len(base_layer), shapes=shapes, rank=rank, alpha=alpha, max_rank=max_rank, use_rslora=use_rslora,
-            init=init, recompute_input=recompute_input, spec=spec, device=weight.device, dtype=weight.dtype,
+            base_layer,
+            num_experts=len(base_layer),
+            shapes=shapes,
+            rank=rank,
+            alpha=alpha,
+            max_rank=max_rank,
+            use_rslora=use_rslora,
+            init=init,
+            recompute_input=recompute_input,
+            spec=spec,
+            device=weight.device,
+            dtype=weight.dtype,
         )
         self._handles = [
             expert.get_submodule(path).register_forward_hook(_ExpertHook(self, key, e))

@@ -117,6 +117,13 @@ class ExpertLoRA(AdapterSpec):
         layer = FusedExpertsLoRA if fused_layout(module) is not None else ModuleListExpertsLoRA
         max_rank = self.max_rank or self.rank
         return layer(
-            module, projections=self.projections, rank=self.rank, alpha=self.alpha, max_rank=max_rank,  # type: ignore[arg-type]
-            use_rslora=self.use_rslora, init=self.init, recompute_input=self.recompute_input, spec=self,
+            module,
+            projections=self.projections,
+            rank=self.rank,
+            alpha=self.alpha,
+            max_rank=max_rank,  # type: ignore[arg-type]
+            use_rslora=self.use_rslora,
+            init=self.init,
+            recompute_input=self.recompute_input,
+            spec=self,
         )
