@@ -20,7 +20,7 @@ optimizer twice.
   ``manual_backward`` so that an out-of-memory retry never repeats an update.
 
 If ``_make_closure`` is missing the strategy's ``training_step`` is wrapped instead (forward-only
-retries) with a warning. ``tests/test_adaptive_checkpoint.py::test_lightning_patch_points`` fails
+retries) with a warning. ``tests/memory/test_adaptive_checkpoint.py::test_lightning_patch_points`` fails
 loudly when a Lightning upgrade moves what this relies on. Logged values (``self.log``) of a
 failed attempt may be recorded again by the retry. Under DDP a retry after a failure *inside
 backward* cannot be matched by the other ranks' gradient all-reduce; keep ``headroom`` so that

@@ -57,7 +57,7 @@ from lightning_peft.validation import (
 
 __all__ = ["PPO", "LogStd", "RunningObsNorm", "gae", "policy_fingerprint"]
 
-_read_policy_state = read_policy_state  # the old private name (tests/test_security.py imports it from here)
+_read_policy_state = read_policy_state  # the old private name (tests/files/test_security.py imports it from here)
 
 
 class PPO(L.LightningModule):

@@ -7,7 +7,7 @@ Lightning's launcher re-runs this script for rank 1. Each process sees different
 both must take the same prune/grow decisions and end with identical ranks, importance and
 adapter weights. Each rank writes ``OUT_DIR/rank{r}.json``.
 
-The helpers (tiny OLMoE causal LM, token data) are shared with ``tests/test_epng.py``.
+The helpers (tiny OLMoE causal LM, token data) are shared with ``tests/adapters/test_epng.py``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 This reads autograd internals: a node's ``_saved_*`` attributes (``NativeLayerNormBackward0.
 _saved_input`` ...) and the top saved-tensor hooks. It is kept in this one module because a torch
-upgrade may rename them; ``tests/test_lora.py`` checks that the recipes are still found (so a
+upgrade may rename them; ``tests/adapters/test_lora.py`` checks that the recipes are still found (so a
 rename fails loudly there instead of silently costing memory: without a recipe the kernels save
 the input, which is correct, only larger).
 """

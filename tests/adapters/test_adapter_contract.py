@@ -21,7 +21,7 @@ from lightning_peft.adapters import registry
 from lightning_peft.adapters.base import AdapterLayer
 from lightning_peft.adapters.kernels.recompute import input_recipe
 
-DEVELOPING = Path(__file__).resolve().parents[1] / "docs" / "DEVELOPING.md"
+DEVELOPING = Path(__file__).resolve().parents[2] / "docs" / "DEVELOPING.md"
 
 
 def _worked_example() -> dict:

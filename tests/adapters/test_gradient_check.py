@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 from adapter_models import Classifier, lora_callback, make_loader  # noqa: E402
 
 from lightning_peft import LoRA, apply_adapter  # noqa: E402

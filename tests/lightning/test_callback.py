@@ -16,7 +16,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 from adapter_models import HEAD, LORA_TARGETS, Classifier, base_name, lora_callback, make_loader, probe_input  # noqa: E402
 
 from lightning_peft import AdapterCallback, BitFit, FullFineTune, LoRA, QLoRA, apply_adapter, load_adapter  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 
 from lightning_peft.cli import cli_main, format_test_results, main
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 FAST = [
     "--trainer.max_steps=2",

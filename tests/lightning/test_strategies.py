@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).parent / "scripts"
+SCRIPTS = Path(__file__).parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from adapter_models import HEAD, LORA_TARGETS, Classifier, lora_callback, make_loader, probe_input  # noqa: E402
 

@@ -20,7 +20,7 @@ from lightning_peft.adapters.experts import expert_layers
 from lightning_peft.allocation.epng import plan_prune_grow
 from lightning_peft.allocation.rank_ops import effective_parameters, orthogonal_rows, slot_generator
 
-SCRIPTS = Path(__file__).parent / "scripts"
+SCRIPTS = Path(__file__).parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import transformers  # noqa: F401, E402  (a test dependency: fail loudly if missing)
 from epng_ddp import TINY_OLMOE, loader, make_module  # noqa: E402
@@ -281,7 +281,7 @@ def test_works_with_router_logits_output_and_gradient_accumulation(tmp_path):
 
 def _run_two_processes(tmp_path: Path, strategy: str) -> tuple[dict, dict]:
     out = tmp_path / strategy
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[2]))
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / "epng_ddp.py"), str(out), strategy],
         env=env,
@@ -316,7 +316,7 @@ def test_ddp_and_fsdp2_processes_take_identical_decisions(tmp_path):
 def test_config_runs_a_few_steps(tmp_path):
     from lightning_peft.cli import cli_main
 
-    config = Path(__file__).parents[1] / "configs" / "moe_epng.yaml"
+    config = Path(__file__).parents[2] / "configs" / "moe_epng.yaml"
     cli = cli_main(
         [
             "fit",

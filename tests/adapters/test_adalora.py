@@ -18,7 +18,7 @@ from lightning_peft import AdaLoRA, AdapterCallback, LoRA, apply_adapter, load_a
 from lightning_peft.adapters.adalora import UNDRIVEN_FORWARDS, AdaLoRAAllocator, AdaLoRALinear, adalora_layers
 from lightning_peft.callbacks.expert_importance import AdaLoRACallback
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 from epng_ddp import loader  # noqa: E402
 
 TINY_LLAMA = {

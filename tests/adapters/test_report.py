@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 from adapter_models import TinyTransformer, lora_callback, make_loader  # noqa: E402
 
 from lightning_peft import LoRA, apply_adapter  # noqa: E402

@@ -530,7 +530,7 @@ def test_best_export_after_fit_reads_a_crafted_checkpoint_without_running_it(tmp
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
     from adapter_models import Classifier, lora_callback, make_loader
 
     marker = tmp_path / "ran"

@@ -24,7 +24,7 @@ from lightning_peft.rl.tasks import (  # noqa: E402
     task_family,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # rank <= min(d_in, d_out) on CartPole's 4 -> 64 -> 64 -> {2, 1} layers
 CARTPOLE_RANKS = {"policy.0": 4, "value.0": 4, "policy.4": 2, "value.4": 1}

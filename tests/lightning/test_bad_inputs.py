@@ -37,7 +37,7 @@ from lightning_peft.callbacks.adaptive_checkpoint import parse_budget
 from lightning_peft.callbacks.expert_importance import AdaLoRACallback
 from lightning_peft.validation import InvalidArgumentError, InvalidArgumentTypeError
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 NAN, INF = float("nan"), float("inf")
 #: words every message uses to say what is accepted or what to do
 HINT = re.compile(
