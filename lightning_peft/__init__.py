@@ -4,8 +4,7 @@ Public names are imported lazily so that ``from lightning_peft import LoRA`` doe
 importing Lightning, transformers or bitsandbytes.
 """
 
-from importlib import import_module
-from typing import Any
+from lightning_peft.lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -39,11 +38,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lightning_peft' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -26,6 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_peft"
 RANKS: dict[str, int] = {
     "validation": 0,
     "safe_load": 0,
+    "lazy_exports": 0,
     "allocation": 1,
     "adapters": 2,
     **dict.fromkeys(

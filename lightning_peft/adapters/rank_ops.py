@@ -1,15 +1,8 @@
-"""Moved to :mod:`lightning_peft.allocation.rank_ops`; this name keeps old imports working."""
+"""Old import path of :mod:`lightning_peft.allocation.rank_ops`. This name *is* that module, so
+existing imports and monkeypatching reach the same objects."""
 
-from lightning_peft.allocation.rank_ops import (  # noqa: F401
-    RankAdaptive,
-    check_budget,
-    drop_slots,
-    effective_parameters,
-    free_slots,
-    full_tensor,
-    masked,
-    orthogonal_rows,
-    slot_generator,
-    write_rows,
-    zero_slots,
-)
+import sys
+
+from lightning_peft.allocation import rank_ops as _moved
+
+sys.modules[__name__] = _moved

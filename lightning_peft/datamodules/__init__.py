@@ -3,8 +3,7 @@
 Imported lazily so ``import lightning_peft.datamodules`` costs nothing until a class is used.
 """
 
-from importlib import import_module
-from typing import Any
+from lightning_peft.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "DigitsDataModule": "lightning_peft.datamodules.vision",
@@ -17,11 +16,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lightning_peft.datamodules' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -10,8 +10,9 @@ Classes are imported lazily (timm and transformers are slow to import).
 from __future__ import annotations
 
 import math
-from importlib import import_module
 from typing import TYPE_CHECKING, Any, Literal
+
+from lightning_peft.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L
@@ -224,11 +225,4 @@ def classification_step(
     return loss
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lightning_peft.modules' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
