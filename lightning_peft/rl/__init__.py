@@ -15,7 +15,7 @@ names here are imported lazily.
 ``rl.rollout``         ``RLDataModule``: rollouts from vector environments; ``evaluate_policy``
 ``rl.library``         ``PolicyLibrary``: one base, many task adapters, one live policy
 ``rl.library_store``   the library's index, its format, paths kept inside the root
-``rl.library_layout``  adapter layouts: recorded, rebuilt through the registry, checked
+``rl.library_layout``  adapter layouts of task exports, rebuilt from io's load plans
 ``rl.library_report``  the library's byte accounting
 =====================  ==================================================================
 """

@@ -1,13 +1,14 @@
 """A library of specialist policies stored as one base plus one small adapter file per task.
 
-Layout on disk::
+Layout on disk (library format 3)::
 
-    <root>/index.json                    the library: base, tasks, byte counts
-    <root>/base.safetensors              the base policy (PPO.save_policy format)
-    <root>/adapters/<task>.safetensors   one file per task: the adapter tensors plus any other
-                                         tensor the task changed (trained log_std, updated
-                                         observation statistics), and in its metadata the
-                                         adapter specs and the base fingerprint
+    <root>/index.json             the library: base, tasks, byte counts
+    <root>/base.safetensors       the base policy (PPO.save_policy format)
+    <root>/adapters/<task>/       one adapter export per task (lightning_peft.io.save_adapter:
+                                  adapter_model.safetensors + adapter_config.json): the adapter
+                                  tensors plus any other tensor the task changed (trained log_std,
+                                  updated observation statistics), the specs and the base's
+                                  per-module fingerprints; read back with io's checks
 
 ``activate(task)`` keeps one live policy whose adapter layers were injected once and copies the
 task's tensors into them in place, so switching between tasks of one adapter layout costs time
@@ -23,9 +24,9 @@ per-policy ratio ``f`` (see ``report()``).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,23 +34,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_peft.io import adapter_layers, merge_adapter, unmerge_adapter
-from lightning_peft.rl.library_layout import inject_layout, layout_of, lookup, parse_layout, ranks, strip_adapters, task_problems
+from lightning_peft.io import WEIGHTS_NAME, adapter_layers, merge_adapter, read_adapter, save_adapter, unmerge_adapter
+from lightning_peft.io_checks import LoadPlan, plan_load
+from lightning_peft.rl.library_layout import inject_plan, kind_of, layout_key, lookup, ranks, strip_adapters
 from lightning_peft.rl.library_report import format_report, library_report
 from lightning_peft.rl.library_store import (
     ADAPTER_DIR,
     BASE_NAME,
     FORMAT,
     INDEX_NAME,
+    export_bytes,
     library_path,
     read_index,
-    save_tensors,
     slug,
     tensor_bytes,
     write_json,
 )
 from lightning_peft.rl.policy_file import module_fingerprints, policy_fingerprint
-from lightning_peft.targeting import combine_fingerprints
+from lightning_peft.targeting import adapter_record, apply_adapter, combine_fingerprints, refresh_trained_buffers
 
 __all__ = ["PolicyLibrary"]
 
@@ -82,8 +84,9 @@ class PolicyLibrary:
     def __init__(self, root: str | os.PathLike[str], base: Any = None, cache: bool = True) -> None:
         self.root = Path(root)
         self.cache = cache
-        self._cache: dict[str, tuple[dict[str, Tensor], str]] = {}  # task -> (tensors, layout JSON)
+        self._cache: dict[str, tuple[LoadPlan, dict[str, Any], str]] = {}  # task -> (plan, metadata, layout)
         self._model: Any = None
+        self._planning: Any = None  # a plain copy of the base that io's checks plan loads against
         self._base_state: dict[str, Tensor] | None = None
         self._base_fingerprints: dict[str, str] = {}  # module -> core fingerprint of the base
         self._layout: str | None = None  # JSON of the injected adapter layout
@@ -215,24 +218,18 @@ class PolicyLibrary:
         check_policy_fits_task(self.model, task)
         if isinstance(policy, (str, os.PathLike)):
             policy = self._policy_from_export(Path(policy))
-        tensors, layout, kind = self._extract(policy)
-        adapter_bytes = tensor_bytes(tensors.values())
-        rel = f"{ADAPTER_DIR}/{slug(task)}.safetensors"
-        meta = {
-            "format": FORMAT,
-            "task": task,
-            "base_fingerprint": self.base_fingerprint,
-            "layout": layout,
-            "kind": kind,
-        }
-        save_tensors(self._library_path(rel, f"task {task!r}"), tensors, meta)
+        tensors = self._extract(policy)
+        rel = f"{ADAPTER_DIR}/{slug(task)}"
+        path = self._library_path(rel, f"task {task!r}")
+        save_adapter(self._export_model(policy, tensors), path)
+        meta, _, _ = read_adapter(path)
         entry = {
             "file": rel,
-            "kind": kind,
-            "tensor_bytes": adapter_bytes,
-            "file_bytes": (self.root / rel).stat().st_size,
+            "kind": kind_of(meta),
+            "tensor_bytes": tensor_bytes(tensors.values()),
+            "file_bytes": export_bytes(path),
             "num_values": int(sum(t.numel() for t in tensors.values())),
-            "ranks": ranks(json.loads(layout)),
+            "ranks": ranks(meta),
         }
         self.index["tasks"][task] = entry
         self._write_index()
@@ -243,7 +240,7 @@ class PolicyLibrary:
 
     def _policy_from_export(self, path: Path) -> Any:
         """A scratch copy of the base with the export at ``path`` loaded (fingerprint-checked)."""
-        from lightning_peft.io import load_adapter, read_adapter
+        from lightning_peft.io import load_adapter
         from lightning_peft.rl.ppo import PPO
 
         meta, _, _ = read_adapter(path)
@@ -268,8 +265,9 @@ class PolicyLibrary:
         scratch.base_fingerprint = self.base_fingerprint
         return scratch
 
-    def _extract(self, policy: Any) -> tuple[dict[str, Tensor], str, str]:
-        """``(tensors to store, adapter layout JSON, kind)`` of an adapted ``policy``."""
+    def _extract(self, policy: Any) -> dict[str, Tensor]:
+        """The tensors to store of an adapted ``policy``: its adapter tensors and the other
+        tensors its task changed (checked against the library's base)."""
         layers = self._check_source(policy)
         tensors = {
             f"{name}.{key}": value.detach().cpu().clone()
@@ -277,8 +275,34 @@ class PolicyLibrary:
             for key, value in layer.adapter_state_dict().items()
         }
         tensors.update(self._task_state(policy, set(tensors)))
-        layout, kind = layout_of(policy, layers)
-        return tensors, layout, kind
+        return tensors
+
+    def _export_model(self, policy: Any, tensors: dict[str, Tensor]) -> Any:
+        """A fresh copy of the library's base with ``policy``'s adapters (pinned to the modules
+        they adapt) holding exactly ``tensors``, for :func:`save_adapter`: the export records
+        this library's base, and no tensor of another base can slip in."""
+        from lightning_peft.rl.ppo import PPO
+
+        found = adapter_record(policy)
+        if found is None:
+            raise ValueError("this policy has no adapter: apply_adapter (or AdapterCallback) first")
+        if found[0]:
+            raise ValueError("adapters must be applied to the PPO module itself, not a submodule of it")
+        record = found[1]
+        specs = [s.retargeted(own) for s in record.specs if (own := [n for n, k in record.targets.items() if k == s.kind])]
+        scratch = PPO.from_policy_file(self.root / BASE_NAME)
+        apply_adapter(scratch, specs, trainable_modules=list(record.trainable_modules), norm_stats=record.norm_stats, check_gradients=False)
+        with torch.no_grad():
+            for key, value in tensors.items():
+                target = lookup(scratch, key)
+                target.copy_(value)
+                if isinstance(target, torch.nn.Parameter):
+                    target.requires_grad_(True)  # trained: save_adapter keeps it
+        refresh_trained_buffers(scratch)  # changed buffers (observation statistics) are trained state
+        kept = adapter_record(scratch)[1].trained_buffers  # type: ignore[index]
+        buffers, layers = dict(scratch.named_buffers()), tuple(f"{n}." for n in adapter_layers(scratch))
+        kept += [k for k in tensors if k in buffers and k not in kept and not k.startswith(layers)]
+        return scratch
 
     def _check_source(self, policy: Any) -> dict[str, Any]:
         """``policy``'s adapter layers, once it is known to be an unmerged ``PPO`` made from this
@@ -339,7 +363,10 @@ class PolicyLibrary:
         path = self._library_path(entry["file"], f"task {task!r}")
         del self.index["tasks"][task]
         self._write_index()
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
         self._cache.pop(task, None)
         if self.active == task:
             self.active = None
@@ -350,46 +377,36 @@ class PolicyLibrary:
             raise ValueError(f"task {task!r} is not in the library; it holds {self.tasks}")
         return self.index["tasks"][task]
 
-    def _read(self, task: str) -> tuple[dict[str, Tensor], str]:
-        """``(tensors, layout JSON)`` of ``task``'s file, validated against the live policy
-        (specs through the adapter registry, every tensor's name, shape, dtype and finiteness)
-        before anything is changed."""
+    @property
+    def _planning_model(self) -> Any:
+        """A plain copy of the base, never adapted: what io's checks plan each task against."""
+        if self._planning is None:
+            from lightning_peft.rl.ppo import PPO
+
+            self._planning = PPO.from_policy_file(self.root / BASE_NAME)
+        return self._planning
+
+    def _read(self, task: str) -> tuple[LoadPlan, dict[str, Any], str]:
+        """``(load plan, metadata, layout)`` of ``task``'s export, read and validated by io
+        (:func:`~lightning_peft.io.read_adapter`, :func:`~lightning_peft.io_checks.plan_load`:
+        specs only through the adapter registry, this library's base by its per-module
+        fingerprints, every tensor's name, shape, dtype and finiteness) before anything is
+        changed."""
         if task in self._cache:
             return self._cache[task]
-        from lightning_peft.safe_load import read_safetensors
-
         path = self._library_path(self._entry(task)["file"], f"task {task!r}")
-        tensors, meta = read_safetensors(path)
-        if meta.get("base_fingerprint") != self.base_fingerprint:
-            raise ValueError(
-                f"{str(path)!r} was written for base {meta.get('base_fingerprint')}, not this library's base {self._describe_base()}"
-            )
-        layout = meta.get("layout")
-        if not isinstance(layout, str):
-            raise ValueError(f"task file {str(path)!r} is damaged: its metadata has no adapter 'layout'")
-        self._check_task(path, tensors, layout)
+        meta, tensors, extra = read_adapter(path)
+        where = f"PPO base of library {str(self.root)} (fingerprint {self.base_fingerprint})"
+        plan = plan_load(self._planning_model, str(path / WEIGHTS_NAME), meta, tensors, extra, True, lambda _: where)
+        found = (plan, meta, layout_key(meta))
         if self.cache:
-            self._cache[task] = (tensors, layout)
-        return tensors, layout
-
-    def _check_task(self, path: Path, tensors: dict[str, Tensor], layout_json: str) -> None:
-        """Build ``layout`` on a throwaway copy of the live policy and check that every tensor
-        names one of its tensors with the same shape and dtype kind, and is finite."""
-        scratch = copy.deepcopy(self.model)
-        strip_adapters(scratch)
-        inject_layout(scratch, parse_layout(layout_json, path), str(path))
-        problems = task_problems(scratch, tensors)
-        if problems:
-            raise ValueError(f"task file {str(path)!r} is damaged or does not fit this library's base: {'; '.join(problems[:8])}")
+            self._cache[task] = found
+        return found
 
     def _strip_adapters(self) -> None:
         strip_adapters(self.model)
         self._layout = None
         self.merged = False
-
-    def _inject(self, layout_json: str) -> None:
-        inject_layout(self.model, parse_layout(layout_json, self.root), str(self.root))
-        self._layout = layout_json
 
     def activate(self, task: str, merge: bool = False) -> Any:
         """Load ``task``'s adapter into the live policy and return it (a ``PPO`` in eval mode).
@@ -400,7 +417,8 @@ class PolicyLibrary:
         into the base weights afterwards (faster inference; undone by the next activate).
         """
 
-        tensors, layout = self._read(task)
+        plan, meta, layout = self._read(task)
+        tensors = plan.state
         model = self.model
         if self.merged:  # only ever set after merge_adapter found adapter layers
             unmerge_adapter(model)
@@ -411,7 +429,8 @@ class PolicyLibrary:
                 for key in self._overridden:
                     lookup(model, key).copy_(self.base_state[key])
                 self._overridden = set()
-                self._inject(layout)
+                inject_plan(model, plan, meta)
+                self._layout = layout
             targets = {k: lookup(model, k) for k in tensors}
             overridden = {k for k in tensors if k in self.base_state}
             for key in self._overridden - overridden:  # the previous task's, not this one's

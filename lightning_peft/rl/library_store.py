@@ -1,9 +1,12 @@
 """The files of a :class:`~lightning_peft.rl.library.PolicyLibrary`: the index, its format,
 paths that must stay inside the library root, and atomic writes (through :mod:`lightning_peft.io`).
 
-Format 2 fingerprints the base with the core's per-module scheme
-(:func:`lightning_peft.rl.policy_file.policy_fingerprint`); format 1 libraries recorded a
-whole-state hash instead and are refused with a message saying how to rebuild them.
+Format 3 stores each task as an adapter export of :func:`lightning_peft.io.save_adapter` (a
+directory ``adapters/<task>/`` with ``adapter_model.safetensors`` and ``adapter_config.json``)
+and fingerprints the base with the core's per-module scheme
+(:func:`lightning_peft.rl.policy_file.policy_fingerprint`). Older libraries are refused with a
+message saying how to rebuild them: format 2 stored each task as one safetensors file of its own
+layout, format 1 also recorded a whole-state hash of the base.
 """
 
 from __future__ import annotations
@@ -25,15 +28,18 @@ __all__ = [
     "FORMAT",
     "INDEX_NAME",
     "library_path",
+    "export_bytes",
     "read_index",
-    "save_tensors",
     "slug",
     "tensor_bytes",
     "write_json",
 ]
 
-FORMAT = "lightning_peft.policy_library/2"
-OLD_FORMATS = ("lightning_peft.policy_library/1",)
+FORMAT = "lightning_peft.policy_library/3"
+OLD_FORMATS = {
+    "lightning_peft.policy_library/1": "whose base fingerprint this version no longer computes",
+    "lightning_peft.policy_library/2": "whose task files (one safetensors file per task) this version no longer reads",
+}
 INDEX_NAME = "index.json"
 BASE_NAME = "base.safetensors"
 ADAPTER_DIR = "adapters"
@@ -54,12 +60,9 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_file(path, lambda f: f.write(encoded))
 
 
-def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """``tensors`` as one safetensors file at ``path``, written atomically."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_file(path, lambda f: f.write(data))
+def export_bytes(path: Path) -> int:
+    """Bytes on disk of a task's export directory (its tensors file and its config)."""
+    return int(sum(f.stat().st_size for f in path.iterdir() if f.is_file()))
 
 
 def library_path(root: Path, rel: Any, what: str) -> Path:
@@ -94,7 +97,7 @@ def read_index(path: Path) -> dict[str, Any]:
     if isinstance(index, dict) and index.get("format") in OLD_FORMATS:
         raise ValueError(
             f"policy library {str(path.parent)!r} has format {index['format']!r}, written by an older lightning-peft "
-            f"whose base fingerprint this version no longer computes; this version reads {FORMAT!r}. Rebuild the "
+            f"{OLD_FORMATS[index['format']]}; this version reads {FORMAT!r}. Rebuild the "
             f"library: PolicyLibrary(new_root, base={str(path.parent / BASE_NAME)!r}), then add each task's adapter again"
         )
     if not isinstance(index, dict) or index.get("format") != FORMAT:

@@ -394,18 +394,8 @@ def library(tmp_path):
 
 
 def rewrite_task_layout(path: Path, edit) -> None:
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), "pt") as f:
-        metadata = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    layout = json.loads(metadata["layout"])
-    edit(layout)
-    metadata["layout"] = json.dumps(layout)
-    save_file(tensors, str(path), metadata=metadata)
+    """Rewrite the ``lightning_peft`` metadata of the task export at ``path`` with ``edit(meta)``."""
+    rewrite_metadata(path / "adapter_model.safetensors", edit)
 
 
 @pytest.mark.parametrize("crafted", CRAFTED[:3])
