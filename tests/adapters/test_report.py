@@ -141,8 +141,8 @@ def fit_two_epochs(tmp_path: Path, module: pl.LightningModule) -> list[str]:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        # export_weights="last": nothing reloads the (pickled) best checkpoint at fit end (issue point 1)
-        callbacks=[lora_callback(export_weights="last"), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        # the default export_weights="best": the export reads the best checkpoint without unpickling the net
+        callbacks=[lora_callback(), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
