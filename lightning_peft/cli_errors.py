@@ -125,6 +125,8 @@ def _list_index(args: list[str], key: str, class_path: str, from_command_line: b
 
 
 def _init_parameters(class_path: str) -> list[str]:
+    # class paths here come from the user's own CLI config, which jsonargparse imports anyway to
+    # build the run; an adapter *file* never reaches this (files name specs via the registry)
     try:
         module, _, name = class_path.rpartition(".")
         cls = getattr(importlib.import_module(module), name)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gymnasium  # noqa: F401  (a test dependency: fail loudly if missing)
 import pytest
 import torch
 
-pytest.importorskip("gymnasium")
-
-from lightning_peft import LoRA, PolicyLibrary, apply_adapter, load_adapter  # noqa: E402
-from lightning_peft.rl.ppo import PPO  # noqa: E402
+from lightning_peft import LoRA, PolicyLibrary, apply_adapter, load_adapter
+from lightning_peft.rl.ppo import PPO
 
 
 @pytest.fixture()
