@@ -27,6 +27,14 @@ _EXPORTS = {
     "unmerge_adapter": "lightning_peft.io",
     "remove_adapter": "lightning_peft.io",
     "register_adapter": "lightning_peft.adapters.registry",
+    # efficiency metrics (pure torch)
+    "netscore": "lightning_peft.metrics.netscore",
+    "ns_e": "lightning_peft.metrics.netscore",
+    "ns_m": "lightning_peft.metrics.netscore",
+    "ns_sharp": "lightning_peft.metrics.netscore",
+    "count_macs": "lightning_peft.metrics.macs",
+    "select_energy_source": "lightning_peft.metrics.energy",
+    "ConstantPowerSource": "lightning_peft.metrics.energy",
     # Lightning integration
     "AdapterCallback": "lightning_peft.callbacks.adapter",
     "AdaptiveCheckpointCallback": "lightning_peft.callbacks.adaptive_checkpoint",

@@ -5,7 +5,7 @@ Ranks (imports only go down, or stay within a rank):
 1. rank allocation (``allocation/``: slot and budget maths on tensors, no adapter types);
 2. pure-torch adapters (``adapters/``);
 3. pure-torch core on top of them: targeting and the report, files (io), memory meters and the
-   checkpointing planner/controller, trained buffers, gradient checks;
+   checkpointing planner/controller, trained buffers, gradient checks, efficiency metrics;
 4. Lightning integration: callbacks, strategies, modules, datamodules;
 5. the CLI;
 6. ``rl/`` (imports the core; the core never imports it).
@@ -42,6 +42,7 @@ RANKS: dict[str, int] = {
             "io_checks",
             "memory",
             "checkpointing",
+            "metrics",
         ],
         3,
     ),

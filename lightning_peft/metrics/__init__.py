@@ -1,0 +1,30 @@
+"""Efficiency metrics, pure torch (no Lightning): the NetScore family, energy readings, MACs and
+peak memory. ``lightning_peft.callbacks.efficiency.EfficiencyCallback`` measures them in a run."""
+
+from lightning_peft.metrics.energy import (
+    ConstantPowerSource,
+    EnergyReading,
+    EnergySource,
+    TdpEstimateSource,
+    UnavailableSource,
+    integrate_power,
+    select_energy_source,
+)
+from lightning_peft.metrics.macs import count_flops_by_operator, count_macs
+from lightning_peft.metrics.netscore import netscore, ns_e, ns_m, ns_sharp
+
+__all__ = [
+    "ConstantPowerSource",
+    "EnergyReading",
+    "EnergySource",
+    "TdpEstimateSource",
+    "UnavailableSource",
+    "count_flops_by_operator",
+    "count_macs",
+    "integrate_power",
+    "netscore",
+    "ns_e",
+    "ns_m",
+    "ns_sharp",
+    "select_energy_source",
+]
