@@ -120,16 +120,18 @@ class EfficiencyCallback(Callback):
 
     # -- phases ----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._source is None:  # fail at setup, before training, if an explicit reader cannot read
-            self._source = select_energy_source(self.energy, pl_module.device, self.tdp_watts)
+        # fail at setup, before training, if an explicit reader cannot read; the module is not
+        # on its device yet at setup, the strategy's root device says where it will run
+        if self._source is None:
+            self._source = select_energy_source(self.energy, trainer.strategy.root_device, self.tdp_watts)
 
     def _begin(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._source is None:
-            self._source = select_energy_source(self.energy, pl_module.device, self.tdp_watts)
+            self._source = select_energy_source(self.energy, trainer.strategy.root_device, self.tdp_watts)
         self._stage, self._samples = stage, 0
         self._probe = None
         if self.measure_memory:
-            self._probe = self._given_probe if self._given_probe is not None else memory_probe_for(pl_module.device)
+            self._probe = self._given_probe if self._given_probe is not None else memory_probe_for(trainer.strategy.root_device)
             self._probe.begin_phase(pl_module, training=stage == "fit")
         _synchronize(pl_module.device)
         self._source.start()
