@@ -106,6 +106,8 @@ def test_fit_then_test(tmp_path, capsys):
     assert fit_parts["parameters"] == 4 * (IN * OUT + OUT) == fit_parts["gradients"] and fit_parts["activations"] > 0
     assert fit_parts["optimizer_state"] >= 2 * fit_parts["parameters"]  # Adam's two moments
     assert r["fit_peak_memory_mib"] == pytest.approx(sum(fit_parts.values()) / MIB)
+    infer_parts = r["infer_memory_breakdown_bytes"]  # one forward of an 8-sample batch, after the timed loop
+    assert infer_parts["activations"] >= 4 * 8 * OUT and "gradients" not in infer_parts
     assert r["ns_e"] == pytest.approx(ns_e(r["accuracy"], 2.0, 50.0))
     assert r["ns_m"] == pytest.approx(ns_m(r["accuracy"], r["infer_peak_memory_mib"]))
     assert r["ns_sharp"] == pytest.approx(ns_sharp(r["accuracy"], r["infer_peak_memory_mib"], 2.0, 50.0))
@@ -221,6 +223,26 @@ def test_source_chosen_for_the_strategy_device(monkeypatch):
     fake = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda:0")))
     callback.setup(fake, Tiny(), "fit")
     assert "NVML: fake: no NVML for cuda:0" in callback._source.reason
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(tmp_path):
+    """2 CPU ranks (gloo): energy summed over ranks, every rank has results, only rank 0 writes."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    script = Path(__file__).parents[1] / "scripts" / "ddp_efficiency.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["world_size"] == 2 and r["fit_seconds"] == 1.0
+        assert r["fit_energy_joules"] == pytest.approx(20.0) and r["fit_avg_watts"] == pytest.approx(20.0)
+        assert r["infer_energy_joules"] == pytest.approx(20.0) and r["ns_e"] == pytest.approx(ns_e(r["accuracy"], 1.0, 20.0))
+    assert ranks[0]["accuracy"] == ranks[1]["accuracy"]  # synced over ranks
+    assert (tmp_path / "eff0" / "efficiency.json").is_file() and not (tmp_path / "eff1").exists()
 
 
 def test_ddp_energy_summed_over_ranks():
