@@ -16,7 +16,7 @@ compare against.
 HRM stores ``A`` in modal (complex-diagonal) form ``A = diag(lambda)``, ``lambda_j = r_j e^{i
 theta_j}`` with complex ``B``, ``C`` and a real output ``Re(C s_t)``; :func:`diagonal_kernel`
 builds its Markov parameters from ``lambda^k = exp(k (log r + i theta))``, which stays finite
-for every ``k`` when ``r < 1``. Pure torch.
+(values and gradients) for every ``k`` when ``r < 1``. Pure torch.
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ def diagonal_kernel(log_radius: torch.Tensor, theta: torch.Tensor, b: torch.Tens
     stable system); ``b`` complex ``[n, m]``, ``c`` complex ``[p, n]``. Cost ``O(length n p m)``.
     """
     k = torch.arange(length, device=log_radius.device, dtype=log_radius.dtype)
-    # lambda^k = r^k e^{i k theta}: from the logarithm, so large k never overflows or loses phase
-    powers = torch.polar(torch.exp(k[:, None] * log_radius[None, :]), k[:, None] * theta[None, :])  # [L, n]
+    # lambda^k = exp(k (log r + i theta)): from the logarithm, so large k never overflows or loses
+    # phase; a complex exp rather than torch.polar, whose backward divides by r^k (0/0 = NaN once
+    # r^k underflows)
+    powers = torch.exp(k[:, None] * torch.complex(log_radius, theta)[None, :])  # [L, n]
     # Re(sum_j C[:, j] lambda_j^k B[j, :]) = Re((C * lambda^k) @ B)
     return torch.einsum("pn,kn,nm->kpm", c, powers, b).real
 
