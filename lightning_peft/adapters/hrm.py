@@ -102,7 +102,8 @@ class HRMLayer(AdapterLayer):
 
     Tensors: ``p_in [m, d_in]``, ``nu [n]``, ``theta [n]``, ``b [n, m, 2]`` and ``c [m, n, 2]``
     (real and imaginary parts), ``d [m, m]``, ``p_out [d_out, m]``, ``gate [d_out]`` (the logit
-    of ``g``); buffer ``calibrated`` (1 once balanced truncation set the system). All float32.
+    of ``g``); buffer ``calibrated`` (1 once calibration ran: balanced truncation set the system,
+    or a requested random fallback kept the random one). All float32.
     """
 
     def __init__(self, base_layer: nn.Module, spec: HRM, name: str, d_in: int, d_out: int, input_name: str) -> None:
@@ -222,8 +223,11 @@ class HRMLayer(AdapterLayer):
         unbatched = x.dim() == 2
         if unbatched:
             x, h = x.unsqueeze(0), h.unsqueeze(0)
-        if x.dim() != 3 or h.dim() != 3:
-            raise ValueError(f"HRM at {self.site_name!r} needs [batch, length, features] inputs and outputs, got {tuple(x.shape)}")
+        if x.dim() != 3 or h.dim() != 3 or h.shape[:2] != x.shape[:2] or h.shape[-1] != self.d_out:
+            raise ValueError(
+                f"HRM at {self.site_name!r} needs a [batch, length, {self.d_in}] input and a [batch, length, {self.d_out}] output, "
+                f"got {tuple(x.shape)} -> {tuple(h.shape)}: choose a site that maps a sequence to a sequence"
+            )
         mask = self._mask_for(x)
         if self.recorder is not None:  # calibration: record, and behave as the frozen site
             self.recorder(self, x.detach(), h.detach(), mask)

@@ -296,3 +296,30 @@ def test_bad_sites_leave_the_model_untouched(spec: HRM, match: str) -> None:
     assert adapter_record(model) is None and not layers(model)
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_lora_inside_an_hrm_site_is_refused_by_name_and_lora_elsewhere_is_fine() -> None:
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj' \(LoRA\) lies inside 'model.layers.0.mlp', which HRM adapts"):
+        apply_adapter(model, [HRM(state_dim=4, input_dim=4, init="random"), LoRA(rank=2)])
+    assert adapter_record(model) is None and not layers(model)
+    report = apply_adapter(
+        model,
+        [HRM(state_dim=4, input_dim=4, init="random"), LoRA(rank=2, exclude_modules=["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])],
+    )
+    assert {r[1] for r in report.rows} == {"hrm", "lora"}
+
+
+def test_a_site_that_does_not_map_a_sequence_to_a_sequence_is_refused() -> None:
+    class Pool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x).mean(dim=1, keepdim=True)
+
+    model = nn.Sequential(Pool())
+    apply_adapter(model, HRM(state_dim=4, input_dim=4, site=["0"], init="random"))
+    with pytest.raises(ValueError, match=r"got \(2, 5, 8\) -> \(2, 1, 8\): choose a site that maps a sequence to a sequence"):
+        model(torch.randn(2, 5, 8))
