@@ -16,6 +16,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +45,8 @@ class AdapterRecord:
     trained_buffers: list[str] = field(default_factory=list)
     norm_stats: NormStats = "train"
     buffer_watch: BufferWatch | None = field(default=None, repr=False)
+    #: hook handles specs registered on the model (``AdapterSpec.attach``); removed with the adapter
+    hooks: list[Any] = field(default_factory=list, repr=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,17 +263,19 @@ def apply_adapter(
     trainable = _resolve_trainable(model, trainable_modules)  # validates the entries
     # 1. resolve and validate every target, build every replacement: nothing is changed yet
     claimed = redirect_to_weight_readers(model, _claim(model, specs, trainable), trainable)
+    _refuse_nesting(claimed)
     replacements = _replacements(model, claimed)
     check_weight_readers(model, replacements)
     # 2. change the model
     model.requires_grad_(False)
     for name, new in replacements.items():
         model.set_submodule(name, new)
+    hooks = [h for spec in specs for h in spec.attach(model, {n: model.get_submodule(n) for n, s in claimed.items() if s is spec})]
     rows = _enable_training(model, claimed, trainable)
     if norm_stats == "freeze":
         freeze_running_stats(model)
     buffers = running_stat_buffers(model)
-    record = AdapterRecord(specs, {n: s.kind for n, s in claimed.items()}, trainable, buffers, norm_stats)
+    record = AdapterRecord(specs, {n: s.kind for n, s in claimed.items()}, trainable, buffers, norm_stats, hooks=hooks)
     record.buffer_watch = BufferWatch(model, ignore=set(buffers) | set(trainable_state_keys(model)))
     object.__setattr__(model, RECORD_ATTRIBUTE, record)
     if check_gradients:
@@ -292,6 +297,20 @@ def _claim(model: nn.Module, specs: list[AdapterSpec], trainable: list[str]) -> 
                 )
             claimed[name] = spec
     return claimed
+
+
+def _refuse_nesting(claimed: dict[str, AdapterSpec]) -> None:
+    """A module claimed inside another claimed module (LoRA on ``mlp.down_proj`` with HRM on
+    ``mlp``) would end up inside the outer adapter layer's ``base_layer``: refused by name."""
+    for inner in claimed:
+        parts = inner.split(".")
+        outer = next((o for o in (".".join(parts[:i]) for i in range(1, len(parts))) if o in claimed), None)
+        if outer is not None:
+            raise ValueError(
+                f"module {inner!r} ({type(claimed[inner]).__name__}) lies inside {outer!r}, which "
+                f"{type(claimed[outer]).__name__} adapts as a whole; adapt one of them: add {inner!r} (or a pattern "
+                f"for it) to exclude_modules of {type(claimed[inner]).__name__}, or narrow its targets"
+            )
 
 
 def _replacements(model: nn.Module, claimed: dict[str, AdapterSpec]) -> dict[str, nn.Module]:
