@@ -17,6 +17,7 @@ _EXPORTS = {
     "FullFineTune": "lightning_peft.adapters.full",
     "ExpertLoRA": "lightning_peft.adapters.experts",
     "AdaLoRA": "lightning_peft.adapters.adalora",
+    "BaRA": "lightning_peft.adapters.bara",
     # targeting and files
     "apply_adapter": "lightning_peft.targeting",
     "AdapterReport": "lightning_peft.targeting",
@@ -31,6 +32,7 @@ _EXPORTS = {
     "AdapterCallback": "lightning_peft.callbacks.adapter",
     "AdaptiveCheckpointCallback": "lightning_peft.callbacks.adaptive_checkpoint",
     "ExpertImportanceCallback": "lightning_peft.callbacks.expert_importance",
+    "BaRACallback": "lightning_peft.callbacks.bara",
     "AdapterFSDP2Strategy": "lightning_peft.strategies",
     "PolicyLibrary": "lightning_peft.rl.library",
 }
