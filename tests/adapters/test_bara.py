@@ -266,10 +266,12 @@ def test_gradients_reach_every_adapter_tensor():
     ],
 )
 def test_bad_input_is_refused_and_the_model_untouched(kwargs, error, match):
-    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))  # max_rank 9 > min(8, 16) on the first
+    # max_rank 9 fits the first target (16 x 16) but not the second (min(16, 8) = 8): refused
+    # after the first passed its check, before either is wrapped
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(8, 4))
     weights = snapshot(model)
     with pytest.raises(error, match=match):
-        apply_adapter(model, BaRA(**kwargs), check_gradients=False)
+        apply_adapter(model, BaRA(**{"max_rank": 4, "target_modules": ["0", "1"], **kwargs}), check_gradients=False)
     assert not any(isinstance(m, BaRALinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
     for key, value in model.state_dict().items():
