@@ -167,6 +167,8 @@ class BaRALinear(AdapterLayer):
         if local is None:  # the joint rank is the global rank: nothing to accumulate
             return
         flat = local.detach().float().reshape(-1, self.max_rank)
+        if self._rank_sum.device != flat.device:  # the module moved since the last reset
+            self._rank_sum = self._rank_sum.to(flat.device)
         self._rank_sum += (flat @ self.expected_gate().detach().float()).sum()
         self._tokens += flat.shape[0]
 
@@ -182,8 +184,9 @@ class BaRALinear(AdapterLayer):
             )
 
     def reset_rank_stats(self) -> None:
-        # a non-persistent buffer: moves with the module, stays out of state dicts and files
-        self.register_buffer("_rank_sum", torch.zeros((), device=self.gate_logit.device), persistent=False)
+        # a plain tensor, not a buffer: out of state dicts and files, and never overwritten by
+        # DDP's buffer broadcast (each process keeps its own statistic)
+        self._rank_sum = torch.zeros((), device=self.gate_logit.device)
         self._tokens = 0
 
     def rank_stats(self) -> dict[str, float]:
