@@ -24,8 +24,9 @@ batch 16 x 64 tokens): step time (forward + backward + AdamW) of BaRA over LoRA 
 quality baseline) and over LoRA rank 16 (BaRA's pool size), median of interleaved repeats in the
 same process, and the activation bytes saved for backward (saved-tensor meter).
 
-One thread (``torch.set_num_threads(1)``) on a shared 2-core machine. Full run about 20 min of
-wall time (``--quick``: about 2).
+One thread (``torch.set_num_threads(1)``) on a shared 2-core machine. The full run took 28 min of
+wall time there with other jobs running (``--quick``: one seed, 16 and 64 per class, 10 steps,
+3 overhead repeats; about 5 min).
 
     python benchmarks/bara.py [--quick] [--out benchmarks/results/bara.json]
 """
@@ -312,7 +313,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, two sizes, few steps (~2 min)")
+    parser.add_argument("--quick", action="store_true", help="one seed, two sizes, 10 steps (~5 min on the shared machine)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--out", default=None)
