@@ -18,6 +18,7 @@ _EXPORTS = {
     "ExpertLoRA": "lightning_peft.adapters.experts",
     "AdaLoRA": "lightning_peft.adapters.adalora",
     "HRM": "lightning_peft.adapters.hrm",
+    "BaRA": "lightning_peft.adapters.bara",
     # targeting and files
     "apply_adapter": "lightning_peft.targeting",
     "AdapterReport": "lightning_peft.targeting",
@@ -44,6 +45,7 @@ _EXPORTS = {
     "ExpertImportanceCallback": "lightning_peft.callbacks.expert_importance",
     "EfficiencyCallback": "lightning_peft.callbacks.efficiency",
     "HRMCalibrationCallback": "lightning_peft.callbacks.hrm",
+    "BaRACallback": "lightning_peft.callbacks.bara",
     "AdapterFSDP2Strategy": "lightning_peft.strategies",
     "PolicyLibrary": "lightning_peft.rl.library",
 }

@@ -35,6 +35,7 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "lightning_peft.adapters.experts.spec.ExpertLoRA": ("lightning_peft.adapters.experts.spec", "ExpertLoRA"),
     "lightning_peft.adapters.adalora.AdaLoRA": ("lightning_peft.adapters.adalora", "AdaLoRA"),
     "lightning_peft.adapters.hrm.HRM": ("lightning_peft.adapters.hrm", "HRM"),
+    "lightning_peft.adapters.bara.BaRA": ("lightning_peft.adapters.bara", "BaRA"),
 }
 # short names: the class name and the spec's ``kind`` (what reports and index files show)
 _BUILTIN_ALIASES: dict[str, str] = {
@@ -54,6 +55,8 @@ _BUILTIN_ALIASES: dict[str, str] = {
     "adalora": "lightning_peft.adapters.adalora.AdaLoRA",
     "HRM": "lightning_peft.adapters.hrm.HRM",
     "hrm": "lightning_peft.adapters.hrm.HRM",
+    "BaRA": "lightning_peft.adapters.bara.BaRA",
+    "bara": "lightning_peft.adapters.bara.BaRA",
     # lightning_peft's public names (``from lightning_peft import LoRA``)
     "lightning_peft.LoRA": "lightning_peft.adapters.lora.LoRA",
     "lightning_peft.QLoRA": "lightning_peft.adapters.quantized.QLoRA",
@@ -62,6 +65,7 @@ _BUILTIN_ALIASES: dict[str, str] = {
     "lightning_peft.ExpertLoRA": "lightning_peft.adapters.experts.spec.ExpertLoRA",
     "lightning_peft.AdaLoRA": "lightning_peft.adapters.adalora.AdaLoRA",
     "lightning_peft.HRM": "lightning_peft.adapters.hrm.HRM",
+    "lightning_peft.BaRA": "lightning_peft.adapters.bara.BaRA",
 }
 
 _USER: dict[str, type[AdapterSpec]] = {}  # every name a registered class answers to -> class
