@@ -44,6 +44,7 @@ from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, check_positive
 from lightning_peft.adapters.kernels.frft import fractional_lowrank_factors
+from lightning_peft.adapters.kernels.mixture import gated_mixture
 from lightning_peft.adapters.kernels.routing import grouped_balance_loss, top_k_gates, with_aux_gradient
 from lightning_peft.validation import InvalidArgumentError, InvalidArgumentTypeError, check_bool, check_float, check_int
 
@@ -129,10 +130,9 @@ class FRAMELinear(AdapterLayer):
         probs, gates = top_k_gates(tokens, self.router.weight, self.top_k)
         a, b = self.expert_factors()
         e, r2 = a.shape[0], a.shape[1]
-        u = F.linear(tokens, a.reshape(e * r2, -1).to(x.dtype))  # [T, E*R]
-        u = (u.view(-1, e, r2) * gates.to(u.dtype).unsqueeze(-1)).view(-1, e * r2)
-        b_all = (b * self.scale).permute(1, 0, 2).reshape(self.out_features, e * r2)  # [d_out, E*R], expert-major like u
-        y = y + F.linear(u, b_all.to(x.dtype)).view(*x.shape[:-1], self.out_features).to(y.dtype)
+        b_all = (b * self.scale).permute(1, 0, 2).reshape(self.out_features, e * r2)  # [d_out, E*R], expert-major like A's rows
+        delta = gated_mixture(tokens, a.reshape(e * r2, self.in_features), b_all, gates)
+        y = y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
         if self.training and torch.is_grad_enabled():
             aux, load = grouped_balance_loss(probs, gates, self.group_membership, self.top_k)
             self.last_load, self.last_balance_loss = load, aux.detach()
