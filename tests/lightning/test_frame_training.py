@@ -137,3 +137,53 @@ def test_frame_bbc_config_runs_a_few_steps(tmp_path, monkeypatch):
     header = (Path(cli.trainer.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")  # the CSV logger's file
     assert any(k.startswith("frame/") and k.endswith("order_0") for k in header) and "frame/balance_loss" in header
     assert (Path(cli.trainer.log_dir) / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_regroup_follows_a_warmup_lambda_schedule():
+    from types import SimpleNamespace
+
+    from lightning_peft.adapters.frame import FRAMELinear
+
+    torch.manual_seed(0)
+    layer = FRAME(rank=2, order_lr=0.1).wrap("l", torch.nn.Linear(8, 8).requires_grad_(False))
+    assert isinstance(layer, FRAMELinear)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=1e-3)  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 4))
+    trainer = SimpleNamespace(lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)])
+    FRAMECallback()._regroup(trainer, optimizer, {id(layer.orders): layer})
+    # the orders are the only 1-D trainable: their no-decay group stays and takes order_lr
+    assert [len(g["params"]) for g in optimizer.param_groups] == [3, 1]
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.1 / 4) and optimizer.param_groups[-1]["weight_decay"] == 0.0
+    for step in range(1, 6):
+        optimizer.step()
+        scheduler.step()
+        assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.1 * min(1.0, (step + 1) / 4))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * min(1.0, (step + 1) / 4))
+    again = [len(g["params"]) for g in optimizer.param_groups]
+    FRAMECallback()._regroup(trainer, optimizer, {id(layer.orders): layer})  # already grouped: unchanged
+    assert [len(g["params"]) for g in optimizer.param_groups] == again
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.1)
+
+
+def test_regroup_moves_orders_out_of_a_mixed_group_and_the_scheduler_follows():
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    layer = FRAME(rank=2, order_lr=0.1).wrap("l", torch.nn.Linear(8, 8).requires_grad_(False))
+    optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    trainer = SimpleNamespace(lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)])
+    FRAMECallback()._regroup(trainer, optimizer, {id(layer.orders): layer})
+    assert [len(g["params"]) for g in optimizer.param_groups] == [3, 1]
+    assert optimizer.param_groups[1]["params"][0] is layer.orders and optimizer.param_groups[1]["weight_decay"] == 0.0
+    optimizer.step()
+    scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-4, 0.05])
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"log_orders": 1}, "log_orders"), ({"log_every_n_steps": 0}, "log_every_n_steps")])
+def test_callback_refuses_bad_arguments(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        FRAMECallback(**kwargs)
