@@ -348,3 +348,17 @@ def test_bfloat16_autocast_runs_and_keeps_float32_parameters():
     assert all(p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in (layer.lora_A, layer.lora_B, layer.orders))
     y = y.detach().float()
     assert torch.allclose(y, layer.eval()(x).detach(), rtol=0.05, atol=0.05 * float(y.abs().max()))
+
+
+def test_no_grad_calls_reuse_the_factors_until_a_tensor_changes():
+    layer = _layer(num_experts=2, top_k=1).eval()
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        first = layer(x)
+        cached = layer._no_grad_factors[1]
+        assert torch.equal(layer(x), first) and layer._no_grad_factors[1] is cached
+        layer.orders.add_(0.1)  # an optimizer step, a load: the version changes
+        second = layer(x)
+    assert layer._no_grad_factors[1] is not cached and not torch.allclose(second, first)
+    assert torch.allclose(second, layer(x), atol=1e-6)  # with grad: recomputed, same values
+    assert layer._no_grad_factors is None
