@@ -137,8 +137,7 @@ class FRAMELinear(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.project_orders()
-        base = self.base_layer
-        y = F.linear(x, base.weight, base.bias)
+        y = self.base_layer(x)  # any nn.Linear subclass (a quantized one too) computes its own base
         tokens = x.reshape(-1, self.in_features)
         probs, gates = top_k_gates(tokens, self.router.weight, self.top_k)
         a, b = self._factors()
