@@ -187,3 +187,25 @@ def test_regroup_moves_orders_out_of_a_mixed_group_and_the_scheduler_follows():
 def test_callback_refuses_bad_arguments(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         FRAMECallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("top_k=9", "top_k (9) must be <= num_experts (4)"),
+        ("order_init=1.5", "order_init"),
+        ("order_range=[1.0, 0.0]", "low < high"),
+    ],
+)
+def test_cli_bad_frame_value_is_one_short_message(override, message, monkeypatch, capsys):
+    from lightning_peft.cli import cli_main
+
+    monkeypatch.setattr("sys.argv", ["lightning-peft"])
+    monkeypatch.delenv("LIGHTNING_PEFT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        cli_main(["--config", str(CONFIGS / "frame_bbc.yaml"), f"--trainer.callbacks.init_args.adapter.init_args.{override}"], run=False)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    key = override.split("=")[0]
+    assert f"error: trainer.callbacks[1].init_args.adapter.init_args.{key}: " in err and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) < 15
