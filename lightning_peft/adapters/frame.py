@@ -89,6 +89,9 @@ class FRAMELinear(AdapterLayer):
         self.last_load: torch.Tensor | None = None  # [E] expert loads of the last training forward
         self.last_balance_loss: torch.Tensor | None = None
         self._no_grad_factors: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
+        #: multiplies ``balance_coef`` in backward; FRAMECallback sets ``1 / accumulate_grad_batches``
+        #: (Lightning divides the loss by it, the balance term must follow)
+        self.balance_grad_scale = 1.0
 
     @property
     def in_features(self) -> int:
@@ -149,7 +152,7 @@ class FRAMELinear(AdapterLayer):
             aux, load = grouped_balance_loss(probs, gates, self.group_membership, self.top_k)
             self.last_load, self.last_balance_loss = load, aux.detach()
             if self.spec.balance_coef > 0 and self.router.weight.requires_grad and aux.requires_grad:
-                y = with_aux_gradient(y, aux, self.spec.balance_coef)
+                y = with_aux_gradient(y, aux, self.spec.balance_coef * self.balance_grad_scale)
         return y
 
     def merge(self, keep_original: bool = True) -> None:

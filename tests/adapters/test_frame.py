@@ -141,6 +141,11 @@ def test_balance_loss_reaches_the_router_without_the_users_loss():
     expected = torch.autograd.grad(0.5 * aux, layer.router.weight)[0]
     assert expected.abs().sum() > 0
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
+    layer.router.weight.grad = None
+    layer.balance_grad_scale = 0.25  # what FRAMECallback sets under accumulate_grad_batches=4
+    layer(x).sum().backward()
+    assert torch.allclose(layer.router.weight.grad, 0.25 * expected, rtol=1e-5, atol=1e-7)
+    layer.balance_grad_scale = 1.0
     off = _layer(randomize=False, num_experts=4, top_k=1, balance_coef=0.0)  # switched off: no gradient
     off.load_state_dict(layer.state_dict())
     off(x).sum().backward()

@@ -84,6 +84,14 @@ def test_orders_get_their_own_group_and_the_logger_sees_orders_and_loads(tmp_pat
     assert "frame/balance_loss" in metrics
 
 
+def test_gradient_accumulation_scales_the_balance_term(tmp_path):
+    torch.manual_seed(0)
+    module = Classifier()
+    trainer = _trainer(tmp_path, [_callback()], max_steps=1, accumulate_grad_batches=4)
+    trainer.fit(module, make_loader(n=32, batch_size=8))
+    assert {m.balance_grad_scale for m in frame_layers(module).values()} == {0.25}
+
+
 def test_resume_restores_the_order_group(tmp_path):
     torch.manual_seed(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
