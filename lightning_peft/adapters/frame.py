@@ -12,16 +12,17 @@ of size ``d_in`` on the input side and ``d_out`` on the output side. ``a = 0`` i
 ``a = 1`` a low-rank update in the DFT basis, orders in between interpolate. ``B_e`` starts at
 zero (the model starts equal to the base); the orders start spread over ``order_range``.
 
-How it runs. No transform is applied per token: each step the layer folds the transforms into
-real rank-``2r`` factors ``A'_e = [Re(A_e F_a); Im(A_e F_a)]``, ``B'_e = [Re(F_{-a} B_e),
--Im(F_{-a} B_e)]`` (``O(E r d^2)`` per forward, independent of the batch), and the tokens see
-a masked dense mixture of LoRAs: ``u = x A'^T [T, E*2r]``, gated per expert, then ``u B'^T``.
 The update is an even function of the order (``Re{F_{a} M F_{-a}} = Re{conj(F_{-a} M F_a)}``
 for real ``M``): orders in ``[-1, 0]`` repeat ``[0, 1]``, and ``a = 0`` is a stationary point
 (zero gradient in ``a``; the gradient is nonzero at ``a = 1`` and in between).
 
-Orders fixed at 0 (``train_orders=False, order_init=0.0``) skip the transforms and run the
-same code at rank ``r``: that is the MoE-LoRA baseline.
+How it runs. No transform is applied per token: each forward folds the transforms into real
+rank-``2r`` factors ``A'_e = [Re(A_e F_a); Im(A_e F_a)]``, ``B'_e = [Re(F_{-a} B_e),
+-Im(F_{-a} B_e)]`` (``kernels.frft.fractional_lowrank_factors``: ``O(E r d^2)``, independent
+of the batch; reused across no-grad forwards), and the tokens go through one dense gated
+mixture node (``kernels.mixture.gated_mixture``): ``u = x A'^T [T, E*2r]``, gated per expert,
+then ``u B'^T``. Orders fixed at 0 (``train_orders=False, order_init=0.0``) skip the fold and
+run the same node at rank ``r``: that is the MoE-LoRA baseline.
 
 The balance loss (``kernels.routing.grouped_balance_loss``, experts grouped by order into
 ``balance_groups`` equal bins of ``order_range``) reaches the router through the layer's
