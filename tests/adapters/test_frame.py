@@ -286,6 +286,12 @@ def _snapshot(model):
         (lambda: FRAME(balance_coef=-1.0), ValueError, "balance_coef"),
         (lambda: FRAME(balance_groups=0), ValueError, "balance_groups"),
         (lambda: FRAME(train_orders="yes"), TypeError, "train_orders"),
+        (lambda: FRAME(alpha=float("nan")), ValueError, "alpha.*nan"),
+        (lambda: FRAME(order_init=[0.1, 0.2, float("nan"), 0.3]), ValueError, "order_init.*nan.*entry 2"),
+        (lambda: FRAME(order_range=(float("nan"), 1.0)), ValueError, "order_range.*nan"),
+        (lambda: FRAME(order_lr=float("nan")), ValueError, "order_lr.*nan"),
+        (lambda: FRAME(balance_coef=float("nan")), ValueError, "balance_coef.*nan"),
+        (lambda: FRAME(rank=2.0), TypeError, "rank"),
     ],
 )
 def test_constructor_refuses(build, error, match):
