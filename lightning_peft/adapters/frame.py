@@ -45,7 +45,7 @@ from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, check_positive
 from lightning_peft.adapters.kernels.frft import fractional_lowrank_factors
-from lightning_peft.adapters.kernels.mixture import gated_mixture
+from lightning_peft.adapters.kernels.mixture import gated_mixture, router_logits
 from lightning_peft.adapters.kernels.routing import grouped_balance_loss, top_k_gates, with_aux_gradient
 from lightning_peft.validation import InvalidArgumentError, InvalidArgumentTypeError, check_bool, check_float, check_int
 
@@ -142,12 +142,12 @@ class FRAMELinear(AdapterLayer):
         if self.training:
             self.project_orders()
         y = self.base_layer(x)  # any nn.Linear subclass (a quantized one too) computes its own base
-        tokens = x.reshape(-1, self.in_features)
-        probs, gates = top_k_gates(tokens, self.router.weight, self.top_k)
+        recompute = self.spec.recompute_input
+        probs, gates = top_k_gates(router_logits(x, self.router.weight, recompute), self.top_k)
         a, b = self._factors()
         e, r2 = a.shape[0], a.shape[1]
         b_all = (b * self.scale).permute(1, 0, 2).reshape(self.out_features, e * r2)  # [d_out, E*R], expert-major like A's rows
-        delta = gated_mixture(tokens, a.reshape(e * r2, self.in_features), b_all, gates)
+        delta = gated_mixture(x, a.reshape(e * r2, self.in_features), b_all, gates, recompute)
         y = y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
         if self.training and torch.is_grad_enabled():
             aux, load = grouped_balance_loss(probs, gates, self.group_membership, self.top_k)
@@ -200,6 +200,9 @@ class FRAME(AdapterSpec):
         balance_coef: weight of the grouped load-balancing loss (0 switches it off).
         balance_groups: number of equal-width bins of ``order_range`` that group experts for
             the balance loss (1: one Switch-style loss over all experts).
+        recompute_input: recompute the layer input in backward from its producer's saved
+            tensors (a LayerNorm, GELU ...) instead of keeping it, as LoRA does (exact up to
+            rounding; saves memory).
         target_modules, exclude_modules, module_path: see ``AdapterSpec``.
     """
 
@@ -218,6 +221,7 @@ class FRAME(AdapterSpec):
         order_lr: float | None = None,
         balance_coef: float = 0.01,
         balance_groups: int = 2,
+        recompute_input: bool = True,
         target_modules: str | list[str] | None = None,
         exclude_modules: list[str] | None = None,
         module_path: str | None = None,
@@ -232,6 +236,7 @@ class FRAME(AdapterSpec):
             )
         check_positive("alpha", alpha, float)
         check_bool("train_orders", train_orders)
+        check_bool("recompute_input", recompute_input)
         self.order_range = _check_range(order_range)
         self.order_init = _check_init(order_init, num_experts, self.order_range)
         check_float("order_lr", order_lr, low=0.0, low_open=True, allow_none=True)
@@ -241,6 +246,7 @@ class FRAME(AdapterSpec):
         self.train_orders = train_orders
         self.order_lr = None if order_lr is None else float(order_lr)
         self.balance_coef, self.balance_groups = float(balance_coef), balance_groups
+        self.recompute_input = recompute_input
 
     def initial_orders(self) -> list[float]:
         if self.order_init == "spread":  # the centres of E equal bins (not the ends: a = 0 is stationary)

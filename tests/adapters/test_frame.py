@@ -136,7 +136,7 @@ def test_balance_loss_reaches_the_router_without_the_users_loss():
     x = torch.randn(32, 12)
     layer(x).sum().backward()  # B = 0: the user's loss alone gives the router no gradient
     got = layer.router.weight.grad.clone()
-    probs, gates = top_k_gates(x, layer.router.weight, 1)
+    probs, gates = top_k_gates(x @ layer.router.weight.T, 1)
     aux, _ = grouped_balance_loss(probs, gates, layer.group_membership, 1)
     expected = torch.autograd.grad(0.5 * aux, layer.router.weight)[0]
     assert expected.abs().sum() > 0
@@ -373,3 +373,25 @@ def test_no_grad_calls_reuse_the_factors_until_a_tensor_changes():
     assert layer._no_grad_factors[1] is not cached and not torch.allclose(second, first)
     assert torch.allclose(second, layer(x), atol=1e-6)  # with grad: recomputed, same values
     assert layer._no_grad_factors is None
+
+
+@pytest.mark.parametrize("producer", ["layer_norm", "gelu"])
+def test_recomputed_input_gives_the_same_gradients_and_keeps_less(producer):
+    from lightning_peft.memory.meters import SavedTensorMeter
+
+    results = []
+    for recompute in (True, False):
+        layer = _layer(d_in=12, d_out=10, num_experts=3, top_k=2, recompute_input=recompute)
+        layer.base_layer.requires_grad_(False)  # frozen, as apply_adapter leaves it (else its weight's grad keeps x)
+        norm = nn.LayerNorm(12)
+        h = torch.randn(64, 12, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        with SavedTensorMeter(nn.ModuleList([layer, norm])) as meter:
+            x = norm(h) if producer == "layer_norm" else torch.nn.functional.gelu(h)
+            y = layer(x)
+        y.pow(2).sum().backward()
+        grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.router.weight, layer.orders)] + [h.grad.clone()]
+        results.append((meter.bytes, grads))
+    (kept, grads), (saved, reference) = results
+    assert kept <= saved - 64 * 12 * 4  # the [64, 12] input is not kept
+    for got, expected in zip(grads, reference):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
