@@ -24,8 +24,8 @@ mixture node (``kernels.mixture.gated_mixture``): ``u = x A'^T [T, E*2r]``, gate
 then ``u B'^T``. Orders fixed at 0 (``train_orders=False, order_init=0.0``) skip the fold and
 run the same node at rank ``r``: that is the MoE-LoRA baseline.
 
-The balance loss (``kernels.routing.grouped_balance_loss``, experts grouped by order into
-``balance_groups`` equal bins of ``order_range``) reaches the router through the layer's
+The balance loss (``kernels.routing.grouped_balance_loss``, experts grouped by their current
+order into ``balance_groups`` equal bins of ``order_range``) reaches the router through the layer's
 output (``kernels.routing.with_aux_gradient``): any ``loss.backward()`` through the model adds
 ``balance_coef * d aux / d W_r``; the training step is unchanged.
 
@@ -86,7 +86,6 @@ class FRAMELinear(AdapterLayer):
             self.register_buffer("orders", orders)
         # fixed orders all 0: the transforms are the identity, skip them (MoE-LoRA)
         self.spatial = not spec.train_orders and all(a == 0.0 for a in spec.initial_orders())
-        self.register_buffer("group_membership", spec.group_membership().to(weight.device), persistent=False)
         self.last_load: torch.Tensor | None = None  # [E] expert loads of the last training forward
         self.last_balance_loss: torch.Tensor | None = None
         self._no_grad_factors: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -150,7 +149,8 @@ class FRAMELinear(AdapterLayer):
         delta = gated_mixture(x, a.reshape(e * r2, self.in_features), b_all, gates, recompute)
         y = y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
         if self.training and torch.is_grad_enabled():
-            aux, load = grouped_balance_loss(probs, gates, self.group_membership, self.top_k)
+            groups = self.spec.group_membership(self.orders)  # by the current orders: groups follow them as they learn
+            aux, load = grouped_balance_loss(probs, gates, groups, self.top_k)
             self.last_load, self.last_balance_loss = load, aux.detach()
             if self.spec.balance_coef > 0 and self.router.weight.requires_grad and aux.requires_grad:
                 y = with_aux_gradient(y, aux, self.spec.balance_coef * self.balance_grad_scale)
@@ -257,14 +257,16 @@ class FRAME(AdapterSpec):
             return list(self.order_init)
         return [float(self.order_init)] * self.num_experts
 
-    def group_membership(self) -> torch.Tensor:
-        """``[G, E]`` one-hot (float32, host): expert ``e`` is in bin ``floor(G (a_e - low) /
-        (high - low))`` of ``order_range`` (the top edge in the last bin). Groups follow the
-        *initial* orders, so they never change during training (no host sync per step)."""
+    def group_membership(self, orders: torch.Tensor | None = None) -> torch.Tensor:
+        """``[G, E]`` one-hot (float32, on ``orders``' device): expert ``e`` is in bin
+        ``floor(G (a_e - low) / (high - low))`` of ``order_range`` (the top edge in the last
+        bin). ``orders``: the current ones (``None``: the initial ones). Computed on the device,
+        without a host synchronisation."""
         low, high = self.order_range
         width = (high - low) / self.balance_groups
-        orders = torch.tensor(self.initial_orders(), dtype=torch.float64)
-        bins = ((orders - low) / width).floor().clamp(0, self.balance_groups - 1).long()
+        if orders is None:
+            orders = torch.tensor(self.initial_orders(), dtype=torch.float64)
+        bins = ((orders.detach() - low) / width).floor().clamp(0, self.balance_groups - 1).long()
         return F.one_hot(bins, self.balance_groups).T.float()
 
     def check(self, name: str, module: nn.Module) -> None:

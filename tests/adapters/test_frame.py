@@ -137,7 +137,7 @@ def test_balance_loss_reaches_the_router_without_the_users_loss():
     layer(x).sum().backward()  # B = 0: the user's loss alone gives the router no gradient
     got = layer.router.weight.grad.clone()
     probs, gates = top_k_gates(x @ layer.router.weight.T, 1)
-    aux, _ = grouped_balance_loss(probs, gates, layer.group_membership, 1)
+    aux, _ = grouped_balance_loss(probs, gates, layer.spec.group_membership(layer.orders), 1)
     expected = torch.autograd.grad(0.5 * aux, layer.router.weight)[0]
     assert expected.abs().sum() > 0
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
@@ -182,6 +182,8 @@ def test_spread_and_groups():
     spec = FRAME(num_experts=4, balance_groups=2)
     assert spec.initial_orders() == [0.125, 0.375, 0.625, 0.875]
     assert spec.group_membership().tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
+    # groups follow the orders as they learn; the top edge belongs to the last bin
+    assert spec.group_membership(torch.tensor([0.6, 0.1, 1.0, 0.49])).tolist() == [[0, 1, 0, 1], [1, 0, 1, 0]]
     assert FRAME(num_experts=3, top_k=1, order_range=(0.0, 2.0)).initial_orders() == pytest.approx([1 / 3, 1.0, 5 / 3])
 
 
