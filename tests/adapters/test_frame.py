@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_peft import FRAME, LoRA, apply_adapter, load_adapter, merge_adapter, save_adapter
 from lightning_peft.adapters.frame import FRAMELinear, frame_layers, frame_parameter_groups
-from lightning_peft.adapters.kernels.frft import frft
+from lightning_peft.adapters.kernels.frft import fractional_lowrank_factors, frft
 from lightning_peft.adapters.kernels.routing import grouped_balance_loss, top_k_gates
 from lightning_peft.adapters.lora import LoRALinear
 from lightning_peft.adapters.registry import spec_from_config
@@ -397,3 +397,30 @@ def test_recomputed_input_gives_the_same_gradients_and_keeps_less(producer):
     assert kept <= saved - 64 * 12 * 4  # the [64, 12] input is not kept
     for got, expected in zip(grads, reference):
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_learned_order_finds_the_domain_of_a_target_update():
+    """The target is a rank-2 update in the order-0.8 domain (full rank in the spatial one): one
+    expert starting at 0.7 learns a = 0.8 and fits it; an expert fixed at 0 cannot. (From 0.3
+    it stalls in another local minimum: the loss oscillates in a with period ~4/d.)"""
+    torch.manual_seed(0)
+    d, r = 16, 2
+    a_t, b_t = fractional_lowrank_factors(torch.randn(1, r, d) / d**0.5, torch.randn(1, d, r), torch.tensor([0.8]))
+    x = torch.randn(256, d)
+    y = x @ (b_t[0] @ a_t[0]).T
+    losses = {}
+    for init, train in ((0.7, True), (0.0, False)):
+        torch.manual_seed(1)
+        base = nn.Linear(d, d, bias=False).requires_grad_(False)
+        nn.init.zeros_(base.weight)
+        layer = FRAME(rank=r, num_experts=1, top_k=1, alpha=r, order_init=init, train_orders=train, balance_coef=0.0).wrap("l", base)
+        optimizer = torch.optim.Adam(frame_parameter_groups(layer, lr=0.02))
+        for _ in range(400):
+            loss = (layer(x) - y).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        losses[train] = float(loss.detach())
+        if train:
+            assert abs(float(layer.orders.detach()[0]) - 0.8) < 1e-3
+    assert losses[True] < 1e-4 * float(y.pow(2).mean()) and losses[False] > 0.1 * float(y.pow(2).mean())
