@@ -19,6 +19,7 @@ _EXPORTS = {
     "AdaLoRA": "lightning_peft.adapters.adalora",
     "HRM": "lightning_peft.adapters.hrm",
     "BaRA": "lightning_peft.adapters.bara",
+    "FRAME": "lightning_peft.adapters.frame",
     # targeting and files
     "apply_adapter": "lightning_peft.targeting",
     "AdapterReport": "lightning_peft.targeting",

@@ -69,6 +69,9 @@ def merge_adapter(model: nn.Module, keep_original: bool = True) -> int:
     layers = adapter_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no adapter layers to merge")
+    refused = {name: reason for name, layer in layers.items() if (reason := layer.merge_refusal()) is not None}
+    if refused:  # before merging any layer: the model stays as it was
+        raise ValueError(f"cannot merge the adapter of {sorted(refused)[:4]}: {next(iter(refused.values()))}. Nothing was merged.")
     done: list[AdapterLayer] = []
     try:
         for layer in layers.values():
@@ -76,7 +79,7 @@ def merge_adapter(model: nn.Module, keep_original: bool = True) -> int:
                 layer.merge(keep_original=keep_original)
                 done.append(layer)
     except BaseException:
-        for layer in done:  # a layer that refuses (HRM) leaves the model as it was, not half merged
+        for layer in done:  # a layer failing half-way leaves the model as it was, not half merged
             layer.unmerge()
         raise
     return len(layers)

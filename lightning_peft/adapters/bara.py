@@ -203,19 +203,21 @@ class BaRALinear(AdapterLayer):
         pi = self.expected_gate().detach().float()
         return self.scale * (self.lora_B.detach().float() * pi) @ self.lora_A.detach().float()
 
-    def check_mergeable(self) -> None:
-        if self.spec.local_gate:
-            raise ValueError(
-                "BaRA cannot merge a layer with a local gate: its update B diag(z_global * z_local(x)) A x depends on the "
-                "input x, so no single weight reproduces it. Train with BaRA(local_gate=False) to get a mergeable adapter "
-                "(merging then folds the expected global gate, W0 + s B diag(pi) A, exactly)."
-            )
+    def merge_refusal(self) -> str | None:
+        if not self.spec.local_gate:
+            return None
+        return (
+            "BaRA cannot merge a layer with a local gate: its update B diag(z_global * z_local(x)) A x depends on the "
+            "input x, so no single weight reproduces it. Train with BaRA(local_gate=False) to get a mergeable adapter "
+            "(merging then folds the expected global gate, W0 + s B diag(pi) A, exactly)."
+        )
 
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> None:
         if self.merged:
             return
-        self.check_mergeable()
+        if (reason := self.merge_refusal()) is not None:
+            raise ValueError(reason)
         if self.spec.eval_gate == "sampled":
             warnings.warn(
                 "BaRA merge folds the expected gate pi; the unmerged layer evaluates with eval_gate='sampled' "

@@ -253,11 +253,14 @@ class HRMLayer(AdapterLayer):
     def base_shape(self) -> list[int] | None:
         return [self.d_out, self.d_in]
 
-    def merge(self, keep_original: bool = True) -> None:
-        raise ValueError(
+    def merge_refusal(self) -> str | None:
+        return (
             f"HRM at {self.site_name!r} cannot be merged: its output at a position depends on earlier positions through a "
             "recurrent state, which no weight of the frozen module can express. Keep it unmerged (save_adapter exports it)"
         )
+
+    def merge(self, keep_original: bool = True) -> None:
+        raise ValueError(self.merge_refusal())
 
     def unmerge(self) -> None:
         return None  # never merged

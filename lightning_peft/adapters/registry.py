@@ -36,6 +36,7 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "lightning_peft.adapters.adalora.AdaLoRA": ("lightning_peft.adapters.adalora", "AdaLoRA"),
     "lightning_peft.adapters.hrm.HRM": ("lightning_peft.adapters.hrm", "HRM"),
     "lightning_peft.adapters.bara.BaRA": ("lightning_peft.adapters.bara", "BaRA"),
+    "lightning_peft.adapters.frame.FRAME": ("lightning_peft.adapters.frame", "FRAME"),
 }
 # short names: the class name and the spec's ``kind`` (what reports and index files show)
 _BUILTIN_ALIASES: dict[str, str] = {
@@ -57,6 +58,8 @@ _BUILTIN_ALIASES: dict[str, str] = {
     "hrm": "lightning_peft.adapters.hrm.HRM",
     "BaRA": "lightning_peft.adapters.bara.BaRA",
     "bara": "lightning_peft.adapters.bara.BaRA",
+    "FRAME": "lightning_peft.adapters.frame.FRAME",
+    "frame": "lightning_peft.adapters.frame.FRAME",
     # lightning_peft's public names (``from lightning_peft import LoRA``)
     "lightning_peft.LoRA": "lightning_peft.adapters.lora.LoRA",
     "lightning_peft.QLoRA": "lightning_peft.adapters.quantized.QLoRA",
@@ -66,6 +69,7 @@ _BUILTIN_ALIASES: dict[str, str] = {
     "lightning_peft.AdaLoRA": "lightning_peft.adapters.adalora.AdaLoRA",
     "lightning_peft.HRM": "lightning_peft.adapters.hrm.HRM",
     "lightning_peft.BaRA": "lightning_peft.adapters.bara.BaRA",
+    "lightning_peft.FRAME": "lightning_peft.adapters.frame.FRAME",
 }
 
 _USER: dict[str, type[AdapterSpec]] = {}  # every name a registered class answers to -> class

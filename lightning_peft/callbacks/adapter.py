@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
 from lightning_peft.gradient_check import gradient_flags, silent_layers_message
 from lightning_peft.hyperparameters import heavy_hyperparameters
-from lightning_peft.io import atomic_write_file, merge_adapter, save_adapter, state_mismatch, unmerge_adapter
+from lightning_peft.io import adapter_layers, atomic_write_file, merge_adapter, save_adapter, state_mismatch, unmerge_adapter
 from lightning_peft.safe_load import load_checkpoint_tensors
 from lightning_peft.state_swap import tensors_swapped_in
 from lightning_peft.targeting import (
@@ -174,6 +174,16 @@ class AdapterCallback(Callback):
             pl_module.configure_model = configure_then_inject  # type: ignore[method-assign]
             return
         self._inject(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.merge_on_fit_end:  # refuse before training what would fail after it
+            refused = {name: reason for name, layer in adapter_layers(pl_module).items() if (reason := layer.merge_refusal())}
+            if refused:
+                name, reason = next(iter(refused.items()))
+                raise ValueError(
+                    f"AdapterCallback(merge_on_fit_end=True) cannot merge {len(refused)} adapter layer(s) (e.g. {name!r}): "
+                    f"{reason}. Set merge_on_fit_end=False."
+                )
 
     def _add_spec_callbacks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Add the callbacks a spec needs to train correctly (``spec.training_callbacks``: class

@@ -53,25 +53,11 @@ class BaRACallback(Callback):
         layers = bara_layers(pl_module)
         if not layers:
             raise ValueError("BaRACallback found no BaRA layers: add AdapterCallback(adapter=BaRA(...)) to the Trainer")
-        self._check_merge_on_fit_end(trainer, layers)
         reset_rank_stats(pl_module)
         spec = next(iter(layers.values())).spec
         rank_zero_info(
             f"lightning-peft BaRA: {len(layers)} layers, max_rank {spec.max_rank}, prior {spec.prior}, kl_weight {spec.kl_weight}"
         )
-
-    @staticmethod
-    def _check_merge_on_fit_end(trainer: pl.Trainer, layers: dict[str, Any]) -> None:
-        """Refuse before training what would fail after it: merging input-dependent gates."""
-        from lightning_peft.callbacks.adapter import AdapterCallback
-
-        local = [name for name, layer in layers.items() if layer.spec.local_gate]
-        if local and any(isinstance(c, AdapterCallback) and c.merge_on_fit_end for c in trainer.callbacks):
-            raise ValueError(
-                f"AdapterCallback(merge_on_fit_end=True) cannot merge BaRA with local_gate=True ({len(local)} layers, e.g. "
-                f"{local[0]!r}): the local gate makes the update depend on the input. Use BaRA(local_gate=False) or "
-                "merge_on_fit_end=False."
-            )
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         from lightning_peft.adapters.bara import add_kl_gradients
