@@ -263,8 +263,8 @@ def apply_adapter(
     trainable = _resolve_trainable(model, trainable_modules)  # validates the entries
     # 1. resolve and validate every target, build every replacement: nothing is changed yet
     claimed = redirect_to_weight_readers(model, _claim(model, specs, trainable), trainable)
-    _refuse_nesting(claimed)
     replacements = _replacements(model, claimed)
+    _refuse_nesting(claimed, replacements)
     check_weight_readers(model, replacements)
     # 2. change the model
     model.requires_grad_(False)
@@ -299,12 +299,13 @@ def _claim(model: nn.Module, specs: list[AdapterSpec], trainable: list[str]) -> 
     return claimed
 
 
-def _refuse_nesting(claimed: dict[str, AdapterSpec]) -> None:
-    """A module claimed inside another claimed module (LoRA on ``mlp.down_proj`` with HRM on
-    ``mlp``) would end up inside the outer adapter layer's ``base_layer``: refused by name."""
+def _refuse_nesting(claimed: dict[str, AdapterSpec], replacements: dict[str, nn.Module]) -> None:
+    """A module claimed inside another module that an adapter layer replaces (LoRA on
+    ``mlp.down_proj`` with HRM on ``mlp``) would end up inside the outer layer's ``base_layer``:
+    refused by name. Specs that change modules in place (FullFineTune, BitFit) nest freely."""
     for inner in claimed:
         parts = inner.split(".")
-        outer = next((o for o in (".".join(parts[:i]) for i in range(1, len(parts))) if o in claimed), None)
+        outer = next((o for o in (".".join(parts[:i]) for i in range(1, len(parts))) if o in replacements), None)
         if outer is not None:
             raise ValueError(
                 f"module {inner!r} ({type(claimed[inner]).__name__}) lies inside {outer!r}, which "
