@@ -17,6 +17,7 @@ _EXPORTS = {
     "FullFineTune": "lightning_peft.adapters.full",
     "ExpertLoRA": "lightning_peft.adapters.experts",
     "AdaLoRA": "lightning_peft.adapters.adalora",
+    "HRM": "lightning_peft.adapters.hrm",
     # targeting and files
     "apply_adapter": "lightning_peft.targeting",
     "AdapterReport": "lightning_peft.targeting",
@@ -27,10 +28,13 @@ _EXPORTS = {
     "unmerge_adapter": "lightning_peft.io",
     "remove_adapter": "lightning_peft.io",
     "register_adapter": "lightning_peft.adapters.registry",
+    "calibrate_hrm": "lightning_peft.hrm_calibration",
+    "hrm_dims_for_lora_budget": "lightning_peft.hrm_budget",
     # Lightning integration
     "AdapterCallback": "lightning_peft.callbacks.adapter",
     "AdaptiveCheckpointCallback": "lightning_peft.callbacks.adaptive_checkpoint",
     "ExpertImportanceCallback": "lightning_peft.callbacks.expert_importance",
+    "HRMCalibrationCallback": "lightning_peft.callbacks.hrm",
     "AdapterFSDP2Strategy": "lightning_peft.strategies",
     "PolicyLibrary": "lightning_peft.rl.library",
 }

@@ -69,8 +69,16 @@ def merge_adapter(model: nn.Module, keep_original: bool = True) -> int:
     layers = adapter_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no adapter layers to merge")
-    for layer in layers.values():
-        layer.merge(keep_original=keep_original)
+    done: list[AdapterLayer] = []
+    try:
+        for layer in layers.values():
+            if not layer.merged:
+                layer.merge(keep_original=keep_original)
+                done.append(layer)
+    except BaseException:
+        for layer in done:  # a layer that refuses (HRM) leaves the model as it was, not half merged
+            layer.unmerge()
+        raise
     return len(layers)
 
 
@@ -462,12 +470,18 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_buffers(remove_duplicate=False)), **dict(model.named_parameters(remove_duplicate=False))}
 
 
+def _remove_hooks(module: nn.Module) -> None:
+    record = module.__dict__.pop(RECORD_ATTRIBUTE, None)
+    for handle in getattr(record, "hooks", []):
+        handle.remove()
+
+
 def _remove_adapters(root: nn.Module) -> None:
     """Undo ``apply_adapter`` on ``root`` (only used when a load fails half-way)."""
     for name, module in list(root.named_modules()):
         if isinstance(module, AdapterLayer):
             root.set_submodule(name, module.base_layer)
-    root.__dict__.pop(RECORD_ATTRIBUTE, None)
+    _remove_hooks(root)
 
 
 def remove_adapter(model: nn.Module) -> int:
@@ -489,6 +503,6 @@ def remove_adapter(model: nn.Module) -> int:
         model.set_submodule(name, layer.base_layer)
     if found is not None:
         prefix = found[0]
-        (model.get_submodule(prefix) if prefix else model).__dict__.pop(RECORD_ATTRIBUTE, None)
+        _remove_hooks(model.get_submodule(prefix) if prefix else model)
     model.requires_grad_(False)
     return len(layers)

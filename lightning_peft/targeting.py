@@ -16,6 +16,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +45,8 @@ class AdapterRecord:
     trained_buffers: list[str] = field(default_factory=list)
     norm_stats: NormStats = "train"
     buffer_watch: BufferWatch | None = field(default=None, repr=False)
+    #: hook handles specs registered on the model (``AdapterSpec.attach``); removed with the adapter
+    hooks: list[Any] = field(default_factory=list, repr=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,11 +269,12 @@ def apply_adapter(
     model.requires_grad_(False)
     for name, new in replacements.items():
         model.set_submodule(name, new)
+    hooks = [h for spec in specs for h in spec.attach(model, {n: model.get_submodule(n) for n, s in claimed.items() if s is spec})]
     rows = _enable_training(model, claimed, trainable)
     if norm_stats == "freeze":
         freeze_running_stats(model)
     buffers = running_stat_buffers(model)
-    record = AdapterRecord(specs, {n: s.kind for n, s in claimed.items()}, trainable, buffers, norm_stats)
+    record = AdapterRecord(specs, {n: s.kind for n, s in claimed.items()}, trainable, buffers, norm_stats, hooks=hooks)
     record.buffer_watch = BufferWatch(model, ignore=set(buffers) | set(trainable_state_keys(model)))
     object.__setattr__(model, RECORD_ATTRIBUTE, record)
     if check_gradients:

@@ -28,6 +28,7 @@ RANKS: dict[str, int] = {
     "safe_load": 0,
     "lazy_exports": 0,
     "allocation": 1,
+    "lti": 1,
     "adapters": 2,
     **dict.fromkeys(
         [
@@ -42,6 +43,8 @@ RANKS: dict[str, int] = {
             "io_checks",
             "memory",
             "checkpointing",
+            "hrm_calibration",
+            "hrm_budget",
         ],
         3,
     ),

@@ -6,7 +6,8 @@ adapter tensors). Everything the rest of the package calls on a spec or a layer 
 here, with a default where one makes sense, so callers never probe with ``hasattr``:
 
 * ``AdapterSpec``: ``kind``, ``trains_base``, ``training_callbacks``; ``supports``, ``check``,
-  ``default_targets``, ``wrap``, ``base_parameters_to_train``, ``to_config``, ``retargeted``.
+  ``default_targets``, ``wrap``, ``base_parameters_to_train``, ``attach``, ``to_config``,
+  ``retargeted``.
 * ``AdapterLayer``: ``spec``, ``base_layer``, ``merged``, ``base_fingerprint``, ``base_shape``;
   ``merge``, ``unmerge``, ``adapter_state_dict``, ``adapter_parameters``, ``num_trainable``,
   ``peft_metadata``, ``peft_scaling``, ``peft_config_entry``, ``peft_state_dict``,
@@ -139,6 +140,13 @@ class AdapterSpec:
 
     def base_parameters_to_train(self, name: str, module: nn.Module) -> list[str]:
         """Names of ``module``'s own parameters that train (BitFit: ``["bias"]``)."""
+        return []
+
+    def attach(self, model: nn.Module, layers: dict[str, nn.Module]) -> list[Any]:
+        """Called by ``apply_adapter`` once every replacement is in ``model`` (the module it was
+        applied to) with this spec's modules by name (relative to ``model``), for adapters that
+        need the whole model (HRM captures the padding mask from the model's arguments).
+        Returns removable hook handles; ``remove_adapter`` removes them. Default: nothing."""
         return []
 
     # --- serialisation -------------------------------------------------------------------
