@@ -183,3 +183,36 @@ def test_fit_a_few_steps_and_head_target_mismatch(tmp_path):
     assert not torch.equal(model.model.score.weight, before)
     with pytest.raises(ValueError, match="set model head: token"):
         L.Trainer(**trainer_args).fit(SequenceClassifier(config=TINY, num_classes=5), datamodule=_dm(task="cycle5", target="state"))
+
+
+@pytest.fixture
+def _plain_argv(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["lightning-peft"])  # LightningCLI warns about pytest's own argv
+
+
+def test_cli_pretrain_then_hrm_parity(tmp_path, monkeypatch, capsys, _plain_argv):
+    """configs/state_tracking_pretrain.yaml -> base.ckpt -> configs/hrm_parity.yaml: HRM calibrated at
+    fit start from the pretrained base, trained a few steps, exported; test accuracy printed."""
+    from pathlib import Path
+
+    from lightning_peft.cli import cli_main
+    from lightning_peft.hrm_calibration import hrm_layers
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    fast = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
+    fast += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.init_args.train_size=256"]
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", "--config", str(configs / "state_tracking_pretrain.yaml"), *fast, "--test_after_fit=false"])
+    base = tmp_path / "runs" / "state_tracking_pretrain" / "checkpoints" / "base.ckpt"
+    assert base.is_file()
+    cli = cli_main(["fit", "--config", str(configs / "hrm_parity.yaml"), *fast, f"--model.init_args.base_checkpoint={base}"])
+    assert cli.trainer.global_step == 2
+    layers = hrm_layers(cli.model)
+    assert sorted(layers) == ["model.model.layers.0.mlp", "model.model.layers.1.mlp"]
+    assert all(bool(layer.calibrated) for layer in layers.values())  # balanced truncation ran at fit start
+    pretrained = torch.load(base, map_location="cpu", weights_only=True)["state_dict"]
+    weight = "model.model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(cli.model.state_dict()[weight], pretrained[weight])  # the frozen base is the pretrained one
+    export = Path(cli.trainer.log_dir) / "adapter"
+    assert (export / "adapter_config.json").is_file()
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("test_acc: ")
