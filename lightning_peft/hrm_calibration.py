@@ -262,8 +262,9 @@ def calibrate_hrm(
     _run(model, layers, fits, chosen, forward)
     results = {n: _reduce(n, layers[n], fits[n]) for n in layers}  # all computed before any write
     for name, (_, tensors) in results.items():
-        if tensors is None:
+        if tensors is None:  # the requested fallback: calibration ran, and chose the random system
             layers[name].reset_random()
+            layers[name].calibrated.fill_(1.0)
         else:
             layers[name].set_system(*tensors)
     return HRMCalibrationReport(len(chosen), [site for site, _ in results.values()])

@@ -263,6 +263,7 @@ def apply_adapter(
     trainable = _resolve_trainable(model, trainable_modules)  # validates the entries
     # 1. resolve and validate every target, build every replacement: nothing is changed yet
     claimed = redirect_to_weight_readers(model, _claim(model, specs, trainable), trainable)
+    _refuse_nesting(claimed)
     replacements = _replacements(model, claimed)
     check_weight_readers(model, replacements)
     # 2. change the model
@@ -296,6 +297,20 @@ def _claim(model: nn.Module, specs: list[AdapterSpec], trainable: list[str]) -> 
                 )
             claimed[name] = spec
     return claimed
+
+
+def _refuse_nesting(claimed: dict[str, AdapterSpec]) -> None:
+    """A module claimed inside another claimed module (LoRA on ``mlp.down_proj`` with HRM on
+    ``mlp``) would end up inside the outer adapter layer's ``base_layer``: refused by name."""
+    for inner in claimed:
+        parts = inner.split(".")
+        outer = next((o for o in (".".join(parts[:i]) for i in range(1, len(parts))) if o in claimed), None)
+        if outer is not None:
+            raise ValueError(
+                f"module {inner!r} ({type(claimed[inner]).__name__}) lies inside {outer!r}, which "
+                f"{type(claimed[outer]).__name__} adapts as a whole; adapt one of them: add {inner!r} (or a pattern "
+                f"for it) to exclude_modules of {type(claimed[inner]).__name__}, or narrow its targets"
+            )
 
 
 def _replacements(model: nn.Module, claimed: dict[str, AdapterSpec]) -> dict[str, nn.Module]:

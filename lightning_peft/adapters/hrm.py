@@ -12,7 +12,10 @@ Padded positions (mask 0) get ``u_t = 0`` (they never feed the state; with left 
 first real token starts from ``s = 0`` exactly as without padding) and a zero residual.
 
 Parallel form: ``z = D u + K * u`` with ``K_k = Re(C A^k B)``, one causal convolution through
-real FFTs of length ``2L`` (``kernels.ssm``), ``O(L log L)``, equal to the recurrence.
+FFTs of length ``2L`` (``kernels.ssm``), ``O(L log L)``, equal to the recurrence. The layer runs
+it in mode space (``modal_ssm``: ``n`` scalar convolutions with ``lambda_j^k``, then ``C``), which
+gives the same numbers as the ``m x m`` kernel form (``diagonal_kernel`` + ``ssm_convolution``)
+with elementwise products instead of a matrix product per frequency.
 
 Stability by construction: ``lambda_j = rho * sigmoid(nu_j) * e^{i theta_j}`` with
 ``rho = 1 - 1e-4``, so ``|lambda_j| < 1`` whatever training does to ``nu`` and ``theta``.
@@ -56,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, check_targets
-from lightning_peft.adapters.kernels.ssm import diagonal_kernel, ssm_convolution
+from lightning_peft.adapters.kernels.ssm import modal_ssm
 from lightning_peft.adapters.sequence_mask import SequenceMask, attach_mask_capture
 from lightning_peft.validation import check_choice, check_float, check_int, check_str
 
@@ -102,7 +105,8 @@ class HRMLayer(AdapterLayer):
 
     Tensors: ``p_in [m, d_in]``, ``nu [n]``, ``theta [n]``, ``b [n, m, 2]`` and ``c [m, n, 2]``
     (real and imaginary parts), ``d [m, m]``, ``p_out [d_out, m]``, ``gate [d_out]`` (the logit
-    of ``g``); buffer ``calibrated`` (1 once balanced truncation set the system). All float32.
+    of ``g``); buffer ``calibrated`` (1 once calibration ran: balanced truncation set the system,
+    or a requested random fallback kept the random one). All float32.
     """
 
     def __init__(self, base_layer: nn.Module, spec: HRM, name: str, d_in: int, d_out: int, input_name: str) -> None:
@@ -188,9 +192,8 @@ class HRMLayer(AdapterLayer):
             if mask is not None:
                 u = u * mask[..., None].to(u.dtype)
             b, c = torch.view_as_complex(self.b), torch.view_as_complex(self.c)
-            markov = diagonal_kernel(self.log_radius(), self.theta, b, c, max(length - 1, 0))
-            z = ssm_convolution(u, markov, self.d)
-            y = F.linear(z, self.p_out) * torch.sigmoid(self.gate)
+            z = modal_ssm(u, self.log_radius(), self.theta, b, c, self.d)
+            y = F.linear(z, self.p_out * torch.sigmoid(self.gate)[:, None])  # the gate folded into P_out: one [B, L, d] op less
             return y if mask is None else y * mask[..., None].to(y.dtype)
 
     def _mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -222,8 +225,11 @@ class HRMLayer(AdapterLayer):
         unbatched = x.dim() == 2
         if unbatched:
             x, h = x.unsqueeze(0), h.unsqueeze(0)
-        if x.dim() != 3 or h.dim() != 3:
-            raise ValueError(f"HRM at {self.site_name!r} needs [batch, length, features] inputs and outputs, got {tuple(x.shape)}")
+        if x.dim() != 3 or h.dim() != 3 or h.shape[:2] != x.shape[:2] or h.shape[-1] != self.d_out:
+            raise ValueError(
+                f"HRM at {self.site_name!r} needs a [batch, length, {self.d_in}] input and a [batch, length, {self.d_out}] output, "
+                f"got {tuple(x.shape)} -> {tuple(h.shape)}: choose a site that maps a sequence to a sequence"
+            )
         mask = self._mask_for(x)
         if self.recorder is not None:  # calibration: record, and behave as the frozen site
             self.recorder(self, x.detach(), h.detach(), mask)

@@ -10,6 +10,7 @@ from lightning_peft.adapters.kernels.ssm import (
     causal_convolution,
     dense_kernel,
     diagonal_kernel,
+    modal_ssm,
     sequential_ssm,
     ssm_convolution,
 )
@@ -91,3 +92,39 @@ def test_half_precision_inputs_run_in_float32() -> None:
     y = ssm_convolution(u, dense_kernel(a, b, c, 16), d)
     assert y.dtype == torch.float32
     assert torch.allclose(y, sequential_ssm(a, b, c, d, u.float()), atol=1e-4)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("length", [1, 2, 50])
+def test_modal_convolution_equals_the_kernel_form_and_the_recurrence(dtype: torch.dtype, tol: float, length: int) -> None:
+    g = torch.Generator().manual_seed(4)
+    n, m, p = 6, 3, 2
+    cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    log_r = torch.log(torch.rand(n, generator=g, dtype=dtype) * 0.5 + 0.49)
+    theta = torch.rand(n, generator=g, dtype=dtype) * 6.0 - 3.0
+    b, c = torch.randn(n, m, generator=g, dtype=cdtype), torch.randn(p, n, generator=g, dtype=cdtype)
+    d = torch.randn(p, m, generator=g, dtype=dtype)
+    u = torch.randn(2, length, m, generator=g, dtype=dtype)
+    fast = modal_ssm(u, log_r, theta, b, c, d)
+    kernel_form = ssm_convolution(u, diagonal_kernel(log_r, theta, b, c, max(length - 1, 0)), d)
+    reference = sequential_ssm(torch.diag(torch.polar(torch.exp(log_r), theta)), b, c, d.to(cdtype), u).to(dtype)
+    scale = max(reference.abs().max().item(), 1.0)
+    assert fast.dtype == dtype and fast.shape == (2, length, p)
+    assert torch.allclose(fast, reference, atol=tol * scale) and torch.allclose(kernel_form, reference, atol=tol * scale)
+
+
+def test_modal_gradients_match_the_recurrence() -> None:
+    g = torch.Generator().manual_seed(5)
+    n, m = 3, 2
+    log_r = (torch.rand(n, generator=g, dtype=torch.float64) * -1.0).requires_grad_()
+    theta = torch.rand(n, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(n, m, generator=g, dtype=torch.complex128, requires_grad=True)
+    c = torch.randn(m, n, generator=g, dtype=torch.complex128, requires_grad=True)
+    d = torch.randn(m, m, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 20, m, generator=g, dtype=torch.float64)
+    weights = torch.randn(2, 20, m, generator=g, dtype=torch.float64)
+    fast = torch.autograd.grad((modal_ssm(u, log_r, theta, b, c, d) * weights).sum(), (log_r, theta, b, c, d))
+    lam = torch.exp(torch.complex(log_r, theta))
+    slow = torch.autograd.grad((sequential_ssm(torch.diag(lam), b, c, d.to(torch.complex128), u) * weights).sum(), (log_r, theta, b, c, d))
+    for a, r in zip(fast, slow):
+        assert torch.allclose(a, r, atol=1e-9)

@@ -16,14 +16,14 @@ compare against.
 HRM stores ``A`` in modal (complex-diagonal) form ``A = diag(lambda)``, ``lambda_j = r_j e^{i
 theta_j}`` with complex ``B``, ``C`` and a real output ``Re(C s_t)``; :func:`diagonal_kernel`
 builds its Markov parameters from ``lambda^k = exp(k (log r + i theta))``, which stays finite
-for every ``k`` when ``r < 1``. Pure torch.
+(values and gradients) for every ``k`` when ``r < 1``. Pure torch.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["causal_convolution", "dense_kernel", "diagonal_kernel", "sequential_ssm", "ssm_convolution"]
+__all__ = ["causal_convolution", "dense_kernel", "diagonal_kernel", "modal_ssm", "sequential_ssm", "ssm_convolution"]
 
 
 def dense_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, length: int) -> torch.Tensor:
@@ -44,8 +44,10 @@ def diagonal_kernel(log_radius: torch.Tensor, theta: torch.Tensor, b: torch.Tens
     stable system); ``b`` complex ``[n, m]``, ``c`` complex ``[p, n]``. Cost ``O(length n p m)``.
     """
     k = torch.arange(length, device=log_radius.device, dtype=log_radius.dtype)
-    # lambda^k = r^k e^{i k theta}: from the logarithm, so large k never overflows or loses phase
-    powers = torch.polar(torch.exp(k[:, None] * log_radius[None, :]), k[:, None] * theta[None, :])  # [L, n]
+    # lambda^k = exp(k (log r + i theta)): from the logarithm, so large k never overflows or loses
+    # phase; a complex exp rather than torch.polar, whose backward divides by r^k (0/0 = NaN once
+    # r^k underflows)
+    powers = torch.exp(k[:, None] * torch.complex(log_radius, theta)[None, :])  # [L, n]
     # Re(sum_j C[:, j] lambda_j^k B[j, :]) = Re((C * lambda^k) @ B)
     return torch.einsum("pn,kn,nm->kpm", c, powers, b).real
 
@@ -73,6 +75,30 @@ def ssm_convolution(u: torch.Tensor, markov: torch.Tensor, d: torch.Tensor) -> t
     length = u.shape[1]
     kernel = torch.cat([d[None].to(markov.dtype), markov[: max(length - 1, 0)]], dim=0)
     return causal_convolution(u, kernel)
+
+
+def modal_ssm(
+    u: torch.Tensor, log_radius: torch.Tensor, theta: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor
+) -> torch.Tensor:
+    """The same output as ``ssm_convolution(u, diagonal_kernel(...), d)``, convolved in mode space.
+
+    With ``v = u B^T`` (complex ``[batch, L, n]``) each mode is a scalar recurrence,
+    ``s_{t+1,j} = lambda_j s_{t,j} + v_{t,j}``, i.e. ``s_{t,j} = sum_{k<t} lambda_j^k v_{t-1-k,j}``:
+    one complex FFT convolution (length ``2L``) per mode with the geometric kernel ``lambda_j^k``,
+    then ``z = Re(s C^T) + u D^T``. The products are elementwise over ``n`` channels instead of an
+    ``m x m`` matrix per frequency, which is what makes it fast (and light in backward).
+    ``u [batch, L, m]`` real, ``b`` complex ``[n, m]``, ``c`` complex ``[p, n]``, ``d [p, m]``
+    -> ``[batch, L, p]``, in at least float32."""
+    length = u.shape[1]
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    u = u.to(dtype)
+    n_fft = 2 * length
+    k = torch.arange(length, device=u.device, dtype=log_radius.dtype)
+    geometric = torch.exp(k[:, None] * torch.complex(log_radius, theta)[None, :])  # lambda^k, [L, n]
+    v = u.to(b.dtype) @ b.T  # [batch, L, n]
+    w = torch.fft.ifft(torch.fft.fft(v, n=n_fft, dim=1) * torch.fft.fft(geometric, n=n_fft, dim=0), dim=1)[:, : length - 1]
+    state = torch.cat([w.new_zeros(w.shape[0], 1, w.shape[2]), w], dim=1)  # s_0 = 0, s_t = w_{t-1}
+    return (state @ c.T).real.to(dtype) + u @ d.to(dtype).T
 
 
 def sequential_ssm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
