@@ -77,7 +77,7 @@ MODEL = dict(
 PRETRAIN = dict(task="pdfa", min_length=8, max_length=64, train_size=8192, steps=500, batch_size=32, lr=3e-3, seed=0)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # (task, min_length, max_length): parity and three automata, lengths increasing
-TASKS = [("parity", 2, 8), ("mod3", 4, 16), ("parity", 4, 16), ("cycle5", 8, 32)]
+TASKS = [("parity", 2, 8), ("mod3", 4, 16), ("parity", 4, 16)]
 ARMS = ["head", "lora", "hrm_mlp", "hrm_attention", "hrm_mlp_random"]
 
 
@@ -372,7 +372,35 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": round(statistics.fmean(values), 4), "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
 
 
-def quality(base: dict[str, torch.Tensor], args: argparse.Namespace, rank: int, dims: dict, log: Any) -> dict[str, Any]:
+def _prepared(arm: str, base: dict, seed: int, rank: int, dims: dict, fit: str, data: dict, calibrations: dict, batch_size: int) -> tuple:
+    model, report = build(arm, base, seed, rank, dims, fit)
+    if arm in ("hrm_mlp", "hrm_attention"):  # balanced truncation: once per task and site
+        if arm not in calibrations:
+            calibrations[arm] = calibrated_state(model, data["train"], batch_size)
+        result = model.load_state_dict(calibrations[arm][0], strict=False)
+        assert not result.unexpected_keys, result.unexpected_keys
+    return model, report
+
+
+def choose_lrs(base: dict[str, torch.Tensor], args: argparse.Namespace, rank: int, dims: dict, log: Any) -> dict[str, Any]:
+    """Per arm, the learning rate of ``args.lr_grid`` with the lowest *validation* loss on the
+    first task, seed 0 (the test sets are not looked at)."""
+    task, lo, hi = args.tasks[0]
+    data = task_data(task, lo, hi, args.train_size)
+    calibrations: dict[str, tuple[dict, dict]] = {}
+    table: dict[str, dict[str, float]] = {}
+    for arm in args.arms:
+        table[arm] = {}
+        for lr in args.lr_grid:
+            model, _ = _prepared(arm, base, 0, rank, dims, args.fit, data, calibrations, args.batch_size)
+            run = train(model, data, args.steps, lr, args.batch_size, 0)
+            table[arm][str(lr)] = run["val_loss"] if run["finite"] else float("inf")
+            log(f"lr sweep {task}_{lo}-{hi} {arm} lr {lr}: val loss {run['val_loss']:.3f} val-selected")
+    chosen = {arm: float(min(losses, key=losses.get)) for arm, losses in table.items()}
+    return {"task": f"{task}_{lo}-{hi}", "seed": 0, "grid": args.lr_grid, "val_loss": table, "chosen": chosen}
+
+
+def quality(base: dict[str, torch.Tensor], args: argparse.Namespace, rank: int, dims: dict, lrs: dict[str, float], log: Any) -> dict:
     out: dict[str, Any] = {}
     for task, lo, hi in args.tasks:
         key = f"{task}_{lo}-{hi}"
@@ -382,17 +410,13 @@ def quality(base: dict[str, torch.Tensor], args: argparse.Namespace, rank: int, 
         for arm in args.arms:
             runs = []
             for seed in args.seeds:
-                model, report = build(arm, base, seed, rank, dims, args.fit)
-                if arm in ("hrm_mlp", "hrm_attention"):  # balanced truncation: once per task and site
-                    if arm not in calibrations:
-                        calibrations[arm] = calibrated_state(model, data["train"], args.batch_size)
-                    result = model.load_state_dict(calibrations[arm][0], strict=False)
-                    assert not result.unexpected_keys, result.unexpected_keys
-                run = {"seed": seed, **train(model, data, args.steps, args.lr, args.batch_size, seed)}
+                model, report = _prepared(arm, base, seed, rank, dims, args.fit, data, calibrations, args.batch_size)
+                run = {"seed": seed, "lr": lrs[arm], **train(model, data, args.steps, lrs[arm], args.batch_size, seed)}
                 runs.append(run)
                 log(f"{key} {arm} seed {seed}: test acc {run['test_acc']:.3f} train loss {run['train_loss_final']:.3f} ({run['seconds']}s)")
             arms[arm] = {
                 **counts(model, report),
+                "lr": lrs[arm],
                 "test_acc": _mean_std([r["test_acc"] for r in runs]),
                 "train_loss_final": _mean_std([r["train_loss_final"] for r in runs]),
                 "val_loss": _mean_std([r["val_loss"] for r in runs]),
@@ -502,7 +526,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps per run")
     parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN["steps"])
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of every arm")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate of every arm (default: chosen per arm)")
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="learning rates the per-arm choice tries")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--train-size", type=int, default=4096)
     parser.add_argument("--lora-rank", type=int, default=2, help="LoRA rank; HRM dims are matched to its trainable count")
@@ -517,6 +542,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.tasks, args.seeds, args.steps = TASKS[:1], args.seeds[:1], 60
         args.pretrain_steps, args.lengths, args.repeats = 100, [128, 256, 512], 3
+        args.lr = args.lr or 3e-3
     args.out = args.out or RESULTS / ("hrm_quick.json" if args.quick else "hrm.json")
     return args
 
@@ -547,7 +573,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "hrm_dims": {site: {"input_dim": m, "state_dim": n} for site, (m, n) in dims.items()},
     }
     if "quality" in parts:
-        result["quality"] = quality(base, args, args.lora_rank, dims, log)
+        if args.lr is None:
+            result["lr_choice"] = choose_lrs(base, args, args.lora_rank, dims, log)
+            lrs = result["lr_choice"]["chosen"]
+        else:
+            lrs = dict.fromkeys(args.arms, args.lr)
+        result["quality"] = quality(base, args, args.lora_rank, dims, lrs, log)
     if "cost" in parts:
         result["cost"] = cost(base, args.lengths, args.repeats, args.lora_rank, dims, log)
     result["summary"] = summarise(result.get("quality") or {}, result.get("cost"))
