@@ -311,20 +311,22 @@ def _residual_time(layer: Any, length: int, repeats: int) -> float:
 def cost(base: dict[str, torch.Tensor], lengths: list[int], repeats: int, rank: int, dims: dict, log: Any) -> dict[str, Any]:
     from lightning_peft.hrm_calibration import hrm_layers
 
-    variants = ("lora", "hrm_mlp")
+    variants = ("frozen", "lora", "hrm_mlp")
     rows = []
     for length in lengths:
         gen = torch.Generator().manual_seed(length)
         ids = torch.cat([torch.tensor([1]), torch.randint(3, 5, (length - 2,), generator=gen), torch.tensor([2])])[None]
         label = torch.tensor([1])
-        models = {v: build(v if v == "lora" else "hrm_mlp_random", base, 0, rank, dims, "fir")[0] for v in variants}
+        arms = {"frozen": "head", "lora": "lora", "hrm_mlp": "hrm_mlp_random"}
+        models = {v: build(arms[v], base, 0, rank, dims, "fir")[0] for v in variants}
+        # the frozen-base limit: no adapter, but the token embeddings train, so the whole backward runs
+        models["frozen"].model.embed_tokens.weight.requires_grad_(True)
         steps = {v: _step_fn(m, ids, label) for v, m in models.items()}
         times: dict[str, list[float]] = {v: [] for v in variants}
         for v in variants:  # warm-up
             steps[v]()
         for r in range(repeats):
-            order = variants if r % 2 == 0 else variants[::-1]
-            for v in order:
+            for v in variants[r % len(variants) :] + variants[: r % len(variants)]:  # the order rotates
                 start = time.perf_counter()
                 steps[v]()
                 times[v].append(time.perf_counter() - start)
@@ -340,6 +342,8 @@ def cost(base: dict[str, torch.Tensor], lengths: list[int], repeats: int, rank: 
             "hrm_residual_s_median": round(_residual_time(layer, length, repeats), 6),
         }
         row["peak_ratio_hrm_vs_lora"] = round(row["hrm_mlp_peak_saved_bytes"] / row["lora_peak_saved_bytes"], 4)
+        for v in ("lora", "hrm_mlp"):
+            row[f"{v}_vs_frozen_step"] = round(row[f"{v}_step_s_median"] / row["frozen_step_s_median"], 4)
         rows.append(row)
         lora_s, hrm_s = row["lora_step_s_median"], row["hrm_mlp_step_s_median"]
         log(f"cost: L={length} lora {lora_s:.4f}s hrm {hrm_s:.4f}s ratio {row['ratio_hrm_vs_lora']}")
@@ -495,6 +499,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if cost_rows:
         lengths = [r["length"] for r in cost_rows]
         ax = axes[0, 1]
+        if "frozen_step_s_median" in cost_rows[0]:
+            ax.loglog(lengths, [r["frozen_step_s_median"] for r in cost_rows], "x--", color="grey", label="frozen base step (no adapter)")
         ax.loglog(lengths, [r["lora_step_s_median"] for r in cost_rows], "o-", label="LoRA step")
         ax.loglog(lengths, [r["hrm_mlp_step_s_median"] for r in cost_rows], "s-", label="HRM (MLP) step")
         ax.loglog(lengths, [r["hrm_residual_s_median"] for r in cost_rows], "^-", label="HRM residual alone (fwd+bwd)")
@@ -502,8 +508,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.loglog(lengths, [ref * n * math.log2(n) for n in lengths], ":", color="grey", label="c L log L")
         ax.set_xlabel("sequence length")
         ax.set_ylabel("seconds (median)")
-        ratio = ", ".join(f"{r['length']}: {r['ratio_hrm_vs_lora']:.2f}x" for r in cost_rows)
-        ax.set_title(f"step time, batch 1; HRM/LoRA {ratio}", fontsize=8)
+        ratio = ", ".join(f"{r['length']}: {r['ratio_hrm_vs_lora']:.2f}" for r in cost_rows)
+        ax.set_title(f"training step time, batch 1\nHRM / LoRA: {ratio}", fontsize=9)
         ax.legend(fontsize=7)
         ax = axes[1, 0]
         ax.loglog(lengths, [r["lora_peak_saved_bytes"] / 2**20 for r in cost_rows], "o-", label="LoRA")
@@ -512,6 +518,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("peak saved activations (MiB)")
         ax.set_title("activation memory of one step (SavedTensorMeter)")
         ax.legend(fontsize=7)
+        for ax in (axes[0, 1], axes[1, 0]):
+            ax.set_xticks(lengths, [str(n) for n in lengths])
+            ax.minorticks_off()
     fig.suptitle(f"HRM vs LoRA ({'quick' if result['quick'] else 'full'} run, CPU, {result['threads']} thread, shared machine)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -148,11 +148,12 @@ def sample_strings(dfa: DFA, n: int, min_length: int, max_length: int, rng: np.r
 
 def _balanced(dfa: DFA, n: int, min_length: int, max_length: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """``n`` strings, half accepted and half rejected (accepted first when ``n`` is odd), in a
-    seeded random order; draws batches of candidates until both halves are full."""
+    seeded random order; draws batches of candidates until both halves are full (at most 200
+    batches of ``max(2n, 64)``: a class rarer than about 1 in 400 strings is refused)."""
     want = {1: (n + 1) // 2, 0: n // 2}
     kept: dict[int, list[tuple[np.ndarray, ...]]] = {0: [], 1: []}
     have = {0: 0, 1: 0}
-    for _ in range(1000):
+    for _ in range(200):
         symbols, lengths, states = sample_strings(dfa, max(2 * n, 64), min_length, max_length, rng)
         final = states[np.arange(len(lengths)), lengths - 1]
         accepted = np.isin(final, dfa.accept).astype(np.int64)
