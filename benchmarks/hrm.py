@@ -495,6 +495,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("training loss (mean over seeds)")
         ax.set_title("HRM at MLP: balanced truncation (solid) vs random init (dashed)")
         ax.legend(fontsize=6)
+    else:
+        axes[0, 0].axis("off")
+        axes[1, 1].axis("off")
     cost_rows = (result.get("cost") or {}).get("rows") or []
     if cost_rows:
         lengths = [r["length"] for r in cost_rows]
@@ -512,6 +515,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_title(f"training step time, batch 1\nHRM / LoRA: {ratio}", fontsize=9)
         ax.legend(fontsize=7)
         ax = axes[1, 0]
+        if "frozen_peak_saved_bytes" in cost_rows[0]:
+            ax.loglog(lengths, [r["frozen_peak_saved_bytes"] / 2**20 for r in cost_rows], "x--", color="grey", label="frozen base")
         ax.loglog(lengths, [r["lora_peak_saved_bytes"] / 2**20 for r in cost_rows], "o-", label="LoRA")
         ax.loglog(lengths, [r["hrm_mlp_peak_saved_bytes"] / 2**20 for r in cost_rows], "s-", label="HRM (MLP)")
         ax.set_xlabel("sequence length")
@@ -521,7 +526,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for ax in (axes[0, 1], axes[1, 0]):
             ax.set_xticks(lengths, [str(n) for n in lengths])
             ax.minorticks_off()
-    fig.suptitle(f"HRM vs LoRA ({'quick' if result['quick'] else 'full'} run, CPU, {result['threads']} thread, shared machine)")
+    run = "quick" if result["quick"] else "full"
+    parts = result["settings"]["parts"] if isinstance(result.get("settings"), dict) else ""
+    fig.suptitle(f"HRM vs LoRA ({run} run, parts: {parts}; CPU, {result['threads']} thread, shared machine)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
