@@ -101,7 +101,8 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
     if isinstance(batch, Mapping):
         names = {p.name for p in params}
-        return model(**{k: v for k, v in batch.items() if var_kw or k in names})
+        kwargs = {k: v for k, v in batch.items() if var_kw or k in names}
+        return model(**kwargs) if kwargs or not params else model(batch)  # forward(batch): the dict itself
     if isinstance(batch, (list, tuple)):
         if any(p.kind is p.VAR_POSITIONAL for p in params):
             return model(*batch)
@@ -166,7 +167,13 @@ def _run(model: nn.Module, layers: dict[str, HRMLayer], recorders: dict[str, Any
     try:
         with torch.no_grad():
             for batch in batches:
-                forward(model, batch)
+                try:
+                    forward(model, batch)
+                except TypeError as error:
+                    raise TypeError(
+                        f"calibrate_hrm could not run {type(model).__name__} on a batch ({error}); pass forward=lambda model, "
+                        "batch: ... to calibrate_hrm, or define hrm_calibration_forward(batch) on the LightningModule"
+                    ) from error
     finally:
         for layer in layers.values():
             layer.recorder = None

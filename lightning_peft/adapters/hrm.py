@@ -187,14 +187,18 @@ class HRMLayer(AdapterLayer):
                 f"HRM at {self.site_name!r}: the sequence has {length} positions but max_length is {limit}; "
                 "truncate or chunk the input, or raise HRM(max_length=...)"
             )
-        with torch.autocast(x.device.type, enabled=False):  # complex FFT maths in float32
-            u = F.linear(x.to(self.p_in.dtype), self.p_in)
+        # complex FFT maths in (at least) float32, even for a model cast to half precision
+        dtype = torch.promote_types(self.p_in.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            u = F.linear(x.to(dtype), self.p_in.to(dtype))
             if mask is not None:
-                u = u * mask[..., None].to(u.dtype)
-            b, c = torch.view_as_complex(self.b), torch.view_as_complex(self.c)
-            z = modal_ssm(u, self.log_radius(), self.theta, b, c, self.d)
-            y = F.linear(z, self.p_out * torch.sigmoid(self.gate)[:, None])  # the gate folded into P_out: one [B, L, d] op less
-            return y if mask is None else y * mask[..., None].to(y.dtype)
+                u = u * mask[..., None].to(dtype)
+            b, c = torch.view_as_complex(self.b.to(dtype)), torch.view_as_complex(self.c.to(dtype))
+            log_radius = math.log(MAX_RADIUS) + F.logsigmoid(self.nu.to(dtype))
+            z = modal_ssm(u, log_radius, self.theta.to(dtype), b, c, self.d.to(dtype))
+            gated = self.p_out.to(dtype) * torch.sigmoid(self.gate.to(dtype))[:, None]  # the gate folded into P_out
+            y = F.linear(z, gated)
+            return y if mask is None else y * mask[..., None].to(dtype)
 
     def _mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         mask = self.mask_source.mask if self.mask_source is not None else None

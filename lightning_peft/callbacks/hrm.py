@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_peft.hrm_calibration import HRMCalibrationReport, calibrate_hrm, default_forward, hrm_layers
+from lightning_peft.validation import check_int
 
 
 def _first_loader(loader: Any) -> Any:
@@ -50,8 +51,6 @@ class HRMCalibrationCallback(Callback):
     """
 
     def __init__(self, batches: int | None = None) -> None:
-        from lightning_peft.validation import check_int
-
         self.batches = check_int("batches", batches, low=1, allow_none=True)
         self.report: HRMCalibrationReport | None = None
 

@@ -197,9 +197,11 @@ class Custom(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([Block(dim), Block(dim)])
 
+        self.checkpointing = False
+
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x)
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpointing else block(x)
         return x
 
 
@@ -323,3 +325,59 @@ def test_a_site_that_does_not_map_a_sequence_to_a_sequence_is_refused() -> None:
     apply_adapter(model, HRM(state_dim=4, input_dim=4, site=["0"], init="random"))
     with pytest.raises(ValueError, match=r"got \(2, 5, 8\) -> \(2, 1, 8\): choose a site that maps a sequence to a sequence"):
         model(torch.randn(2, 5, 8))
+
+
+def test_gradient_checkpointing_recomputes_with_the_same_padding_mask() -> None:
+    """A recomputed decoder layer receives only a 4-D mask: the 2-D mask of the forward must stay."""
+
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = tiny_llama()
+        apply_adapter(model, HRM(state_dim=4, input_dim=4, init="random"))
+        activate(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        x, mask = ids(2, 12), torch.ones(2, 12, dtype=torch.long)
+        mask[0, :4] = 0
+        model(x, attention_mask=mask, labels=x, use_cache=False).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, recomputed = gradients(False), gradients(True)
+    assert plain.keys() == recomputed.keys() and len(plain) == 16
+    for name, grad in plain.items():
+        assert torch.allclose(grad, recomputed[name], atol=1e-6), name
+
+
+def test_a_block_recomputed_on_its_own_keeps_the_models_mask() -> None:
+    """torch.utils.checkpoint calls the block again in backward, with no mask in sight: the call
+    starts below the module that provided the mask, so the forward's mask stays."""
+
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = Custom()
+        apply_adapter(model, HRM(state_dim=4, input_dim=2, site="re:.*ffn", init="random", mask_argument="pad_mask"))
+        activate(model)
+        model.checkpointing = checkpointing
+        x, mask = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(1)), torch.ones(2, 7, dtype=torch.long)
+        mask[0, :3] = 0
+        model(x, pad_mask=mask).pow(2).sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, recomputed = gradients(False), gradients(True)
+    assert len(plain) == 16 and plain.keys() == recomputed.keys()
+    for name, grad in plain.items():
+        assert torch.allclose(grad, recomputed[name], atol=1e-6), name
+
+
+def test_half_precision_models_and_autocast() -> None:
+    model = tiny_llama()
+    apply_adapter(model, HRM(state_dim=4, input_dim=4, init="random"))
+    activate(model)
+    x = ids()
+    reference = model(x).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(x).logits
+    assert torch.allclose(mixed.float(), reference, atol=0.05 * reference.abs().max().item())
+    model.to(torch.bfloat16)  # the adapter too: its maths still runs in float32
+    half = model(x).logits
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), reference, atol=0.05 * reference.abs().max().item())

@@ -194,3 +194,20 @@ def test_set_system_round_trips_the_modal_parameters() -> None:
     layer.set_system(torch.randn(2, 6), lam, b, c, torch.randn(2, 2))
     assert np.allclose(layer.eigenvalues().numpy(), lam.numpy(), atol=1e-6)
     assert torch.allclose(torch.view_as_complex(layer.b), b.to(torch.complex64))
+
+
+def test_batches_reach_the_model_in_the_usual_forms_and_odd_ones_get_a_clear_error() -> None:
+    class DictModel(Wrapper):
+        def forward(self, batch: dict) -> torch.Tensor:  # type: ignore[override]
+            return self.site(batch["x"])
+
+    for make, batch in ((Wrapper, (signals(1)[0], torch.zeros(8))), (DictModel, {"x": signals(1)[0], "y": 0})):
+        model = make(Delayed(4))
+        apply_adapter(model, HRM(state_dim=4, input_dim=4, site=["site"], fit_lags=2))
+        assert calibrate_hrm(model, [batch]).sites[0].tokens == 8 * 32
+    model = Wrapper(Delayed(4))
+    apply_adapter(model, HRM(state_dim=4, input_dim=4, site=["site"], fit_lags=2))
+    with pytest.raises(TypeError, match="could not run Wrapper on a batch .* pass forward="):
+        calibrate_hrm(model, [{"inputs": signals(1)[0]}])
+    report = calibrate_hrm(model, [{"inputs": signals(1)[0]}], forward=lambda m, b: m(b["inputs"]))
+    assert report.sites[0].status == "balanced_truncation"
