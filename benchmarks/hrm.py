@@ -87,7 +87,7 @@ ARMS = ["head", "lora", "hrm_mlp", "hrm_attention", "hrm_mlp_random"]
 def _llama(kind: str, **extra: Any) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    config = LlamaConfig(**MODEL, **extra, attn_implementation="sdpa")
+    config = LlamaConfig(**{**MODEL, **extra}, attn_implementation="sdpa")
     return (LlamaForCausalLM if kind == "lm" else LlamaForSequenceClassification)(config)
 
 
@@ -186,7 +186,8 @@ def build(arm: str, base: dict[str, torch.Tensor], seed: int, rank: int, dims: d
     from lightning_peft import apply_adapter
 
     torch.manual_seed(seed)
-    model = _llama("clf", num_labels=2)
+    layers = 1 + max(int(k.split(".")[2]) for k in base if k.startswith("model.layers."))
+    model = _llama("clf", num_labels=2, num_hidden_layers=layers)
     result = model.load_state_dict(base, strict=False)
     assert result.missing_keys == ["score.weight"] and result.unexpected_keys == ["lm_head.weight"], result
     if arm == "head":
@@ -361,7 +362,8 @@ def cost(base: dict[str, torch.Tensor], lengths: list[int], repeats: int, rank: 
             math.log(row["lora_step_s_median"] / prev["lora_step_s_median"]) / math.log(row["length"] / prev["length"]), 3
         )
     note = "HRM timed with init='random': the same step as a calibrated one (calibration runs once, before training)"
-    return {"batch_size": 1, "repeats": repeats, "lora_rank": rank, "hrm_dims": dims["mlp"], "note": note, "rows": rows}
+    layers = 1 + max(int(k.split(".")[2]) for k in base if k.startswith("model.layers."))
+    return {"batch_size": 1, "repeats": repeats, "layers": layers, "lora_rank": rank, "hrm_dims": dims["mlp"], "note": note, "rows": rows}
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,6 +552,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fit", default="fir", choices=["fir", "arx"], help="HRM's high-order fit before balanced truncation")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cost-layers", type=int, default=MODEL["num_hidden_layers"], help="decoder layers of part 2's model")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "lightning_peft_bench")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/hrm[_quick].json)")
@@ -596,7 +599,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lrs = dict.fromkeys(args.arms, args.lr)
         result["quality"] = quality(base, args, args.lora_rank, dims, lrs, log)
     if "cost" in parts:
-        result["cost"] = cost(base, args.lengths, args.repeats, args.lora_rank, dims, log)
+        cost_base = base
+        if args.cost_layers != MODEL["num_hidden_layers"]:  # timing does not depend on the weights
+            torch.manual_seed(0)
+            cost_base = _llama("lm", num_hidden_layers=args.cost_layers).state_dict()
+        result["cost"] = cost(cost_base, args.lengths, args.repeats, args.lora_rank, dims, log)
+        random_base = f"a random-init {args.cost_layers}-layer base (timing only)"
+        result["cost"]["base"] = "the pretrained base" if cost_base is base else random_base
     result["summary"] = summarise(result.get("quality") or {}, result.get("cost"))
     result["seconds"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
