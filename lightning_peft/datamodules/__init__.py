@@ -1,4 +1,4 @@
-"""Ready LightningDataModules on offline data (digits, BBC News); ``RLDataModule`` from :mod:`lightning_peft.rl`.
+"""Ready LightningDataModules on offline data (digits, BBC News, generated state tracking); ``RLDataModule`` from :mod:`lightning_peft.rl`.
 
 Imported lazily so ``import lightning_peft.datamodules`` costs nothing until a class is used.
 """
@@ -10,6 +10,7 @@ _EXPORTS = {
     "BBCNewsDataModule": "lightning_peft.datamodules.text",
     "BBCLanguageModelingDataModule": "lightning_peft.datamodules.text",
     "load_bbc_news": "lightning_peft.datamodules.text",
+    "StateTrackingDataModule": "lightning_peft.datamodules.state_tracking",
     "RLDataModule": "lightning_peft.rl.rollout",  # lives in lightning_peft.rl (the rl extra)
 }
 

@@ -1,4 +1,5 @@
-"""Ready LightningModules: image classifier (timm), text classifier and causal LM (transformers).
+"""Ready LightningModules: image classifier (timm), text classifier, causal LM and decoder
+sequence classifier (transformers).
 
 The modules build a plain model and never inject adapters themselves: add
 ``lightning_peft.AdapterCallback`` to the Trainer, which freezes the base and injects adapters
@@ -21,6 +22,7 @@ _EXPORTS = {
     "ImageClassifier": "lightning_peft.modules.image",
     "TextClassifier": "lightning_peft.modules.text",
     "CausalLM": "lightning_peft.modules.causal_lm",
+    "SequenceClassifier": "lightning_peft.modules.sequence_classifier",
     "PPO": "lightning_peft.rl.ppo",  # lives in lightning_peft.rl (the rl extra); named here by configs and users
 }
 
