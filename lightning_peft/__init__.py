@@ -39,6 +39,7 @@ _EXPORTS = {
     "AdapterCallback": "lightning_peft.callbacks.adapter",
     "AdaptiveCheckpointCallback": "lightning_peft.callbacks.adaptive_checkpoint",
     "ExpertImportanceCallback": "lightning_peft.callbacks.expert_importance",
+    "EfficiencyCallback": "lightning_peft.callbacks.efficiency",
     "AdapterFSDP2Strategy": "lightning_peft.strategies",
     "PolicyLibrary": "lightning_peft.rl.library",
 }

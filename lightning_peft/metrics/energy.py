@@ -82,6 +82,10 @@ class EnergySource:
 
     name: str = "source"
     estimated: bool = False
+    #: ``"device"``: the reading covers the device this process runs on (a GPU, a stated power
+    #: per device), so data-parallel ranks add up; ``"host"``: the whole machine (RAPL), so
+    #: ranks on one machine share one reading.
+    scope: str = "device"
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self._clock = clock or time.perf_counter

@@ -2,8 +2,9 @@
 
 What is counted: the matmul-type operators torch's flop counter knows (``mm``, ``addmm``,
 ``bmm``, ``baddbmm``, ``_scaled_mm``, convolutions, and fused scaled-dot-product attention:
-``QK^T`` and ``AV``), plus the CPU flash-attention kernel that the registry leaves out (added
-here with torch's own SDPA formula). Each is counted as ``2 * M * N * K`` FLOPs, so
+``QK^T`` and ``AV``), plus what the registry leaves out, added here with torch's own formulas:
+the CPU flash-attention kernel and the in-place ``addmm_``/``baddbmm_`` (our fused LoRA
+kernel adds its update with ``addmm_``). Each is counted as ``2 * M * N * K`` FLOPs, so
 ``MACs = FLOPs / 2``. Not counted: element-wise work (activations, norms, softmax, residual
 adds, the bias of ``addmm``) and gathers/embeddings; that is the NetScore convention of MACs in
 matmul-type layers (Wong 2018). A LoRA update ``x A^T B^T`` is two matmuls and counts as such;
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, baddbmm_flop, mm_flop, sdpa_flop_count
 
 __all__ = ["count_macs", "count_flops_by_operator"]
 
@@ -29,12 +30,25 @@ def _cpu_flash_attention(query_shape, key_shape, value_shape, *args, out_shape=N
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _addmm_inplace(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``out.addmm_(a, b)``: the ``a @ b`` of ``addmm`` (our LoRA kernel adds its update so)."""
+    return mm_flop(a_shape, b_shape)
+
+
+def _baddbmm_inplace(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return baddbmm_flop(self_shape, a_shape, b_shape)
+
+
 def _custom_mapping() -> dict[Any, Any]:
-    mapping: dict[Any, Any] = {}
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None:
-        mapping[op] = _cpu_flash_attention
-    return mapping
+    """Operators torch's registry leaves out: the CPU flash-attention kernel and the in-place
+    ``addmm_``/``baddbmm_`` (their out-of-place forms are registered)."""
+    aten = torch.ops.aten
+    wanted = {
+        "_scaled_dot_product_flash_attention_for_cpu": _cpu_flash_attention,
+        "addmm_": _addmm_inplace,
+        "baddbmm_": _baddbmm_inplace,
+    }
+    return {getattr(aten, name): formula for name, formula in wanted.items() if hasattr(aten, name)}
 
 
 def _run(model: nn.Module, example_input: Any) -> None:

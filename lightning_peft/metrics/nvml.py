@@ -6,9 +6,9 @@ Two modes, chosen once per source:
   loaded; Volta and newer): ``E = (c1 - c0) / 1000`` J. Exact and free of sampling error.
 * ``"nvml-sampled"``: where the counter is not supported, ``nvmlDeviceGetPowerUsage``
   (milliwatts) sampled every ``sample_interval`` seconds on a daemon thread, plus one sample at
-  ``start``, each ``poll()`` and ``stop``, integrated by the trapezoid rule
-  (``energy.integrate_power``). The board's power reading is itself averaged by the driver,
-  so short intervals are approximate.
+  ``start``, each ``poll()`` and ``stop``; the energy is the samples' time-weighted mean power
+  (trapezoid rule, ``energy.integrate_power`` over the samples' span) times the interval. The
+  board's power reading is itself averaged by the driver, so short intervals are approximate.
 
 Both read the whole board (other processes on the GPU included). The NVML index of
 ``cuda:N`` follows ``CUDA_VISIBLE_DEVICES`` (integers or ``GPU-``/``MIG-`` UUIDs); a MIG
@@ -167,9 +167,13 @@ class NvmlEnergySource(EnergySource):
             samples = sorted(self._samples)
         if self._error is not None:
             return None, self._error
-        if len(samples) < 2:
-            return None, "fewer than two power samples"
-        return integrate_power(samples), self._join_notes(f"NVML power sampled {len(samples)} times, trapezoid rule; whole board")
+        span = samples[-1][0] - samples[0][0] if len(samples) >= 2 else 0.0
+        if span <= 0:
+            return None, "fewer than two power samples at distinct times"
+        # the samples start just before and end just after the interval: their time-weighted
+        # mean power times the interval's length is the energy of exactly that interval
+        watts = integrate_power(samples) / span
+        return watts * seconds, self._join_notes(f"NVML power sampled {len(samples)} times, trapezoid mean; whole board")
 
     def _join_notes(self, text: str) -> str:
         return text + (f"; {self._note}" if self._note else "")

@@ -76,6 +76,7 @@ class RaplEnergySource(EnergySource):
     ``poll()`` folds the counters in between so a long interval sees each wrap."""
 
     name = "rapl"
+    scope = "host"
 
     def __init__(self, root: str | Path = DEFAULT_ROOT, clock: Callable[[], float] | None = None) -> None:
         reason = rapl_unavailable_reason(root)
