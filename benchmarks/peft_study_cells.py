@@ -15,6 +15,7 @@ trains the head only.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -22,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from peft_study_models import BACKBONES, Backbone, register_timm_models
+from torch import nn
 
 MIB = 1024**2
 REGIMES = ("full", "lora", "adalora", "qlora", "bitfit", "probe")
@@ -43,8 +43,8 @@ class Cell:
     regime: str
     checkpointing: str
     seed: int
-    epochs: int = 12
-    batch_size: int = 64
+    epochs: int = 6
+    batch_size: int = 32
     max_steps: int = -1
     activation_budget_bytes: int | None = None
     device: str = "cpu"
@@ -62,8 +62,9 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
 
 
-def adapter_spec(regime: str, backbone: Backbone) -> Any:
-    """The adapter spec of ``regime`` (``None`` for the probe)."""
+def adapter_spec(regime: str, backbone: Backbone, total_steps: int = 100) -> Any:
+    """The adapter spec of ``regime`` (``None`` for the probe). AdaLoRA's warm-ups are 10 % of
+    ``total_steps`` each (full rank first, the final ranks held at the end)."""
     from lightning_peft import AdaLoRA, BitFit, FullFineTune, LoRA, QLoRA
 
     targets = backbone.lora_targets
@@ -72,7 +73,8 @@ def adapter_spec(regime: str, backbone: Backbone) -> Any:
     if regime == "lora":
         return LoRA(rank=RANK, alpha=2 * RANK, target_modules=targets)
     if regime == "adalora":
-        return AdaLoRA(init_rank=RANK + 2, target_rank=RANK, alpha=2 * RANK, target_modules=targets, init_warmup=10, final_warmup=10)
+        warm = total_steps // 10
+        return AdaLoRA(init_rank=RANK + 2, target_rank=RANK, alpha=2 * RANK, target_modules=targets, init_warmup=warm, final_warmup=warm)
     if regime == "qlora":
         # NF4 storage, double quantization; fp32 compute (bf16 matmuls are slow on this CPU)
         return QLoRA(rank=RANK, alpha=2 * RANK, target_modules=targets, quant_type="nf4", compute_dtype="float32")
@@ -100,10 +102,13 @@ def _probe_callback() -> Any:
     return LinearProbe()
 
 
-def _efficiency_callback(energy: Any, out_dir: Path) -> Any:
+def _efficiency_callback(energy: Any, tdp_watts: float | None, out_dir: Path) -> Any:
     from lightning_peft.callbacks.efficiency import EfficiencyCallback
+    from lightning_peft.metrics import EnergySource
 
-    return EfficiencyCallback(energy=energy, output_dir=str(out_dir), verbose=False)
+    if isinstance(energy, EnergySource):
+        return EfficiencyCallback(energy_source=energy, output_dir=str(out_dir), verbose=False)
+    return EfficiencyCallback(energy=energy, tdp_watts=tdp_watts, output_dir=str(out_dir), verbose=False)
 
 
 def build_trainer(cell: Cell, callbacks: list[Any], root: Path) -> Any:
@@ -163,12 +168,12 @@ def checkpoint_callback(cell: Cell) -> Any:
     return AdaptiveCheckpointCallback(mode=mode, blocks=b.blocks, log_every_n_steps=0, verbose=False)
 
 
-def run_cell(cell: Cell, base_path: Path | None, energy: Any, work_dir: Path) -> dict[str, Any]:
+def run_cell(cell: Cell, base_path: Path | None, energy: Any, work_dir: Path, tdp_watts: float | None = None) -> dict[str, Any]:
     """Train and test one cell; returns its measurements (JSON-ready).
 
-    ``energy`` is what ``EfficiencyCallback(energy=...)`` takes: a kind (``"auto"``: NVML on
-    CUDA, RAPL on CPU, else unavailable) or an ``EnergySource`` (tests inject
-    ``ConstantPowerSource``)."""
+    ``energy`` is an ``EfficiencyCallback`` energy kind (``"auto"``: NVML on CUDA, RAPL on CPU,
+    else a labelled TDP estimate when ``tdp_watts`` is given, else unavailable) or an
+    ``EnergySource`` instance (tests inject ``ConstantPowerSource``)."""
     import lightning as L
 
     quiet()
@@ -177,8 +182,10 @@ def run_cell(cell: Cell, base_path: Path | None, energy: Any, work_dir: Path) ->
     module = make_module(cell, base_path)
     data = make_data(cell, [5, 6, 7, 8, 9])
     ckpt = checkpoint_callback(cell)
-    eff = _efficiency_callback(energy, run_dir)
-    spec = adapter_spec(cell.regime, BACKBONES[cell.backbone])
+    eff = _efficiency_callback(energy, tdp_watts, run_dir)
+    data.setup("fit")
+    steps = math.ceil(len(data.train_set) / cell.batch_size) * cell.epochs
+    spec = adapter_spec(cell.regime, BACKBONES[cell.backbone], min(steps, cell.max_steps) if cell.max_steps > 0 else steps)
     if spec is None:
         adapter_cb = _probe_callback()
     else:
@@ -218,15 +225,15 @@ def pretrain(backbone: str, out: Path, epochs: int, device: str, max_steps: int 
     state dict to ``out``: the 'pretrained' base every cell adapts (no vision weights ship
     offline). Returns its test accuracy and time."""
     import lightning as L
+
     from lightning_peft.modules.image import ImageClassifier
 
     quiet()
     register_timm_models()
     L.seed_everything(0, verbose=False)
     b = BACKBONES[backbone]
-    module = ImageClassifier(
-        model_name=b.model_name, num_classes=5, model_kwargs=dict(b.model_kwargs), lr=3e-3, weight_decay=0.05, warmup_steps=20, schedule="cosine"
-    )
+    kwargs = dict(model_kwargs=dict(b.model_kwargs), lr=3e-3, weight_decay=0.05, warmup_steps=20, schedule="cosine")
+    module = ImageClassifier(model_name=b.model_name, num_classes=5, **kwargs)
     cell = Cell(backbone, "full", "none", 0, epochs=epochs, batch_size=64, max_steps=max_steps, device=device)
     data = make_data(cell, [0, 1, 2, 3, 4])
     trainer = build_trainer(cell, [], out.parent)

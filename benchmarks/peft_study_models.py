@@ -69,8 +69,8 @@ BACKBONES: dict[str, Backbone] = {
             "drop_path_rate": 0.0,
         },
         image_size=32,
-        # the MBConv stage (0) is cheap; the attention stages hold the activations
-        blocks=["model.stages.1.blocks", "model.stages.2.blocks"],
+        # the MBConv stage's block too: at 8x8 with 4x expansion it holds much of the activations
+        blocks=["model.stages.0.blocks", "model.stages.1.blocks", "model.stages.2.blocks"],
         shape_of="TinyViT-5M (dims 64-320, depths 2-2-6-2) scaled to 3 stages, dims 32-64-96, depths 1-2-1; 32x32 px",
         notes=[
             "TinyViT blocks hold batch-norm layers (local conv, MBConv): a checkpointed block recomputes its forward, "
