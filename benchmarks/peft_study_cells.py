@@ -216,8 +216,22 @@ def summarize_cell(cell: Cell, module: nn.Module, ckpt: Any, eff: Any, fit_wall:
         recompute_fraction_mean=sum(h["recompute_fraction"] for h in steady) / max(len(steady), 1),
         activation_budget_bytes=ckpt.budget_bytes,
         ckpt_counters=dict(ckpt.counters),
+        **budget_trace(hist, ckpt.budget_bytes),
     )
     return record
+
+
+def budget_trace(hist: list[dict[str, Any]], budget: int | None) -> dict[str, Any]:
+    """How the activation peak tracked the budget: steps over it, the peak over the second half
+    of training (after any tightening), and the largest predicted peak of a planned step."""
+    late = hist[len(hist) // 2 :] or hist
+    planned = [h["predicted_peak_bytes"] for h in hist if h.get("predicted_peak_bytes")]
+    return {
+        "steps_over_budget": sum(1 for h in hist if budget and h["measured_peak_bytes"] > budget),
+        "activation_peak_late_bytes": max((h["measured_peak_bytes"] for h in late), default=0.0),
+        "predicted_peak_max_bytes": max(planned, default=None),
+        "over_budget_steps_first": [h["step"] for h in hist if budget and h["measured_peak_bytes"] > budget][:5],
+    }
 
 
 def pretrain(backbone: str, out: Path, epochs: int, device: str, max_steps: int = -1) -> dict[str, Any]:

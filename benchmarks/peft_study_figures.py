@@ -74,6 +74,9 @@ def _panel(ax: Any, cells: list[tuple[str, dict[str, Any]]], xname: str, yname: 
         if x is None or y is None:
             continue
         on = key in front
+        xs, ys = c.get(xname) or {}, c.get(yname) or {}
+        if xs.get("n", 0) > 1:  # spread over seeds
+            ax.errorbar(x, y * yscale, xerr=xs["std"], yerr=ys["std"] * yscale, color=COLORS[c["regime"]], alpha=0.35, lw=1, zorder=1)
         ax.scatter(
             x,
             y * yscale,
@@ -91,8 +94,9 @@ def _panel(ax: Any, cells: list[tuple[str, dict[str, Any]]], xname: str, yname: 
 
 def draw(state: dict[str, Any], png: str) -> None:
     """Per backbone: accuracy against energy (train time where energy is unavailable) and peak
-    training memory against train time; one point per cell (mean over seeds), Pareto front
-    marked (outlined points, dashed line), the memory budget as a horizontal line."""
+    training memory against train time; one point per cell (mean over seeds, bars: one standard
+    deviation), Pareto front marked (outlined points, dashed line), the memory budget as a
+    horizontal line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +128,8 @@ def draw(state: dict[str, Any], png: str) -> None:
     handles += [Line2D([], [], color="black", marker=m, ls="", mfc="white", label=f"ckpt {k}") for k, m in MARKERS.items()]
     handles.append(Line2D([], [], color="black", ls="--", label="Pareto front (outlined)"))
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
-    fig.suptitle("Five-regime study on 2 shared CPU cores: mean over seeds per cell", fontsize=11)
+    where = state.get("environment", {}).get("cuda_device") or "2 shared CPU cores"
+    fig.suptitle(f"Five-regime study on {where}: mean over seeds per cell (bars: std)", fontsize=11)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     fig.savefig(png, dpi=110)
     plt.close(fig)
