@@ -186,7 +186,7 @@ def progress_line(r: dict[str, Any]) -> str:
         return f"  {r['key']} seed {c['seed']}: {'infeasible' if r['infeasible'] else 'FAILED'}: {r['error'][:160]}"
     return (
         f"  {r['key']} seed {c['seed']}: acc {r['test_acc']:.3f}, train {r['fit_seconds']:.1f} s, "
-        f"peak {r['fit_peak_memory_mib']:.2f} MiB, ckpt {r['checkpointed_blocks_final']}, "
+        f"peak {r['fit_peak_memory_mib']:.2f} MiB, ckpt {list(r.get('checkpointed_blocks_by_shape', {}).values())}, "
         f"trainable {r['trainable_params']:,}, NS {r['netscore']:.1f}  ({r['cell_wall_seconds']:.0f} s)"
     )
 

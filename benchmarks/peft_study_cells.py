@@ -213,6 +213,8 @@ def summarize_cell(cell: Cell, module: nn.Module, ckpt: Any, eff: Any, fit_wall:
         train_step_seconds=sum(h["step_time_s"] for h in hist),
         activation_peak_bytes=max((h["measured_peak_bytes"] for h in hist), default=0.0),
         checkpointed_blocks_final=list(hist[-1]["checkpointed"]) if hist else [],
+        # per batch shape (the last batch of an epoch is smaller and gets its own plan)
+        checkpointed_blocks_by_shape={str(h["bucket"]): list(h["checkpointed"]) for h in hist},
         recompute_fraction_mean=sum(h["recompute_fraction"] for h in steady) / max(len(steady), 1),
         activation_budget_bytes=ckpt.budget_bytes,
         ckpt_counters=dict(ckpt.counters),
