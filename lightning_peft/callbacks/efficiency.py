@@ -41,12 +41,13 @@ from lightning_peft.io import atomic_write_file
 from lightning_peft.memory.meters import tensor_leaves
 from lightning_peft.metrics.energy import ENERGY_KINDS, EnergyKind, EnergyReading, EnergySource, select_energy_source
 from lightning_peft.metrics.macs import count_macs
-from lightning_peft.metrics.memory import MemoryProbe, memory_probe_for
+from lightning_peft.metrics.memory import CpuMemoryProbe, MemoryProbe, memory_probe_for
 from lightning_peft.metrics.summary import PhaseMeasure, format_table, summarize
 from lightning_peft.validation import InvalidArgumentTypeError, check_bool, check_choice, check_float, check_str
 
 InferenceStage = Literal["test", "predict", "validate"]
 ENERGY_KEYS = ("fit_energy_joules", "fit_avg_watts", "infer_energy_joules", "infer_avg_watts", "ns_e", "ns_sharp")
+MAX_SHAPES = 8  # distinct inference batch shapes whose memory is measured (text: lengths vary)
 MEMORY_KEYS = ("fit_peak_memory_mib", "infer_peak_memory_mib", "ns_m", "ns_sharp")
 
 
@@ -63,7 +64,11 @@ class EfficiencyCallback(Callback):
         accuracy_unit: ``"fraction"`` (torchmetrics' 0..1, multiplied by 100) or ``"percent"``.
         output_dir: where ``efficiency.json`` goes (``None``: the trainer's ``log_dir``).
         filename: the JSON file's name.
-        measure_memory: measure peak memory (the CPU estimate's hooks cost a little time).
+        measure_memory: measure peak memory (on CPU the saved-tensor meter runs on the first
+            training step of each batch shape, and inference memory is measured by one extra
+            forward per batch shape after the timed loop).
+        memory_every_step: on CPU, meter every training step (models whose activation bytes
+            depend on the data, e.g. MoE routing), at a small cost in measured time.
         memory_probe: a ``MemoryProbe`` to use instead of the device's (tests).
         inference_stages: which evaluation runs count as the inference phase.
         verbose: print the table at the end of each phase (rank 0).
@@ -79,6 +84,7 @@ class EfficiencyCallback(Callback):
         output_dir: str | None = None,
         filename: str = "efficiency.json",
         measure_memory: bool = True,
+        memory_every_step: bool = False,
         memory_probe: MemoryProbe | None = None,
         inference_stages: list[InferenceStage] | None = None,
         verbose: bool = True,
@@ -98,6 +104,8 @@ class EfficiencyCallback(Callback):
         if Path(filename).name != filename:
             raise ValueError(f"filename must be a plain file name (no directories), got {filename!r}; use output_dir for the folder")
         check_bool("measure_memory", measure_memory)
+        check_bool("memory_every_step", memory_every_step)
+        self.memory_every_step = memory_every_step
         stages = list(inference_stages) if inference_stages is not None else ["test", "predict", "validate"]
         for stage in stages:
             check_choice("inference_stages", stage, ("test", "predict", "validate"))
@@ -111,6 +119,7 @@ class EfficiencyCallback(Callback):
         self._stage: str | None = None
         self._samples = 0
         self._example: Any = None
+        self._forward_inputs: dict[tuple, Any] = {}
         self._fit: PhaseMeasure | None = None
         self._infer: PhaseMeasure | None = None
         self._accuracy: float | None = None
@@ -120,16 +129,21 @@ class EfficiencyCallback(Callback):
 
     # -- phases ----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._source is None:  # fail at setup, before training, if an explicit reader cannot read
-            self._source = select_energy_source(self.energy, pl_module.device, self.tdp_watts)
+        # fail at setup, before training, if an explicit reader cannot read; the module is not
+        # on its device yet at setup, the strategy's root device says where it will run
+        if self._source is None:
+            self._source = select_energy_source(self.energy, trainer.strategy.root_device, self.tdp_watts)
 
     def _begin(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._source is None:
-            self._source = select_energy_source(self.energy, pl_module.device, self.tdp_watts)
-        self._stage, self._samples = stage, 0
+            self._source = select_energy_source(self.energy, trainer.strategy.root_device, self.tdp_watts)
+        self._stage, self._samples, self._forward_inputs = stage, 0, {}
         self._probe = None
         if self.measure_memory:
-            self._probe = self._given_probe if self._given_probe is not None else memory_probe_for(pl_module.device)
+            self._probe = self._given_probe
+            if self._probe is None:
+                device = trainer.strategy.root_device
+                self._probe = CpuMemoryProbe(self.memory_every_step) if device.type != "cuda" else memory_probe_for(device)
             self._probe.begin_phase(pl_module, training=stage == "fit")
         _synchronize(pl_module.device)
         self._source.start()
@@ -142,7 +156,9 @@ class EfficiencyCallback(Callback):
         reading = self._reduce_energy(trainer, self._source.stop())
         memory = None
         if self._probe is not None:
-            memory = self._probe.end_phase(pl_module, trainer.optimizers if stage == "fit" else ())
+            optimizers = trainer.optimizers if stage == "fit" else ()
+            memory = self._probe.end_phase(pl_module, optimizers, list(self._forward_inputs.values()))
+        self._forward_inputs = {}
         phase = PhaseMeasure(reading, memory, stage, self._samples)
         if stage == "fit":
             self._fit = phase
@@ -193,10 +209,13 @@ class EfficiencyCallback(Callback):
             return
         leaves = tensor_leaves(batch)
         self._samples += int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else 1
+        key = tuple(tuple(t.shape) for t in leaves)
         if self._example is None:
             self._example = _example_input(pl_module, batch)
+        if stage != "fit" and key not in self._forward_inputs and len(self._forward_inputs) < MAX_SHAPES:
+            self._forward_inputs[key] = _model_input(pl_module, batch)  # for the memory forward after the loop
         if self._probe is not None:
-            self._probe.begin_step(pl_module)
+            self._probe.begin_step(pl_module, key)
 
     def _step_end(self, stage: str) -> None:
         if not self._in_phase(stage):
@@ -311,19 +330,24 @@ def _leading_dim(example: Any) -> int:
     return max(int(leaves[0].shape[0]), 1) if leaves and leaves[0].dim() > 0 else 1
 
 
-def _example_input(pl_module: pl.LightningModule, batch: Any) -> Any:
-    """What ``pl_module(...)`` takes for one sample: ``example_input_array`` if the module sets
-    it, else the first sample of the batch's input (``batch[0]`` of a tuple/list, the forward's
-    keyword arguments of a dict, the tensor itself)."""
-    given = pl_module.example_input_array
-    if given is not None:
-        return _to_device(given, pl_module.device)
+def _model_input(pl_module: pl.LightningModule, batch: Any) -> Any:
+    """What ``pl_module(...)`` takes from a batch: ``batch[0]`` of a tuple/list, the forward's
+    keyword arguments of a dict, the tensor itself."""
     if isinstance(batch, tuple | list):
         batch = batch[0]
     if isinstance(batch, Mapping):
         accepted = inspect.signature(pl_module.forward).parameters
         batch = {k: v for k, v in batch.items() if k in accepted}
-    return _first_sample(batch)
+    return batch
+
+
+def _example_input(pl_module: pl.LightningModule, batch: Any) -> Any:
+    """The input for counting MACs: ``example_input_array`` if the module sets it, else the
+    first sample of the batch's model input."""
+    given = pl_module.example_input_array
+    if given is not None:
+        return _to_device(given, pl_module.device)
+    return _first_sample(_model_input(pl_module, batch))
 
 
 def _first_sample(obj: Any) -> Any:

@@ -11,20 +11,31 @@ from lightning_peft.metrics.energy import (
     select_energy_source,
 )
 from lightning_peft.metrics.macs import count_flops_by_operator, count_macs
+from lightning_peft.metrics.memory import CpuMemoryProbe, CudaMemoryProbe, MemoryPeak, MemoryProbe, memory_probe_for
 from lightning_peft.metrics.netscore import netscore, ns_e, ns_m, ns_sharp
+from lightning_peft.metrics.summary import RESULT_KEYS, PhaseMeasure, format_table, summarize
 
 __all__ = [
+    "RESULT_KEYS",
     "ConstantPowerSource",
+    "CpuMemoryProbe",
+    "CudaMemoryProbe",
     "EnergyReading",
     "EnergySource",
+    "MemoryPeak",
+    "MemoryProbe",
+    "PhaseMeasure",
     "TdpEstimateSource",
     "UnavailableSource",
     "count_flops_by_operator",
     "count_macs",
+    "format_table",
     "integrate_power",
+    "memory_probe_for",
     "netscore",
     "ns_e",
     "ns_m",
     "ns_sharp",
     "select_energy_source",
+    "summarize",
 ]

@@ -13,8 +13,9 @@ Two probes behind one interface (``begin_phase``, ``begin_step``, ``after_backwa
   optimizer state measured from the optimizers at the phase end, and the activations from the
   saved-tensor meter (``memory.meters.SavedTensorMeter``, per step, maximum over steps).
   Inference (no autograd graph, so nothing is saved): ``parameters + buffers + peak live
-  tensors`` created during each step, tracked by ``LiveTensorTracker`` (a dispatch mode).
-  Neither counts the batch itself, allocator slack or kernel scratch space.
+  tensors`` of one forward per distinct batch shape, run after the timed loop under
+  ``LiveTensorTracker`` (a dispatch mode). Neither counts the batch itself, allocator slack or
+  kernel scratch space.
 
 Pure torch (no Lightning).
 """
@@ -22,7 +23,7 @@ Pure torch (no Lightning).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 MIB = 1024**2
+Optimizers = Iterable[torch.optim.Optimizer]
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,10 @@ class LiveTensorTracker(TorchDispatchMode):
 
 class MemoryProbe:
     """Peak memory over a phase. The caller calls ``begin_phase(model, training)``, then per
-    step ``begin_step(model)``, ``after_backward()`` (training), ``end_step()``, and finally
-    ``end_phase(model, optimizers)``."""
+    step ``begin_step(model, key)`` (``key``: the batch's shapes), ``after_backward()``
+    (training), ``end_step()``, and finally ``end_phase(model, optimizers, forward_inputs)``
+    (``forward_inputs``: one model input per distinct batch shape of an inference phase, for
+    probes that measure inference outside the timed loop)."""
 
     source: str = "memory"
     estimated: bool = False
@@ -148,7 +152,7 @@ class MemoryProbe:
     def begin_phase(self, model: nn.Module, training: bool) -> None:
         pass
 
-    def begin_step(self, model: nn.Module) -> None:
+    def begin_step(self, model: nn.Module, key: Hashable = None) -> None:
         pass
 
     def after_backward(self) -> None:
@@ -157,12 +161,13 @@ class MemoryProbe:
     def end_step(self) -> None:
         pass
 
-    def end_phase(self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> MemoryPeak:
+    def end_phase(self, model: nn.Module, optimizers: Optimizers = (), forward_inputs: Iterable[Any] = ()) -> MemoryPeak:
         raise NotImplementedError
 
 
 class CudaMemoryProbe(MemoryProbe):
-    """CUDA caching-allocator peak over the phase (see the module doc)."""
+    """CUDA caching-allocator peak over the phase (see the module doc); the allocator keeps
+    its statistics on the host, so reading them costs the timed loop nothing."""
 
     source = "cuda-allocator"
 
@@ -173,38 +178,53 @@ class CudaMemoryProbe(MemoryProbe):
     def begin_phase(self, model: nn.Module, training: bool) -> None:
         self._cuda.reset_peak_memory_stats(self.device)
 
-    def end_phase(self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> MemoryPeak:
+    def end_phase(self, model: nn.Module, optimizers: Optimizers = (), forward_inputs: Iterable[Any] = ()) -> MemoryPeak:
         return MemoryPeak(int(self._cuda.max_memory_allocated(self.device)), self.source, False)
 
 
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
 class CpuMemoryProbe(MemoryProbe):
-    """The labelled CPU estimate (see the module doc). Where another saved-tensor meter is
-    active (the adaptive-checkpointing callback's), this probe does not open its own, which would
-    shadow it (the innermost hooks see the tensors), and reads the activation peak from the
-    innermost meter after backward instead. The meter's pack hook costs a little time per saved
-    tensor, which the measured training time includes."""
+    """The labelled CPU estimate (see the module doc).
+
+    Training: the saved-tensor meter is opened on the first step of each batch shape only (its
+    pack hook costs time per saved tensor; later steps of a shape save the same bytes, except in
+    models whose activations depend on the data, e.g. MoE routing: ``every_step=True``). Where
+    another saved-tensor meter is active (the adaptive-checkpointing callback's), the probe opens
+    none, which would shadow it (the innermost hooks see the tensors), and reads the innermost
+    meter's peak after every backward instead. Inference: nothing runs in the timed loop (a
+    dispatch mode would double a small model's inference time); ``end_phase`` runs one
+    ``model(inputs)`` per given input under ``LiveTensorTracker`` and no grad, after the timing.
+    """
 
     source = "cpu-estimate"
     estimated = True
 
-    def __init__(self) -> None:
+    def __init__(self, every_step: bool = False) -> None:
+        self.every_step = every_step
         self._training = True
         self._meter: SavedTensorMeter | None = None
-        self._tracker: LiveTensorTracker | None = None
+        self._seen: set[Hashable] = set()
         self.activation_peak = 0
 
     def begin_phase(self, model: nn.Module, training: bool) -> None:
         self._training = training
         self.activation_peak = 0
+        self._seen = set()
 
-    def begin_step(self, model: nn.Module) -> None:
+    def begin_step(self, model: nn.Module, key: Hashable = None) -> None:
         self.end_step()  # a step that raised may not have ended
-        if self._training:
-            if current_meter() is None:  # never shadow another meter: innermost hooks win
-                self._meter = SavedTensorMeter(model).__enter__()
-        else:
-            self._tracker = LiveTensorTracker()
-            self._tracker.__enter__()
+        if not self._training or current_meter() is not None:  # never shadow another meter
+            return
+        if self.every_step or key not in self._seen:
+            self._seen.add(key)
+            self._meter = SavedTensorMeter(model).__enter__()
 
     def after_backward(self) -> None:
         meter = current_meter()
@@ -216,13 +236,20 @@ class CpuMemoryProbe(MemoryProbe):
             self.activation_peak = max(self.activation_peak, self._meter.peak_bytes)
             self._meter.__exit__(None, None, None)
             self._meter = None
-        if self._tracker is not None:
-            self._tracker.__exit__(None, None, None)
-            self.activation_peak = max(self.activation_peak, self._tracker.peak_bytes)
-            self._tracker = None
 
-    def end_phase(self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> MemoryPeak:
+    def measure_forward(self, model: nn.Module, inputs: Any) -> int:
+        """Peak live bytes of one ``model(inputs)`` without grad (recorded as an activation peak)."""
+        with torch.no_grad(), LiveTensorTracker() as tracker:
+            output = _call(model, inputs)
+            del output
+        self.activation_peak = max(self.activation_peak, tracker.peak_bytes)
+        return tracker.peak_bytes
+
+    def end_phase(self, model: nn.Module, optimizers: Optimizers = (), forward_inputs: Iterable[Any] = ()) -> MemoryPeak:
         self.end_step()
+        if not self._training:
+            for inputs in forward_inputs:
+                self.measure_forward(model, inputs)
         parameters, buffers = model_bytes(model)
         parts = {"parameters": parameters, "buffers": buffers, "activations": self.activation_peak}
         if self._training:

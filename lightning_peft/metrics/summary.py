@@ -64,8 +64,9 @@ class PhaseMeasure:
 
 
 def _phase_fields(prefix: str, phase: PhaseMeasure | None) -> dict[str, Any]:
-    if phase is None:
-        return {f"{prefix}_seconds": None, f"{prefix}_energy_joules": None, f"{prefix}_avg_watts": None, f"{prefix}_peak_memory_mib": None}
+    if phase is None:  # the same keys, all None
+        keys = ("seconds", "energy_joules", "avg_watts", "peak_memory_mib", "memory_breakdown_bytes", "energy_note", "stage", "samples")
+        return dict.fromkeys((f"{prefix}_{key}" for key in keys), None)
     memory = phase.memory
     return {
         f"{prefix}_seconds": phase.reading.seconds,

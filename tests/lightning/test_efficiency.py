@@ -52,6 +52,10 @@ class Tiny(pl.LightningModule):
         acc = (self(x).argmax(-1) == y).float().mean()
         self.log("test_acc", acc, on_epoch=True, batch_size=len(y))
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), on_epoch=True, batch_size=len(y))
+
     def predict_step(self, batch, batch_idx):
         return self(batch[0]).argmax(-1)
 
@@ -102,6 +106,8 @@ def test_fit_then_test(tmp_path, capsys):
     assert fit_parts["parameters"] == 4 * (IN * OUT + OUT) == fit_parts["gradients"] and fit_parts["activations"] > 0
     assert fit_parts["optimizer_state"] >= 2 * fit_parts["parameters"]  # Adam's two moments
     assert r["fit_peak_memory_mib"] == pytest.approx(sum(fit_parts.values()) / MIB)
+    infer_parts = r["infer_memory_breakdown_bytes"]  # one forward of an 8-sample batch, after the timed loop
+    assert infer_parts["activations"] >= 4 * 8 * OUT and "gradients" not in infer_parts
     assert r["ns_e"] == pytest.approx(ns_e(r["accuracy"], 2.0, 50.0))
     assert r["ns_m"] == pytest.approx(ns_m(r["accuracy"], r["infer_peak_memory_mib"]))
     assert r["ns_sharp"] == pytest.approx(ns_sharp(r["accuracy"], r["infer_peak_memory_mib"], 2.0, 50.0))
@@ -144,6 +150,33 @@ def test_predict_phase_and_output_dir(tmp_path):
     assert json.loads((tmp_path / "eff" / "cell.json").read_text())["infer_stage"] == "predict"
 
 
+def test_validation_inside_fit_is_training_standalone_is_inference(tmp_path):
+    callback = EfficiencyCallback(energy_source=ConstantPowerSource(5.0, clock=StepClock()), accuracy_key="val_acc", verbose=False)
+    t = trainer(tmp_path, callback, val_check_interval=2)
+    model = Tiny()
+    t.fit(model, loader(), loader(16))
+    assert callback.results["infer_stage"] is None and callback.results["fit_seconds"] == 1.0
+    t.validate(model, loader(16))
+    r = callback.results
+    assert r["infer_stage"] == "validate" and r["infer_samples"] == 16
+    assert r["accuracy"] == pytest.approx(100 * t.callback_metrics["val_acc"].item())
+
+
+def test_example_input_from_a_dict_batch():
+    from lightning_peft.callbacks.efficiency import _example_input
+
+    class Text(pl.LightningModule):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    batch = {"input_ids": torch.ones(4, 7, dtype=torch.long), "attention_mask": torch.ones(4, 7), "labels": torch.zeros(4)}
+    example = _example_input(Text(), batch)
+    assert set(example) == {"input_ids", "attention_mask"} and example["input_ids"].shape == (1, 7)
+    module = Tiny()
+    module.example_input_array = torch.zeros(2, IN)
+    assert _example_input(module, (torch.ones(8, IN), torch.zeros(8))).shape == (2, IN)
+
+
 def test_cuda_path_with_fake_nvml_and_allocator(tmp_path):
     nvml = FakeNvml(energy_mj=[0, 0, 30_000, 30_000, 36_000])  # probe, fit start/stop, test start/stop
     source = NvmlEnergySource("cuda:0", nvml=nvml, clock=StepClock(3.0))
@@ -179,6 +212,37 @@ def test_explicit_reader_that_cannot_read_fails_before_training(tmp_path):
     with pytest.raises(RuntimeError, match="energy='nvml' cannot read on cpu"):
         t.fit(model, loader())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_source_chosen_for_the_strategy_device(monkeypatch):
+    """At setup the module is still on the CPU; the reader must be the one of the run's device."""
+    from lightning_peft.metrics import nvml
+
+    monkeypatch.setattr(nvml, "nvml_unavailable_reason", lambda device, nvml=None: f"fake: no NVML for {device}")
+    callback = EfficiencyCallback()
+    fake = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda:0")))
+    callback.setup(fake, Tiny(), "fit")
+    assert "NVML: fake: no NVML for cuda:0" in callback._source.reason
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(tmp_path):
+    """2 CPU ranks (gloo): energy summed over ranks, every rank has results, only rank 0 writes."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    script = Path(__file__).parents[1] / "scripts" / "ddp_efficiency.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["world_size"] == 2 and r["fit_seconds"] == 1.0
+        assert r["fit_energy_joules"] == pytest.approx(20.0) and r["fit_avg_watts"] == pytest.approx(20.0)
+        assert r["infer_energy_joules"] == pytest.approx(20.0) and r["ns_e"] == pytest.approx(ns_e(r["accuracy"], 1.0, 20.0))
+    assert ranks[0]["accuracy"] == ranks[1]["accuracy"]  # synced over ranks
+    assert (tmp_path / "eff0" / "efficiency.json").is_file() and not (tmp_path / "eff1").exists()
 
 
 def test_ddp_energy_summed_over_ranks():

@@ -50,15 +50,18 @@ def test_cpu_training_estimate_adds_its_parts():
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
     probe = CpuMemoryProbe()
     probe.begin_phase(model, training=True)
-    peaks = []
-    for batch in (4, 16, 8):
-        probe.begin_step(model)
+    peaks, metered = [], []
+    for batch in (4, 16, 16, 8):
+        probe.begin_step(model, key=(batch, 32))
         meter = current_meter()
+        metered.append(meter is not None)
         model(torch.randn(batch, 32)).sum().backward()
         probe.after_backward()
-        peaks.append(meter.peak_bytes)
+        if meter is not None:
+            peaks.append(meter.peak_bytes)
         probe.end_step()
         opt.step()
+    assert metered == [True, True, False, True]  # once per batch shape
     assert current_meter() is None  # no hooks left behind
     peak = probe.end_phase(model, [opt])
     assert peak.source == "cpu-estimate" and peak.estimated
@@ -66,6 +69,16 @@ def test_cpu_training_estimate_adds_its_parts():
     assert peak.breakdown["gradients"] == gradient_bytes(model)
     assert peak.breakdown["optimizer_state"] == optimizer_state_bytes([opt]) > 0
     assert peak.bytes == sum(peak.breakdown.values()) and peak.mib == peak.bytes / MIB
+
+
+def test_every_step_meters_every_step():
+    model = mlp()
+    probe = CpuMemoryProbe(every_step=True)
+    probe.begin_phase(model, training=True)
+    for _ in range(2):
+        probe.begin_step(model, key=(4, 32))
+        assert current_meter() is not None
+        probe.end_step()
 
 
 def test_cpu_probe_does_not_shadow_another_meter():
@@ -99,16 +112,16 @@ def test_cpu_inference_estimate():
     model = mlp().eval()
     probe = CpuMemoryProbe()
     probe.begin_phase(model, training=False)
-    batch = torch.randn(10, 32)  # the batch exists before the step: not counted
-    with torch.inference_mode():
-        probe.begin_step(model)
-        model(batch)
-        probe.end_step()
-    peak = probe.end_phase(model)
+    probe.begin_step(model, key=(10, 32))
+    assert current_meter() is None  # nothing runs inside the timed loop
+    probe.end_step()
+    batch = torch.randn(10, 32)  # the batch exists before the forward: not counted
+    peak = probe.end_phase(model, forward_inputs=[batch, batch[:2]])
     params, _ = model_bytes(model)
     # the hidden layer's output and its ReLU (10 x 64 floats each) live together; the 10 x 8 output may join them
     assert 2 * 4 * 10 * 64 <= peak.breakdown["activations"] <= 4 * 10 * (64 + 64 + 8)
     assert "gradients" not in peak.breakdown and peak.bytes == params + peak.breakdown["activations"]
+    assert probe.measure_forward(model, {"input": batch[:1]}) < peak.breakdown["activations"]
 
 
 def test_cuda_probe_reads_the_allocator():
@@ -132,8 +145,8 @@ def test_begin_step_twice_leaves_one_meter():
     model = mlp()
     probe = CpuMemoryProbe()
     probe.begin_phase(model, training=True)
-    probe.begin_step(model)
-    probe.begin_step(model)  # a step that raised never ended
+    probe.begin_step(model, key=1)
+    probe.begin_step(model, key=2)  # a step that raised never ended
     assert current_meter() is not None
     probe.end_step()
     assert current_meter() is None

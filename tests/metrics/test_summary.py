@@ -63,3 +63,9 @@ def test_table_says_unavailable():
 def test_zero_inference_time_gives_no_time_scores():
     out = summarize(None, phase("test", 0.0, None), 80.0, 10, 1, 10.0)
     assert out["ns_e"] is None and "inference time is zero" in " ".join(out["notes"])
+
+
+def test_missing_phase_has_the_same_keys():
+    full = summarize(phase("fit", 1.0, 1.0), phase("test", 1.0, 1.0), 50.0, 10, 1, 10.0)
+    empty = summarize(None, None, None, None, None, None)
+    assert set(full) == set(empty) and empty["infer_stage"] is None and empty["fit_samples"] is None
