@@ -25,7 +25,7 @@ its training peak is within the budget.
     python benchmarks/peft_study.py                    # the full study, ~25 min on 2 shared cores
     python benchmarks/peft_study.py --quick            # smoke run, ~3 min
     python benchmarks/peft_study.py --device cuda      # NVML energy, CUDA allocator peaks
-    python benchmarks/peft_study.py --backbones vision_mamba --seeds 1 --out benchmarks/results/peft_study_mamba.json
+    python benchmarks/peft_study.py --backbones vision_mamba --out benchmarks/results/peft_study_mamba.json
 """
 
 from __future__ import annotations
