@@ -8,7 +8,10 @@ kernel adds its update with ``addmm_``). Each is counted as ``2 * M * N * K`` FL
 ``MACs = FLOPs / 2``. Not counted: element-wise work (activations, norms, softmax, residual
 adds, the bias of ``addmm``) and gathers/embeddings; that is the NetScore convention of MACs in
 matmul-type layers (Wong 2018). A LoRA update ``x A^T B^T`` is two matmuls and counts as such;
-a merged adapter costs nothing extra. The count is for the whole ``example_input`` (divide by
+a merged adapter costs nothing extra. Quantized linear layers (bitsandbytes ``Linear4bit`` /
+``Linear8bitLt``) run as custom operators the counter cannot see: where such a layer's forward
+added no counted FLOPs, it is counted as the dense matmul it stands for (``2 * tokens * in *
+out``, under ``"quantized_linear"``). The count is for the whole ``example_input`` (divide by
 its batch size for per-sample MACs). Pure torch.
 """
 
@@ -60,6 +63,30 @@ def _run(model: nn.Module, example_input: Any) -> None:
         model(example_input)
 
 
+def _is_quantized_linear(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("bitsandbytes") and hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+def _count_quantized_linears(model: nn.Module, counter: FlopCounterMode, found: list[int]) -> list[Any]:
+    """Hooks adding the dense-matmul FLOPs of each quantized linear whose forward the counter
+    saw no FLOPs in (a dequantize-then-matmul path is counted by torch already)."""
+    handles = []
+    for module in model.modules():
+        if not _is_quantized_linear(module):
+            continue
+        before: list[int] = []
+
+        def pre(mod: nn.Module, args: Any, before: list[int] = before) -> None:
+            before.append(counter.get_total_flops())
+
+        def post(mod: nn.Module, args: Any, output: torch.Tensor, before: list[int] = before) -> None:
+            if counter.get_total_flops() == before.pop():
+                found.append(2 * (output.numel() // mod.out_features) * mod.in_features * mod.out_features)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return handles
+
+
 def count_flops_by_operator(model: nn.Module, example_input: Any) -> dict[str, int]:
     """FLOPs per operator name of one forward of ``example_input`` (a tensor, a tuple/list of
     positional arguments, or a mapping of keyword arguments), in eval mode and without grad;
@@ -68,12 +95,20 @@ def count_flops_by_operator(model: nn.Module, example_input: Any) -> dict[str, i
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     was_training = model.training
     model.eval()
+    counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping())
+    quantized: list[int] = []
+    handles = _count_quantized_linears(model, counter, quantized)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
+        with torch.no_grad(), counter:
             _run(model, example_input)
     finally:
         model.train(was_training)
-    return {str(op): int(flops) for op, flops in counter.get_flop_counts().get("Global", {}).items()}
+        for handle in handles:
+            handle.remove()
+    flops = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    if quantized:
+        flops["quantized_linear"] = sum(quantized)
+    return flops
 
 
 def count_macs(model: nn.Module, example_input: Any) -> int:

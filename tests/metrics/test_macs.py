@@ -73,3 +73,25 @@ def test_not_a_module_refused():
 
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         count_macs(lambda x: x, torch.randn(1))
+
+
+def test_quantized_linear_counted_as_its_dense_matmul():
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64))
+    quantized = nn.Sequential(bnb.nn.Linear4bit(128, 64, quant_type="nf4"), nn.ReLU(), bnb.nn.Linear4bit(64, 64, quant_type="nf4"))
+    x = torch.randn(4, 128)
+    assert count_macs(quantized.to("cpu"), x) == count_macs(dense, x) == 4 * (128 * 64 + 64 * 64)
+
+
+class _DequantizingLinear(nn.Linear):
+    """A quantized-looking layer whose forward runs a plain matmul the counter already sees."""
+
+
+_DequantizingLinear.__module__ = "bitsandbytes.fake"
+
+
+def test_quantized_linear_that_counter_sees_is_not_counted_twice():
+    x = torch.randn(3, 16)
+    assert count_macs(_DequantizingLinear(16, 8), x) == 3 * 16 * 8
