@@ -17,10 +17,12 @@ _EXPORTS = {
     "FullFineTune": "lightning_peft.adapters.full",
     "ExpertLoRA": "lightning_peft.adapters.experts",
     "AdaLoRA": "lightning_peft.adapters.adalora",
+    "NALoRA": "lightning_peft.adapters.nalora",
     # targeting and files
     "apply_adapter": "lightning_peft.targeting",
     "AdapterReport": "lightning_peft.targeting",
     "check_adapter_gradients": "lightning_peft.gradient_check",
+    "selection_shift": "lightning_peft.nalora_diagnostic",
     "save_adapter": "lightning_peft.io",
     "load_adapter": "lightning_peft.io",
     "merge_adapter": "lightning_peft.io",
@@ -31,6 +33,7 @@ _EXPORTS = {
     "AdapterCallback": "lightning_peft.callbacks.adapter",
     "AdaptiveCheckpointCallback": "lightning_peft.callbacks.adaptive_checkpoint",
     "ExpertImportanceCallback": "lightning_peft.callbacks.expert_importance",
+    "NALoRACallback": "lightning_peft.callbacks.nalora",
     "AdapterFSDP2Strategy": "lightning_peft.strategies",
     "PolicyLibrary": "lightning_peft.rl.library",
 }

@@ -42,6 +42,7 @@ RANKS: dict[str, int] = {
             "io_checks",
             "memory",
             "checkpointing",
+            "nalora_diagnostic",
         ],
         3,
     ),
