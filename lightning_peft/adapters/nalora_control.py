@@ -159,7 +159,7 @@ class NALoRAController:
                     g.sums += terms.sum(dim=1)
                     g.tokens += z.shape[0]
                 else:
-                    g.sums += terms @ w
+                    g.sums += torch.einsum("knd,n->kd", terms, w)
                     g.tokens += w.sum()
 
         return hook
