@@ -97,6 +97,16 @@ def selection_and_homogeneity(z: torch.Tensor, activation: str) -> tuple[torch.T
     raise ValueError(f"unknown gate activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
+def selection_and_excess(z: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s(z), k(z) - 1)`` with few passes over ``z`` (the per-step statistics' hot path; the
+    second tensor is freshly allocated, so callers may modify it in place)."""
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s, torch.rsub(s, 1.0).mul_(z)
+    s, k = selection_and_homogeneity(z, activation)
+    return s, k.sub_(1.0)
+
+
 def _reference(activation: str, z: torch.Tensor) -> torch.Tensor:
     if activation == "gelu":
         return F.gelu(z)

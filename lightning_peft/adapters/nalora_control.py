@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_peft.adapters.nalora import SMOOTH_GATES, NALoRA, nalora_gates, selection_and_homogeneity
+from lightning_peft.adapters.nalora import SMOOTH_GATES, NALoRA, nalora_gates, selection_and_excess
 
 GROUPS = ("near_linear", "responsive", "saturated")
 
@@ -152,14 +152,20 @@ class NALoRAController:
                 return
             with torch.no_grad():
                 z = output.detach().reshape(-1, output.shape[-1]).float()
-                s, k = selection_and_homogeneity(z, g.activation)
-                terms = torch.stack([(s * k).abs(), ((k - 1.0).abs() <= spec.linear_tol).float(), (k < spec.saturated_below).float()])
+                s, excess = selection_and_excess(z, g.activation)  # excess = k - 1 (a fresh tensor)
+                slope = (excess + 1.0).mul_(s).abs_()  # |phi'| = |s k|
+                saturated = excess < spec.saturated_below - 1.0
+                linear = excess.abs_() <= spec.linear_tol
                 w = self._weights(output)
                 if w is None:
-                    g.sums += terms.sum(dim=1)
+                    g.sums[0] += slope.sum(0)
+                    g.sums[1] += linear.sum(0)
+                    g.sums[2] += saturated.sum(0)
                     g.tokens += z.shape[0]
                 else:
-                    g.sums += torch.einsum("knd,n->kd", terms, w)
+                    g.sums[0] += w @ slope
+                    g.sums[1] += w @ linear.float()
+                    g.sums[2] += w @ saturated.float()
                     g.tokens += w.sum()
 
         return hook
