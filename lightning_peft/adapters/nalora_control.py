@@ -74,6 +74,9 @@ class GateState:
     scaling: bool = False
     initialised: bool = False
     saved: dict[str, Any] = field(default_factory=dict)
+    seen: bool = False  # a training forward reached the layer this step (a Python flag: no device sync)
+    changes: bool = False  # some row's step is masked or scaled (decided at refresh: no per-step sync)
+    row_factors: torch.Tensor | None = None  # [d, 1] step factor per row, 0 where masked
 
     @property
     def weight(self) -> nn.Parameter:
@@ -85,6 +88,12 @@ class GateState:
         if self.scaling:
             f = torch.tensor(self.spec.group_scales(), device=self.mask.device)[self.groups]
         return f * self.mask
+
+    def decide_factors(self) -> None:
+        """Cache the per-row factors and whether they change anything (one sync per refresh)."""
+        f = self.factors()
+        self.changes = not bool((f == 1).all())
+        self.row_factors = f[:, None]
 
 
 class NALoRAController:
@@ -150,6 +159,7 @@ class NALoRAController:
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
             if not (module.training and torch.is_grad_enabled()) or not isinstance(output, torch.Tensor):
                 return
+            g.seen = True
             with torch.no_grad():
                 z = output.detach().reshape(-1, output.shape[-1]).float()
                 s, excess = selection_and_excess(z, g.activation)  # excess = k - 1 (a fresh tensor)
@@ -205,13 +215,15 @@ class NALoRAController:
         self.last_step = step
         self._reduce()
         for g in self.gates.values():
-            if float(g.tokens) <= 0:
+            if not g.seen:
                 self._warn(
                     f"{g.name}:nostats", f"NA-LoRA got no gate statistics for {g.name!r} in step {step}: no training forward reached it"
                 )
                 continue
-            d = g.sums[0] / g.tokens
-            lin, sat = g.sums[1] / g.tokens, g.sums[2] / g.tokens
+            g.seen = False
+            tokens = g.tokens.clamp_min(1e-12)  # all-padding batches: zero statistics, not NaN
+            d = g.sums[0] / tokens
+            lin, sat = g.sums[1] / tokens, g.sums[2] / tokens
             shares = torch.stack([lin, (1.0 - lin - sat).clamp_min(0.0), sat])
             beta = g.spec.importance_decay if g.initialised else 0.0
             g.importance.mul_(beta).add_(d, alpha=1.0 - beta)
@@ -241,6 +253,10 @@ class NALoRAController:
             self._decide_scaling(g)
 
     def _decide_scaling(self, g: GateState) -> None:
+        self._decide(g)
+        g.decide_factors()
+
+    def _decide(self, g: GateState) -> None:
         if not g.spec.step_scaling or g.activation not in SMOOTH_GATES or not g.initialised:
             g.scaling = False
             return
@@ -277,15 +293,16 @@ class NALoRAController:
             w = g.weight
             if id(w) not in owned:
                 continue
-            f = g.factors()
-            if bool((f == 1).all()):
+            if not g.changes:
                 continue
-            masked = ~g.mask
-            if w.grad is not None and bool(masked.any()):
-                w.grad[masked] = 0
+            masked = ~g.mask[:, None]
+            if w.grad is not None:
+                w.grad.masked_fill_(masked, 0)
             state = optimizer.state.get(w, {})
-            rows = {k: v[masked].clone() for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == w.shape}
-            g.saved = {"old": w.detach().clone(), "factors": f, "masked": masked, "state": rows, "fresh": not state}
+            # whole-tensor copies ([d_ff, r], small) and torch.where below: no data-dependent
+            # indexing, so no device sync per step
+            kept = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == w.shape}
+            g.saved = {"old": w.detach().clone(), "masked": masked, "state": kept}
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -296,13 +313,16 @@ class NALoRAController:
             if not saved or id(w) not in owned:
                 continue
             g.saved = {}
-            old, f, masked = saved["old"], saved["factors"].to(w.dtype)[:, None], saved["masked"]
-            w.copy_(torch.where(f == 1, w, old + f * (w - old)))
-            w[masked] = old[masked]
+            old, masked, f = saved["old"], saved["masked"], g.row_factors.to(w.dtype)
+            w.copy_(torch.where(masked, old, torch.where(f == 1, w, old + f * (w - old))))
             state = optimizer.state.get(w, {})
             for k, v in state.items():
-                if isinstance(v, torch.Tensor) and v.shape == w.shape:
-                    v[masked] = saved["state"][k] if k in saved["state"] else 0
+                if not (isinstance(v, torch.Tensor) and v.shape == w.shape):
+                    continue
+                if k in saved["state"]:
+                    v.copy_(torch.where(masked, saved["state"][k], v))
+                else:  # state created by this step (the first): masked rows keep the fresh state, zero
+                    v.masked_fill_(masked, 0)
 
     # --- reporting and checkpoints ------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -338,5 +358,6 @@ class NALoRAController:
             for key in ("importance", "shares", "mask", "groups"):
                 getattr(g, key).copy_(s[key])
             g.scaling, g.initialised = bool(s["scaling"]), bool(s["initialised"])
+            g.decide_factors()
         self.last_step = int(state["last_step"])
         self.warned = set(state["warned"])

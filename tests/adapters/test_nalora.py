@@ -190,6 +190,17 @@ def test_masked_rows_and_their_adamw_state_do_not_move() -> None:
     assert (B[mask] - value[mask]).abs().amin(dim=1).gt(0).all()  # every kept row moved
 
 
+def test_masked_rows_do_not_move_on_the_first_step_either() -> None:
+    model, opt, ctl = adapted(warmup_steps=0)  # masks from step 0, before AdamW has any state
+    B = gate_b(model)
+    value = B.detach().clone()
+    train(model, opt, ctl, range(1), data())
+    masked = ~ctl.gates["blocks.0.gate_proj"].mask
+    assert torch.equal(B[masked], value[masked])
+    assert not opt.state[B]["exp_avg"][masked].any() and not opt.state[B]["exp_avg_sq"][masked].any()
+    assert opt.state[B]["exp_avg"][~masked].abs().sum() > 0
+
+
 def test_step_scaling_scales_the_adam_step_per_group() -> None:
     x = data()
     model, opt, ctl = adapted(temporal_mask=False, scale_near_linear=1.0, scale_responsive=2.0, scale_saturated=0.25)
