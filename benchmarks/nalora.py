@@ -326,7 +326,7 @@ def main() -> None:
     if args.quick:
         sizes.update(pretrain_steps=100, steps=40, seeds=2, eval_every=20, refresh_every=20, repeats=6, steps_per_repeat=3, val_windows=32)
     else:
-        sizes.update(pretrain_steps=500, steps=200, seeds=3, eval_every=40, refresh_every=40, repeats=16, steps_per_repeat=4)
+        sizes.update(pretrain_steps=400, steps=160, seeds=3, eval_every=40, refresh_every=40, repeats=16, steps_per_repeat=4)
         sizes.update(val_windows=64)
     for k, v in sizes.items():
         setattr(args, k, v)
