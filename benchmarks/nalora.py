@@ -293,12 +293,13 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for method, color in (("lora", "tab:blue"), ("nalora", "tab:orange")):
         runs = result["finetune"][method]["runs"]
-        steps = [s for s, _ in runs[0]["curve"]]
-        values = torch.tensor([[v for _, v in r["curve"]] for r in runs])
+        steps = [s for s, _ in runs[0]["curve"]][1:]  # from the first evaluation: step 0 is the base, far above
+        values = torch.tensor([[v for _, v in r["curve"]][1:] for r in runs])
         mean, std = values.mean(0), values.std(0) if len(runs) > 1 else torch.zeros(len(steps))
         axes[0].plot(steps, mean, label=method, color=color)
         axes[0].fill_between(steps, mean - std, mean + std, alpha=0.25, color=color)
-    axes[0].set(xlabel="fine-tuning step", ylabel="pydoc val loss (nats/byte)", title="fine-tuning (mean +- std over seeds)")
+    base = result["base"]["pydoc_val_loss"]
+    axes[0].set(xlabel="fine-tuning step", ylabel="pydoc val loss (nats/byte)", title=f"mean +- std over seeds (base {base:.2f})")
     axes[0].legend()
     layers = sorted(result["finetune"]["lora"]["runs"][0]["selection_shift"])
     width = 0.38
@@ -319,7 +320,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--replot", type=Path, default=None, help="redraw the PNG of an existing JSON result and exit")
     args = parser.parse_args()
+    if args.replot is not None:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*step scaling.*")
     sizes = dict(layers=2, hidden=128, intermediate=384, seq_len=128, batch=16, rank=8, lr=2e-3, pretrain_lr=3e-3)
