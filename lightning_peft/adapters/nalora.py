@@ -27,7 +27,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -231,6 +231,28 @@ def _check_ffn_names(ffn_names: dict[str, str] | None) -> None:
         )
 
 
+def _check_control(args: dict[str, Any]) -> None:
+    """The NA-LoRA control options of ``NALoRA.__init__`` (``args``: its locals)."""
+    check_choice("activation", args["activation"], ("auto", *ACTIVATIONS))
+    check_bool("temporal_mask", args["temporal_mask"])
+    check_bool("step_scaling", args["step_scaling"])
+    check_float("keep_fraction", args["keep_fraction"], 0.0, 1.0, low_open=True)
+    check_float("importance_decay", args["importance_decay"], 0.0, 1.0, high_open=True)
+    check_int("warmup_steps", args["warmup_steps"], low=0)
+    check_int("refresh_every", args["refresh_every"], low=1)
+    for key in ("scale_near_linear", "scale_responsive", "scale_saturated"):
+        check_float(key, args[key], low=0.0)
+    linear_tol = check_float("linear_tol", args["linear_tol"], low=0.0, low_open=True)
+    saturated_below = check_float("saturated_below", args["saturated_below"], high=1.0, high_open=True)
+    check_float("min_group_fraction", args["min_group_fraction"], 0.0, 0.5)
+    if saturated_below >= 1.0 - linear_tol:
+        raise InvalidArgumentError(
+            "saturated_below",
+            f"saturated_below={saturated_below} overlaps the near-linear band |k - 1| <= {linear_tol}: use saturated_below < "
+            f"{1.0 - linear_tol:g}",
+        )
+
+
 class NALoRA(LoRA):
     """LoRA whose gate-projection updates are trained nonlinearity-aware (see module docstring).
 
@@ -307,28 +329,7 @@ class NALoRA(LoRA):
             recompute_input,
         )
         _check_ffn_names(ffn_names)
-        check_choice("activation", activation, ("auto", *ACTIVATIONS))
-        check_bool("temporal_mask", temporal_mask)
-        check_bool("step_scaling", step_scaling)
-        check_float("keep_fraction", keep_fraction, 0.0, 1.0, low_open=True)
-        check_float("importance_decay", importance_decay, 0.0, 1.0, high_open=True)
-        check_int("warmup_steps", warmup_steps, low=0)
-        check_int("refresh_every", refresh_every, low=1)
-        for key, value in (
-            ("scale_near_linear", scale_near_linear),
-            ("scale_responsive", scale_responsive),
-            ("scale_saturated", scale_saturated),
-        ):
-            check_float(key, value, low=0.0)
-        check_float("linear_tol", linear_tol, low=0.0, low_open=True)
-        check_float("saturated_below", saturated_below, high=1.0, high_open=True)
-        check_float("min_group_fraction", min_group_fraction, 0.0, 0.5)
-        if saturated_below >= 1.0 - linear_tol:
-            raise InvalidArgumentError(
-                "saturated_below",
-                f"saturated_below={saturated_below} overlaps the near-linear band |k - 1| <= {linear_tol}: use saturated_below < "
-                f"{1.0 - linear_tol:g}",
-            )
+        _check_control(locals())
         self.ffn_names = dict(ffn_names) if ffn_names is not None else None
         self.activation, self.temporal_mask, self.step_scaling = activation, temporal_mask, step_scaling
         self.keep_fraction, self.importance_decay = float(keep_fraction), float(importance_decay)
