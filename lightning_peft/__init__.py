@@ -20,10 +20,12 @@ _EXPORTS = {
     "HRM": "lightning_peft.adapters.hrm",
     "BaRA": "lightning_peft.adapters.bara",
     "FRAME": "lightning_peft.adapters.frame",
+    "NALoRA": "lightning_peft.adapters.nalora",
     # targeting and files
     "apply_adapter": "lightning_peft.targeting",
     "AdapterReport": "lightning_peft.targeting",
     "check_adapter_gradients": "lightning_peft.gradient_check",
+    "selection_shift": "lightning_peft.nalora_diagnostic",
     "save_adapter": "lightning_peft.io",
     "load_adapter": "lightning_peft.io",
     "merge_adapter": "lightning_peft.io",
@@ -47,6 +49,7 @@ _EXPORTS = {
     "EfficiencyCallback": "lightning_peft.callbacks.efficiency",
     "HRMCalibrationCallback": "lightning_peft.callbacks.hrm",
     "BaRACallback": "lightning_peft.callbacks.bara",
+    "NALoRACallback": "lightning_peft.callbacks.nalora",
     "AdapterFSDP2Strategy": "lightning_peft.strategies",
     "PolicyLibrary": "lightning_peft.rl.library",
 }

@@ -174,7 +174,7 @@ def resolve_targets(model: nn.Module, spec: AdapterSpec, protected: Sequence[str
             raise _unmatched_entry_error(model, spec, modules, entry, hits)
     if not supported:
         raise _nothing_adaptable_error(model, spec, modules, targets, chosen, before_exclusion)
-    return supported
+    return spec.select(model, supported)
 
 
 # --------------------------------------------------------------------------------------------

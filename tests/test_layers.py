@@ -46,6 +46,7 @@ RANKS: dict[str, int] = {
             "metrics",
             "hrm_calibration",
             "hrm_budget",
+            "nalora_diagnostic",
         ],
         3,
     ),

@@ -8,6 +8,7 @@ here, with a default where one makes sense, so callers never probe with ``hasatt
 * ``AdapterSpec``: ``kind``, ``trains_base``, ``training_callbacks``; ``supports``, ``check``,
   ``default_targets``, ``wrap``, ``base_parameters_to_train``, ``attach``, ``to_config``,
   ``retargeted``.
+  ``default_targets``, ``select``, ``wrap``, ``base_parameters_to_train``, ``to_config``, ``retargeted``.
 * ``AdapterLayer``: ``spec``, ``base_layer``, ``merged``, ``base_fingerprint``, ``base_shape``;
   ``merge``, ``unmerge``, ``merge_refusal``, ``adapter_state_dict``, ``adapter_parameters``, ``num_trainable``,
   ``peft_metadata``, ``peft_scaling``, ``peft_config_entry``, ``peft_state_dict``,
@@ -130,6 +131,13 @@ class AdapterSpec:
     def default_targets(self) -> str | list[str]:
         """What ``target_modules=None`` selects."""
         return "all-linear"
+
+    def select(self, model: nn.Module, names: list[str]) -> list[str]:
+        """The final choice among ``names`` (what the target rules selected: full names in
+        ``model``), for a spec that needs the model's structure (NA-LoRA keeps the projections of
+        gated FFNs, or raises naming what it looked for). Called before anything changes.
+        Default: ``names``."""
+        return names
 
     # --- construction --------------------------------------------------------------------
     def wrap(self, name: str, module: nn.Module) -> nn.Module:
