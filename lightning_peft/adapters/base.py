@@ -6,12 +6,11 @@ adapter tensors). Everything the rest of the package calls on a spec or a layer 
 here, with a default where one makes sense, so callers never probe with ``hasattr``:
 
 * ``AdapterSpec``: ``kind``, ``trains_base``, ``training_callbacks``; ``supports``, ``check``,
-  ``default_targets``, ``wrap``, ``base_parameters_to_train``, ``attach``, ``to_config``,
-  ``retargeted``.
-  ``default_targets``, ``select``, ``wrap``, ``base_parameters_to_train``, ``to_config``, ``retargeted``.
+  ``default_targets``, ``select``, ``wrap``, ``base_parameters_to_train``, ``attach``,
+  ``to_config``, ``retargeted``.
 * ``AdapterLayer``: ``spec``, ``base_layer``, ``merged``, ``base_fingerprint``, ``base_shape``;
-  ``merge``, ``unmerge``, ``merge_refusal``, ``adapter_state_dict``, ``adapter_parameters``, ``num_trainable``,
-  ``peft_metadata``, ``peft_scaling``, ``peft_config_entry``, ``peft_state_dict``,
+  ``merge``, ``unmerge``, ``merge_refusal``, ``adapter_state_dict``, ``adapter_parameters``,
+  ``num_trainable``, ``peft_metadata``, ``peft_scaling``, ``peft_config_entry``, ``peft_state_dict``,
   ``from_peft_state_dict``.
 
 A new adapter is one file with a subclass of each (or of the spec only, for an adapter that
