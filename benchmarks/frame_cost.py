@@ -1,0 +1,171 @@
+"""Cost part of ``benchmarks/frame.py``: step time and activation memory at d = 384 (MiniLM).
+
+Two shapes, every method measured in the same run, interleaved round by round (the order
+rotates), so that drift on a shared machine hits all of them alike:
+
+* ``encoder``: all 6 MiniLM layers (``Top`` with ``split_layer = 0``; the frozen embedding
+  output is the input), every linear adapted, batch ``B x T`` tokens, one step = forward +
+  cross-entropy + backward (FRAME adds its balance loss's gradient) + AdamW + ``zero_grad``;
+* ``layer``: one adapted ``Linear(384, 384)`` on ``B*T`` tokens (the adapter's own overhead,
+  undiluted by attention and the frozen matmuls), forward + ``sum`` + backward + AdamW.
+
+Time: median over the timed steps of process CPU time (single thread: wall time on a shared
+machine also measures the neighbours) and, for reference, of wall time; ratios FRAME / MoE-LoRA
+and FRAME / LoRA both of medians and as the median of per-round ratios. Memory: the saved-tensor
+meter (``lightning_peft.memory.SavedTensorMeter``) around one forward + backward: peak live saved
+activation bytes, parameters and buffers excluded; exact and deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any
+
+import frame_train as ft
+import torch
+from torch import nn
+
+METHODS = ["frozen", "lora", "moe_lora", "fourier_moe", "frame"]
+
+
+class _OneLinear(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Module()])
+        self.layers[0].attention = nn.Module()
+        self.layers[0].attention.self = nn.Module()
+        self.layers[0].attention.self.query = nn.Linear(d, d)  # a name TARGET matches
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[0].attention.self.query(x)
+
+
+def _models(shape: str, encoder: nn.Module, args: Any, lora_spec: Any, device: str) -> dict[str, nn.Module]:
+    from lightning_peft import apply_adapter
+
+    out: dict[str, nn.Module] = {}
+    for method in METHODS:
+        torch.manual_seed(0)
+        if shape == "encoder":
+            model: nn.Module = ft.Top(encoder, 0)
+        else:
+            model = _OneLinear(encoder.config.hidden_size)
+        if method == "frozen":
+            model.requires_grad_(False)
+        else:
+            spec = lora_spec if method == "lora" else ft.moe_spec(method, args)
+            apply_adapter(model, spec, check_gradients=False)
+        out[method] = model.to(device)
+    return out
+
+
+def _step_fn(shape: str, model: nn.Module, inputs: dict[str, torch.Tensor], args: Any) -> Any:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = ft.optimizer(model, args) if params else None
+
+    def loss_of() -> torch.Tensor:
+        if shape == "encoder":
+            logits = model(inputs["hidden"], inputs["mask"], inputs["task"])
+            loss = nn.functional.cross_entropy(logits, inputs["label"])
+        else:
+            loss = model(inputs["x"]).square().mean()
+        return loss  # FRAME adds its balance loss's gradient itself
+
+    def step() -> None:
+        loss_of().backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step, loss_of
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _inputs(shape: str, encoder: nn.Module, sample: dict[str, torch.Tensor], args: Any, device: str) -> dict[str, torch.Tensor]:
+    if shape == "layer":
+        x = torch.randn(args.cost_batch * sample["mask"].shape[1], encoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        return {"x": x.requires_grad_(True).to(device)}
+    with torch.no_grad():
+        hidden = encoder.embeddings(input_ids=sample["ids"])
+    # the frozen-base limit still back-propagates to the input (as under a trainable prefix)
+    return {"hidden": hidden.requires_grad_(True).to(device), **{k: sample[k].to(device) for k in ("mask", "task", "label")}}
+
+
+def memory(model: nn.Module, loss_of: Any) -> dict[str, int]:
+    from lightning_peft.memory.meters import SavedTensorMeter
+
+    with SavedTensorMeter(model) as meter:
+        loss = loss_of()
+        forward = meter.live_bytes
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return {"saved_forward_bytes": int(forward), "saved_peak_bytes": int(meter.peak_bytes)}
+
+
+def measure_shape(shape: str, encoder: nn.Module, sample: dict[str, torch.Tensor], args: Any, lora_spec: Any) -> dict[str, Any]:
+    device = args.device
+    models = _models(shape, encoder, args, lora_spec, device)
+    inputs = _inputs(shape, encoder, sample, args, device)
+    steps = {m: _step_fn(shape, model, inputs, args) for m, model in models.items()}
+    result: dict[str, Any] = {
+        m: {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)} for m, model in models.items()
+    }
+    for m, (step, loss_of) in steps.items():
+        result[m].update(memory(models[m], loss_of))
+        for _ in range(args.cost_warmup):
+            step()
+    cpu: dict[str, list[float]] = {m: [] for m in METHODS}
+    wall: dict[str, list[float]] = {m: [] for m in METHODS}
+    for r in range(args.cost_rounds):
+        for m in METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]:
+            for _ in range(args.cost_steps):
+                _sync(device)
+                c0, w0 = time.process_time(), time.perf_counter()
+                steps[m][0]()
+                _sync(device)
+                cpu[m].append(time.process_time() - c0)
+                wall[m].append(time.perf_counter() - w0)
+    for m in METHODS:
+        result[m]["cpu_s_median"] = statistics.median(cpu[m])
+        result[m]["wall_s_median"] = statistics.median(wall[m])
+        result[m]["wall_s_all"] = wall[m]
+    result["ratios"] = _ratios(cpu if device == "cpu" else wall, result, args.cost_steps)
+    return result
+
+
+def _ratios(times: dict[str, list[float]], result: dict[str, Any], per_round: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for base in ("moe_lora", "lora", "fourier_moe"):
+        med = statistics.median
+        out[f"frame_vs_{base}_time"] = med(times["frame"]) / med(times[base])
+        rounds = [
+            med(times["frame"][i : i + per_round]) / med(times[base][i : i + per_round]) for i in range(0, len(times["frame"]), per_round)
+        ]
+        out[f"frame_vs_{base}_time_paired"] = med(rounds)
+        out[f"frame_vs_{base}_saved_peak"] = result["frame"]["saved_peak_bytes"] / result[base]["saved_peak_bytes"]
+        extra_f = result["frame"]["saved_peak_bytes"] - result["frozen"]["saved_peak_bytes"]
+        extra_b = result[base]["saved_peak_bytes"] - result["frozen"]["saved_peak_bytes"]
+        out[f"frame_vs_{base}_adapter_saved_peak"] = extra_f / extra_b if extra_b > 0 else float("nan")
+    return out
+
+
+def measure(encoder: nn.Module, sample: dict[str, torch.Tensor], args: Any, lora_spec: Any) -> dict[str, Any]:
+    """Both shapes; ``sample``: ``ids, mask, task, label`` of ``args.cost_batch`` real examples."""
+    encoder = copy.deepcopy(encoder).to(args.device) if args.device != "cpu" else encoder
+    out = {}
+    for shape in ("layer", "encoder"):
+        print(f"  cost: {shape}", flush=True)
+        out[shape] = measure_shape(shape, encoder, sample, args, lora_spec)
+        r = out[shape]["ratios"]
+        print(
+            f"    FRAME/MoE-LoRA time {r['frame_vs_moe_lora_time']:.3f}  saved peak {r['frame_vs_moe_lora_saved_peak']:.3f};"
+            f"  FRAME/LoRA time {r['frame_vs_lora_time']:.3f}",
+            flush=True,
+        )
+    return out
