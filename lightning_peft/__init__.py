@@ -17,6 +17,7 @@ _EXPORTS = {
     "FullFineTune": "lightning_peft.adapters.full",
     "ExpertLoRA": "lightning_peft.adapters.experts",
     "AdaLoRA": "lightning_peft.adapters.adalora",
+    "FRAME": "lightning_peft.adapters.frame",
     # targeting and files
     "apply_adapter": "lightning_peft.targeting",
     "AdapterReport": "lightning_peft.targeting",

@@ -69,6 +69,9 @@ def merge_adapter(model: nn.Module, keep_original: bool = True) -> int:
     layers = adapter_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no adapter layers to merge")
+    refused = {name: reason for name, layer in layers.items() if (reason := layer.merge_refusal()) is not None}
+    if refused:  # before merging any layer: the model stays as it was
+        raise ValueError(f"cannot merge the adapter of {sorted(refused)[:4]}: {next(iter(refused.values()))}. Nothing was merged.")
     for layer in layers.values():
         layer.merge(keep_original=keep_original)
     return len(layers)

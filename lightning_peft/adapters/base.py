@@ -8,7 +8,7 @@ here, with a default where one makes sense, so callers never probe with ``hasatt
 * ``AdapterSpec``: ``kind``, ``trains_base``, ``training_callbacks``; ``supports``, ``check``,
   ``default_targets``, ``wrap``, ``base_parameters_to_train``, ``to_config``, ``retargeted``.
 * ``AdapterLayer``: ``spec``, ``base_layer``, ``merged``, ``base_fingerprint``, ``base_shape``;
-  ``merge``, ``unmerge``, ``adapter_state_dict``, ``adapter_parameters``, ``num_trainable``,
+  ``merge``, ``unmerge``, ``merge_refusal``, ``adapter_state_dict``, ``adapter_parameters``, ``num_trainable``,
   ``peft_metadata``, ``peft_scaling``, ``peft_config_entry``, ``peft_state_dict``,
   ``from_peft_state_dict``.
 
@@ -203,6 +203,11 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self) -> None:
         raise NotImplementedError
+
+    def merge_refusal(self) -> str | None:
+        """Why this layer can never be merged (e.g. a token-routed mixture), or ``None``.
+        ``merge_adapter`` asks every layer first and refuses before merging any."""
+        return None
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}

@@ -34,6 +34,7 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "lightning_peft.adapters.full.FullFineTune": ("lightning_peft.adapters.full", "FullFineTune"),
     "lightning_peft.adapters.experts.spec.ExpertLoRA": ("lightning_peft.adapters.experts.spec", "ExpertLoRA"),
     "lightning_peft.adapters.adalora.AdaLoRA": ("lightning_peft.adapters.adalora", "AdaLoRA"),
+    "lightning_peft.adapters.frame.FRAME": ("lightning_peft.adapters.frame", "FRAME"),
 }
 # short names: the class name and the spec's ``kind`` (what reports and index files show)
 _BUILTIN_ALIASES: dict[str, str] = {
@@ -51,6 +52,8 @@ _BUILTIN_ALIASES: dict[str, str] = {
     "lightning_peft.adapters.experts.ExpertLoRA": "lightning_peft.adapters.experts.spec.ExpertLoRA",
     "AdaLoRA": "lightning_peft.adapters.adalora.AdaLoRA",
     "adalora": "lightning_peft.adapters.adalora.AdaLoRA",
+    "FRAME": "lightning_peft.adapters.frame.FRAME",
+    "frame": "lightning_peft.adapters.frame.FRAME",
     # lightning_peft's public names (``from lightning_peft import LoRA``)
     "lightning_peft.LoRA": "lightning_peft.adapters.lora.LoRA",
     "lightning_peft.QLoRA": "lightning_peft.adapters.quantized.QLoRA",
@@ -58,6 +61,7 @@ _BUILTIN_ALIASES: dict[str, str] = {
     "lightning_peft.FullFineTune": "lightning_peft.adapters.full.FullFineTune",
     "lightning_peft.ExpertLoRA": "lightning_peft.adapters.experts.spec.ExpertLoRA",
     "lightning_peft.AdaLoRA": "lightning_peft.adapters.adalora.AdaLoRA",
+    "lightning_peft.FRAME": "lightning_peft.adapters.frame.FRAME",
 }
 
 _USER: dict[str, type[AdapterSpec]] = {}  # every name a registered class answers to -> class
