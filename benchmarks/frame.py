@@ -48,7 +48,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="40 examples per class/family, 1 seed, 30 steps, short cost")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 150; --quick: 30)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--order-lr", type=float, default=1e-2, help="FRAME orders' learning rate (5x lr, methods.md's ratio)")
@@ -57,13 +57,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--alpha", type=float, default=8.0)
     p.add_argument("--balance-coef", type=float, default=0.01)
-    p.add_argument("--split-layer", type=int, default=4, help="adapters in layers split_layer..5; lower layers cached")
+    p.add_argument("--split-layer", type=int, default=5, help="adapters in layers split_layer..5; lower layers cached")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--max-per-class", type=int, default=None)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the quality runs")
+    p.add_argument("--cost-threads", type=int, default=1, help="torch threads of the cost measurement")
     p.add_argument("--device", default="cpu", help="device of the cost measurement (quality runs on CPU)")
     p.add_argument("--cost-batch", type=int, default=16)
-    p.add_argument("--cost-rounds", type=int, default=5)
+    p.add_argument("--cost-rounds", type=int, default=4)
     p.add_argument("--cost-steps", type=int, default=3)
     p.add_argument("--cost-warmup", type=int, default=2)
     p.add_argument("--skip-quality", action="store_true")
@@ -71,8 +72,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=ft.default_cache_dir(), help="where the cached lower-layer states go ('' for none)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/frame[_quick].json)")
     args = p.parse_args(argv)
+    args.steps = args.steps or (None if args.quick else 150)
     if args.quick:
-        args.seeds, args.steps, args.max_per_class = args.seeds[:1], 30, args.max_per_class or 40
+        args.seeds, args.steps, args.max_per_class = args.seeds[:1], args.steps or 30, args.max_per_class or 40
         args.cost_rounds, args.cost_steps, args.cost_warmup = 2, 2, 1
     suffix = "_quick" if args.quick else ""
     args.out = Path(args.out or HERE / "results" / f"frame{suffix}.json")
@@ -92,12 +94,14 @@ def param_counts(encoder: torch.nn.Module, args: argparse.Namespace, lora_spec: 
     return out
 
 
-def analyse(model: torch.nn.Module, method: str) -> dict[str, Any]:
+def analyse(model: torch.nn.Module, method: str, args: argparse.Namespace) -> dict[str, Any]:
     if method == "lora":
         return {}
     import frame_hooks as fh
 
-    return {"orders": fh.orders(model), "expert_abs_cos": fh.expert_cosines(model), "routing_load": fh.routing_load(model)}
+    initial = ft.moe_spec(method, args).initial_orders()
+    cosines, load = fh.expert_cosines(model), fh.routing_load(model)
+    return {"initial_orders": initial, "orders": fh.orders(model), "expert_abs_cos": cosines, "routing_load": load}
 
 
 def quality(args: argparse.Namespace, encoder: torch.nn.Module, lora_spec: Any, result: dict[str, Any]) -> None:
@@ -126,7 +130,7 @@ def quality(args: argparse.Namespace, encoder: torch.nn.Module, lora_spec: Any, 
                 "seed": seed,
                 "test_accuracy": acc,
                 **log,
-                **analyse(model, method),
+                **analyse(model, method, args),
                 "wall_s": time.perf_counter() - start,
             }
             runs.append(run)
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         "environment": {
             "torch": torch.__version__,
             "platform": platform.platform(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads_quality": args.threads,
+            "torch_threads_cost": args.cost_threads,
             "shared_machine": "yes: 2 cores shared with other jobs; times are single-thread process CPU time where noted",
             "load_average_start": os.getloadavg(),
         },
@@ -173,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_cost:
         import frame_cost
 
+        torch.set_num_threads(args.cost_threads)
         t1 = time.perf_counter()
         train_ex, _ = fd.build_tasks(args.max_per_class)
         sample = ft.tokenise(train_ex[:: max(1, len(train_ex) // args.cost_batch)][: args.cost_batch], args.max_length)

@@ -14,10 +14,8 @@ from torch import nn
 
 
 def frame_layers(model: nn.Module) -> dict[str, nn.Module]:
-    try:  # TEMP until FRAME is merged
-        from lightning_peft.adapters.frame import frame_layers as layers
-    except ImportError:
-        return {}
+    from lightning_peft.adapters.frame import frame_layers as layers
+
     return layers(model)
 
 
@@ -29,10 +27,8 @@ def balance_value(model: nn.Module) -> float | None:
 
 def param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
     """AdamW groups: orders (FRAME, when trained) get their own learning rate, no decay."""
-    try:  # TEMP until FRAME is merged
-        from lightning_peft.adapters.frame import frame_parameter_groups
-    except ImportError:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    from lightning_peft.adapters.frame import frame_parameter_groups
+
     return frame_parameter_groups(model, lr, weight_decay=0.0)
 
 
