@@ -70,6 +70,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--cache-dir", default=ft.default_cache_dir(), help="where the cached lower-layer states go ('' for none)")
+    p.add_argument("--from-json", default=None, help="recompute summary, goals and figures of an earlier run's JSON (no training)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/frame[_quick].json)")
     args = p.parse_args(argv)
     args.steps = args.steps or (None if args.quick else 150)
@@ -150,8 +151,25 @@ def write(args: argparse.Namespace, result: dict[str, Any]) -> None:
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
+def resummarise(args: argparse.Namespace) -> None:
+    """Summary, goals and PNGs again from ``args.from_json`` (written back to it)."""
+    import frame_summary as fs
+
+    path = Path(args.from_json)
+    result = json.loads(path.read_text())
+    if result.get("runs"):
+        result["summary"] = fs.summarise(result["runs"], [m for m in METHODS if m in result["methods"]], ft.TASK_NAMES, fd.TASKS)
+    result["goals"] = fs.goals(result)
+    fs.plot(result, path.with_suffix(".png"), path.with_name(path.stem + "_orders.png"))
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"rewrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.from_json:
+        resummarise(args)
+        return
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     encoder = ft.load_encoder()
