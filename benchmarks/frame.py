@@ -15,7 +15,7 @@ learned orders per layer and expert and their spread; the mean |cos| between exp
 updates (decorrelation) for learned vs fixed orders; the cost (``frame_cost.py``). JSON and
 PNGs go to ``benchmarks/results/``. Docs: ``docs/frame_benchmark.md``.
 
-    python benchmarks/frame.py            # full: 4 methods x 3 seeds + cost (~25 min, 1 thread)
+    python benchmarks/frame.py            # full: 4 methods x 3 seeds + cost (about 50 min on 2 shared, busy cores)
     python benchmarks/frame.py --quick    # small data, 1 seed, 30 steps (~3-4 min)
 """
 
@@ -48,7 +48,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="40 examples per class/family, 1 seed, 30 steps, short cost")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 150; --quick: 30)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 80; --quick: 30)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--order-lr", type=float, default=1e-2, help="FRAME orders' learning rate (5x lr, methods.md's ratio)")
@@ -64,8 +64,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cost-threads", type=int, default=1, help="torch threads of the cost measurement")
     p.add_argument("--device", default="cpu", help="device of the cost measurement (quality runs on CPU)")
     p.add_argument("--cost-batch", type=int, default=16)
-    p.add_argument("--cost-rounds", type=int, default=4)
-    p.add_argument("--cost-steps", type=int, default=3)
+    p.add_argument("--cost-rounds", type=int, default=3)
+    p.add_argument("--cost-steps", type=int, default=2)
     p.add_argument("--cost-warmup", type=int, default=2)
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
@@ -73,7 +73,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--from-json", default=None, help="recompute summary, goals and figures of an earlier run's JSON (no training)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/frame[_quick].json)")
     args = p.parse_args(argv)
-    args.steps = args.steps or (None if args.quick else 150)
+    args.steps = args.steps or (None if args.quick else 80)
     if args.quick:
         args.seeds, args.steps, args.max_per_class = args.seeds[:1], args.steps or 30, args.max_per_class or 40
         args.cost_rounds, args.cost_steps, args.cost_warmup = 2, 2, 1
