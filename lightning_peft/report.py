@@ -25,8 +25,9 @@ class AdapterReport:
 
     def __str__(self) -> str:
         width = max([len(r[0]) for r in self.rows] + [6])
-        lines = [f"{'module':<{width}}  {'adapter':<8}  {'detail':<22}  {'trainable':>11}"]
-        lines += [f"{m:<{width}}  {k:<8}  {d:<22}  {n:>11,}" for m, k, d, n in self.rows]
+        detail = max([len(r[2]) for r in self.rows] + [22])  # FRAME's detail is longer than LoRA's
+        lines = [f"{'module':<{width}}  {'adapter':<8}  {'detail':<{detail}}  {'trainable':>11}"]
+        lines += [f"{m:<{width}}  {k:<8}  {d:<{detail}}  {n:>11,}" for m, k, d, n in self.rows]
         lines.append(f"trainable {self.trainable:,} / total {self.total:,} parameters ({100 * self.trainable_fraction:.3f}%)")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)

@@ -44,6 +44,7 @@ from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, check_positive
 from lightning_peft.adapters.kernels.frft import fractional_lowrank_factors
+from lightning_peft.adapters.kernels.mixture import gated_mixture
 from lightning_peft.adapters.kernels.routing import grouped_balance_loss, top_k_gates, with_aux_gradient
 from lightning_peft.validation import InvalidArgumentError, InvalidArgumentTypeError, check_bool, check_float, check_int
 
@@ -87,6 +88,7 @@ class FRAMELinear(AdapterLayer):
         self.register_buffer("group_membership", spec.group_membership().to(weight.device), persistent=False)
         self.last_load: torch.Tensor | None = None  # [E] expert loads of the last training forward
         self.last_balance_loss: torch.Tensor | None = None
+        self._no_grad_factors: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def in_features(self) -> int:
@@ -114,6 +116,18 @@ class FRAMELinear(AdapterLayer):
             return self.lora_A, self.lora_B
         return fractional_lowrank_factors(self.lora_A, self.lora_B, self.orders)
 
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``expert_factors()``, kept between no-grad calls (evaluation, inference) until a
+        tensor they come from changes (its version counter or storage)."""
+        if torch.is_grad_enabled() or self.spatial:
+            self._no_grad_factors = None
+            return self.expert_factors()
+        tensors = (self.lora_A, self.lora_B, self.orders)
+        key = tuple(t._version for t in tensors) + tuple(t.data_ptr() for t in tensors) + (hash(self.lora_A.dtype),)
+        if self._no_grad_factors is None or self._no_grad_factors[0] != key:
+            self._no_grad_factors = (key, self.expert_factors())
+        return self._no_grad_factors[1]
+
     def delta_weights(self) -> torch.Tensor:
         """Every expert's dense real update ``s Re(F_{-a} B A F_a)`` ``[E, d_out, d_in]`` (fp32;
         for analysis, e.g. inter-expert correlation)."""
@@ -123,16 +137,14 @@ class FRAMELinear(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.project_orders()
-        base = self.base_layer
-        y = F.linear(x, base.weight, base.bias)
+        y = self.base_layer(x)  # any nn.Linear subclass (a quantized one too) computes its own base
         tokens = x.reshape(-1, self.in_features)
         probs, gates = top_k_gates(tokens, self.router.weight, self.top_k)
-        a, b = self.expert_factors()
+        a, b = self._factors()
         e, r2 = a.shape[0], a.shape[1]
-        u = F.linear(tokens, a.reshape(e * r2, -1).to(x.dtype))  # [T, E*R]
-        u = (u.view(-1, e, r2) * gates.to(u.dtype).unsqueeze(-1)).view(-1, e * r2)
-        b_all = (b * self.scale).permute(1, 0, 2).reshape(self.out_features, e * r2)  # [d_out, E*R], expert-major like u
-        y = y + F.linear(u, b_all.to(x.dtype)).view(*x.shape[:-1], self.out_features).to(y.dtype)
+        b_all = (b * self.scale).permute(1, 0, 2).reshape(self.out_features, e * r2)  # [d_out, E*R], expert-major like A's rows
+        delta = gated_mixture(tokens, a.reshape(e * r2, self.in_features), b_all, gates)
+        y = y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
         if self.training and torch.is_grad_enabled():
             aux, load = grouped_balance_loss(probs, gates, self.group_membership, self.top_k)
             self.last_load, self.last_balance_loss = load, aux.detach()

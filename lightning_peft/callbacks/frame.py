@@ -7,8 +7,9 @@ trained FRAME order out of the group the module put it in into a group of its ow
 rate ``order_lr`` of the layer's spec (``None``: the source group's), ``weight_decay=0``, the
 source group's other settings. A learning-rate scheduler of that optimizer gets the new group
 too (its ``base_lrs`` and, for ``LambdaLR``-like schedulers, the source group's multiplier), so
-warmup and decay apply to the orders in the same proportion. Groups that already hold only
-orders (e.g. from ``frame_parameter_groups``) are left alone.
+warmup and decay apply to the orders in the same proportion. A group that already holds only
+orders (e.g. from ``frame_parameter_groups``, or the no-decay group of a model whose only 1-D
+trainables are the orders) stays, with ``weight_decay=0`` and the specs' ``order_lr``.
 
 Every ``log_every_n_steps`` optimizer steps it logs, per FRAME layer and expert, the order
 (``frame/<layer>/order_<e>``) and the routing load of the last training batch (the fraction of
@@ -75,8 +76,11 @@ class FRAMECallback(Callback):
         added: list[tuple[int, dict[str, Any]]] = []  # (source group index, new group)
         for index, group in enumerate(list(optimizer.param_groups)):
             taken = [p for p in group["params"] if id(p) in orders]
-            if not taken or len(taken) == len(group["params"]):
-                continue  # no orders, or already a group of orders only
+            if not taken:
+                continue
+            if len(taken) == len(group["params"]):  # already a group of orders only: give it their settings
+                self._set_order_group(trainer, optimizer, index, {orders[id(p)].spec.order_lr for p in taken})
+                continue
             group["params"] = [p for p in group["params"] if id(p) not in orders]
             by_lr: dict[float | None, list[nn.Parameter]] = {}
             for p in taken:
@@ -94,6 +98,22 @@ class FRAMECallback(Callback):
             optimizer.add_param_group(new)
         if added:
             self._extend_schedulers(trainer, optimizer, added)
+
+    @staticmethod
+    def _set_order_group(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, index: int, order_lrs: set[float | None]) -> None:
+        group = optimizer.param_groups[index]
+        group["weight_decay"] = 0.0
+        if len(order_lrs) != 1 or None in order_lrs:
+            return  # the group's own lr (several specs' orders in one group: it cannot take each one's)
+        order_lr = next(iter(order_lrs))
+        base = group.get("initial_lr", group["lr"])
+        group["lr"] = order_lr * (group["lr"] / base if base else 1.0)
+        if "initial_lr" in group:
+            group["initial_lr"] = order_lr
+        for config in trainer.lr_scheduler_configs:
+            base_lrs = getattr(config.scheduler, "base_lrs", None)
+            if getattr(config.scheduler, "optimizer", None) is optimizer and isinstance(base_lrs, list) and len(base_lrs) > index:
+                base_lrs[index] = order_lr
 
     @staticmethod
     def _extend_schedulers(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, added: list[tuple[int, dict[str, Any]]]) -> None:

@@ -141,11 +141,10 @@ def test_balance_loss_reaches_the_router_without_the_users_loss():
     expected = torch.autograd.grad(0.5 * aux, layer.router.weight)[0]
     assert expected.abs().sum() > 0
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
-    layer.router.weight.grad = None
-    layer.spec.balance_coef = 0.0  # the spec is read at forward time; switched off, no gradient
-    layer(x).sum().backward()
-    assert layer.router.weight.grad.abs().sum() == 0
-    layer.spec.balance_coef = 0.5
+    off = _layer(randomize=False, num_experts=4, top_k=1, balance_coef=0.0)  # switched off: no gradient
+    off.load_state_dict(layer.state_dict())
+    off(x).sum().backward()
+    assert off.router.weight.grad.abs().sum() == 0 and off.last_balance_loss is not None  # still measured for logging
     layer.router.weight.grad = None
     layer.eval()  # evaluation: no balance loss, no load statistics
     layer(x).sum().backward()
@@ -305,3 +304,61 @@ def test_apply_refuses_and_leaves_the_model_untouched(spec, error, match):
     after, after_names = _snapshot(model)
     assert names == after_names and all(torch.equal(state[k], after[k]) for k in state)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_gated_mixture_gradients_and_top_k_equivalence():
+    from lightning_peft.adapters.kernels.mixture import gated_mixture
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 6, dtype=F64, generator=gen, requires_grad=True)
+    a = torch.randn(3 * 4, 6, dtype=F64, generator=gen, requires_grad=True)
+    b = torch.randn(5, 3 * 4, dtype=F64, generator=gen, requires_grad=True)
+    gates = torch.rand(7, 3, dtype=F64, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(gated_mixture, (x, a, b, gates))
+    sparse = gates.detach() * (torch.arange(3) != 1)  # expert 1 unused: exactly the other two's sum
+    expected = sum(sparse[:, e, None] * (x @ a[4 * e : 4 * e + 4].T @ b[:, 4 * e : 4 * e + 4].T) for e in (0, 2))
+    assert torch.allclose(gated_mixture(x, a, b, sparse), expected, atol=1e-12)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = TinyTransformer()
+        apply_adapter(model, FRAME(rank=2, balance_coef=0.1, target_modules=["fc1", "q"]), check_gradients=False)
+        with torch.no_grad():
+            for layer in frame_layers(model).values():
+                layer.lora_B.normal_()
+        model.activation_checkpointing = checkpointing
+        model.train()
+        model(probe_input()).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_bfloat16_autocast_runs_and_keeps_float32_parameters():
+    torch.manual_seed(0)
+    layer = _layer(num_experts=3, top_k=2)
+    x = torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in (layer.lora_A, layer.lora_B, layer.orders))
+    y = y.detach().float()
+    assert torch.allclose(y, layer.eval()(x).detach(), rtol=0.05, atol=0.05 * float(y.abs().max()))
+
+
+def test_no_grad_calls_reuse_the_factors_until_a_tensor_changes():
+    layer = _layer(num_experts=2, top_k=1).eval()
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        first = layer(x)
+        cached = layer._no_grad_factors[1]
+        assert torch.equal(layer(x), first) and layer._no_grad_factors[1] is cached
+        layer.orders.add_(0.1)  # an optimizer step, a load: the version changes
+        second = layer(x)
+    assert layer._no_grad_factors[1] is not cached and not torch.allclose(second, first)
+    assert torch.allclose(second, layer(x), atol=1e-6)  # with grad: recomputed, same values
+    assert layer._no_grad_factors is None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Any
 
 import torch
 
@@ -162,6 +163,61 @@ def frft(x: torch.Tensor, orders: torch.Tensor | float, dim: int = -1) -> torch.
     return out.movedim(-1, dim)
 
 
+class _FoldedFactors(torch.autograd.Function):
+    """``(A', B')`` from ``(A, B, orders)`` with a hand-written backward that recomputes the
+    thin products ``A V`` and ``V^T B`` instead of saving them, and never saves the bases:
+    nothing of size ``d^2`` (nor any activation) is kept for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, orders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        ctx.save_for_backward(a, b, orders)
+        (e, r, d_in), d_out = a.shape, b.shape[-2]
+        v_in, k_in = frft_basis(d_in, a.dtype, a.device)
+        v_out, k_out = frft_basis(d_out, a.dtype, a.device)
+        # A F_a = (A V) diag(e^{-i theta k}) V^T; plain 2-D matmuls (batched ones with a thin
+        # r dimension run far slower on CPU)
+        cos, sin = _phases(orders, k_in)  # [E, d_in]
+        av = (a.reshape(e * r, d_in) @ v_in).view(e, r, d_in)
+        a_new = torch.cat([av * cos.unsqueeze(1), -(av * sin.unsqueeze(1))], dim=1)  # [E, 2r, d_in]
+        a_new = (a_new.reshape(e * 2 * r, d_in) @ v_in.T).view(e, 2 * r, d_in)
+        # F_{-a} B = V diag(e^{+i theta k}) V^T B, with the experts side by side: [d_out, E, r]
+        cos, sin = _phases(orders, k_out)  # [E, d_out]
+        vb = (v_out.T @ b.permute(1, 0, 2).reshape(d_out, e * r)).view(d_out, e, r)
+        b_new = torch.cat([vb * cos.T.unsqueeze(-1), -(vb * sin.T.unsqueeze(-1))], dim=-1)  # [d_out, E, 2r]
+        b_new = (v_out @ b_new.reshape(d_out, e * 2 * r)).view(d_out, e, 2 * r)
+        return a_new, b_new
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_a: torch.Tensor | None, grad_b: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        a, b, orders = ctx.saved_tensors
+        (e, r, d_in), d_out = a.shape, b.shape[-2]
+        grad_a = None if grad_a is None else grad_a.to(a.dtype)
+        grad_b = None if grad_b is None else grad_b.to(a.dtype)
+        grad_orders = torch.zeros_like(orders)
+        da = db = None
+        if grad_a is not None:
+            v, k = frft_basis(d_in, a.dtype, a.device)
+            cos, sin = _phases(orders, k)
+            av = (a.reshape(e * r, d_in) @ v).view(e, r, d_in)
+            g = (grad_a.reshape(e * 2 * r, d_in) @ v).view(e, 2 * r, d_in)
+            p, q = g[:, :r], g[:, r:]  # the real and imaginary halves' gradients in the eigenbasis
+            da = ((p * cos.unsqueeze(1) - q * sin.unsqueeze(1)).reshape(e * r, d_in) @ v.T).view(e, r, d_in)
+            d_cos, d_sin = (av * p).sum(1), -(av * q).sum(1)  # [E, d_in]
+            grad_orders += ((d_sin * cos - d_cos * sin) * k).sum(-1)
+        if grad_b is not None:
+            v, k = frft_basis(d_out, a.dtype, a.device)
+            cos, sin = _phases(orders, k)
+            vb = (v.T @ b.permute(1, 0, 2).reshape(d_out, e * r)).view(d_out, e, r)
+            g = (v.T @ grad_b.reshape(d_out, e * 2 * r)).view(d_out, e, 2 * r)
+            p, q = g[..., :r], g[..., r:]
+            dvb = p * cos.T.unsqueeze(-1) - q * sin.T.unsqueeze(-1)  # [d_out, E, r]
+            db = (v @ dvb.reshape(d_out, e * r)).view(d_out, e, r).permute(1, 0, 2)
+            d_cos, d_sin = (vb * p).sum(-1).T, -(vb * q).sum(-1).T  # [E, d_out]
+            grad_orders += ((d_sin * cos - d_cos * sin) * k).sum(-1)
+        return da, db, grad_orders * (math.pi / 2)
+
+
 def fractional_lowrank_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, orders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Real rank-``2r`` factors of ``E`` fractional-domain low-rank updates.
 
@@ -172,19 +228,12 @@ def fractional_lowrank_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, order
                                             B' = [Re(F_{-a} B), -Im(F_{-a} B)] [d_out, 2r]
 
     (``F_a`` of size ``d_in``, ``F_{-a}`` of size ``d_out``). Building them costs
-    ``O(E r (d_in^2 + d_out^2))`` once per call, independent of the number of tokens; applying
-    them is a real rank-``2r`` LoRA. Returns ``(A' [E, 2r, d_in], B' [E, d_out, 2r])`` in the
-    factors' dtype; computed in at least float32."""
+    ``O(E r (d_in^2 + d_out^2))`` once per call, independent of the number of tokens, and keeps
+    nothing but the inputs for backward; applying them is a real rank-``2r`` LoRA. Returns
+    ``(A' [E, 2r, d_in], B' [E, d_out, 2r])`` in the factors' dtype (computed in at least
+    float32); ``B'`` is a permuted view of a contiguous ``[d_out, E, 2r]`` tensor, the layout a
+    layer stacking the experts side by side needs. Differentiable once in all three inputs."""
     work = torch.promote_types(lora_a.dtype, torch.float32)
-    a, b, o = lora_a.to(work), lora_b.to(work), orders.to(work)
-    v_in, k_in = frft_basis(a.shape[-1], work, a.device)
-    v_out, k_out = frft_basis(b.shape[-2], work, b.device)
-    # A F_a = (A V) diag(e^{-i theta k}) V^T
-    cos, sin = _phases(o, k_in)  # [E, d_in]
-    av = a @ v_in
-    a_new = torch.cat([av * cos.unsqueeze(-2), -(av * sin.unsqueeze(-2))], dim=-2) @ v_in.T
-    # F_{-a} B = V diag(e^{+i theta k}) V^T B
-    cos, sin = _phases(o, k_out)  # [E, d_out]
-    vb = v_out.T @ b
-    b_new = v_out @ torch.cat([vb * cos.unsqueeze(-1), -(vb * sin.unsqueeze(-1))], dim=-1)
-    return a_new.to(lora_a.dtype), b_new.to(lora_b.dtype)
+    with torch.autocast(lora_a.device.type, enabled=False):  # the factors in float32 at least, under autocast too
+        a_new, b_new = _FoldedFactors.apply(lora_a.to(work), lora_b.to(work), orders.to(work))
+    return a_new.to(lora_a.dtype), b_new.permute(1, 0, 2).to(lora_b.dtype)
