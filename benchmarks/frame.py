@@ -71,6 +71,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--cache-dir", default=ft.default_cache_dir(), help="where the cached lower-layer states go ('' for none)")
     p.add_argument("--from-json", default=None, help="recompute summary, goals and figures of an earlier run's JSON (no training)")
+    p.add_argument("--cost-json", default=None, help="with --from-json: take the cost part from this JSON (a --skip-quality run)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/frame[_quick].json)")
     args = p.parse_args(argv)
     args.steps = args.steps or (None if args.quick else 80)
@@ -157,6 +158,9 @@ def resummarise(args: argparse.Namespace) -> None:
 
     path = Path(args.from_json)
     result = json.loads(path.read_text())
+    if args.cost_json:
+        result["cost"] = json.loads(Path(args.cost_json).read_text())["cost"]
+        result["cost"]["from"] = str(args.cost_json)
     if result.get("runs"):
         result["summary"] = fs.summarise(result["runs"], [m for m in METHODS if m in result["methods"]], ft.TASK_NAMES, fd.TASKS)
     result["goals"] = fs.goals(result)
