@@ -166,6 +166,7 @@ def resummarise(args: argparse.Namespace) -> None:
     result["goals"] = fs.goals(result)
     fs.plot(result, path.with_suffix(".png"), path.with_name(path.stem + "_orders.png"))
     path.write_text(json.dumps(result, indent=1) + "\n")
+    print(fs.markdown(result))
     print(f"rewrote {path}")
 
 

@@ -191,3 +191,33 @@ def _orders_figure(plt: Any, runs: list[dict[str, Any]], png: Path, split_layer:
     fig.colorbar(image, ax=axes[0].tolist(), label="fractional order a (0 = spatial, 1 = Fourier)")
     fig.savefig(png, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The docs' result tables (accuracy per task, cost ratios, orders) from a result JSON."""
+    lines: list[str] = []
+    summary = result.get("summary")
+    if summary:
+        acc = summary["test_accuracy"]
+        groups = list(next(iter(acc.values())))
+        lines += ["| method | " + " | ".join(groups) + " |", "| --- |" + " --- |" * len(groups)]
+        for m, row in acc.items():
+            cells = [f"{100 * row[g]['mean']:.1f} ± {100 * row[g]['std']:.1f}" for g in groups]
+            lines.append(f"| {result['methods'][m]} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for base, diff in summary.get("frame_vs", {}).items():
+            cells = [f"{diff[g]['points_mean']:+.1f} ± {diff[g]['points_std']:.1f}" for g in groups]
+            lines.append(f"| FRAME - {result['methods'][base]} (points, paired by seed) | " + " | ".join(cells) + " |")
+        lines.append("")
+    cost = result.get("cost", {})
+    shapes = [k for k, v in cost.items() if isinstance(v, dict) and "ratios" in v]
+    if shapes:
+        head = "| shape | FRAME / MoE-LoRA time | FRAME / LoRA time | FRAME / MoE-LoRA saved peak | FRAME / LoRA saved peak |"
+        lines += [head, "| --- | --- | --- | --- | --- |"]
+        for k in shapes:
+            r = cost[k]["ratios"]
+            time_moe = f"{r['frame_vs_moe_lora_time']:.2f} (paired {r['frame_vs_moe_lora_time_paired']:.2f})"
+            peaks = f"{r['frame_vs_moe_lora_saved_peak_excl_bases']:.3f} | {r['frame_vs_lora_saved_peak_excl_bases']:.3f}"
+            lines.append(f"| {k} | {time_moe} | {r['frame_vs_lora_time']:.2f} | {peaks} |")
+        lines.append("")
+    return "\n".join(lines)
