@@ -70,10 +70,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--cache-dir", default=ft.default_cache_dir(), help="where the cached lower-layer states go ('' for none)")
-    p.add_argument("--from-json", default=None, help="recompute summary, goals and figures of an earlier run's JSON (no training)")
+    p.add_argument(
+        "--from-json", nargs="+", default=None, help="recompute summary, goals and figures from earlier JSON (runs of all files pooled)"
+    )
     p.add_argument("--cost-json", default=None, help="with --from-json: take the cost part from this JSON (a --skip-quality run)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/frame[_quick].json)")
     args = p.parse_args(argv)
+    args.out_given = args.out is not None
     args.steps = args.steps or (None if args.quick else 80)
     if args.quick:
         args.seeds, args.steps, args.max_per_class = args.seeds[:1], args.steps or 30, args.max_per_class or 40
@@ -88,7 +91,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def param_counts(encoder: torch.nn.Module, args: argparse.Namespace, lora_spec: Any) -> dict[str, Any]:
     """Exact trainable adapter parameters (heads excluded) of every method on the same modules."""
     out: dict[str, Any] = {}
-    for method in args.methods:
+    for method in METHODS:
         model = ft.build(method, encoder, args, lora_spec, 0)
         per_module = ft.adapter_params(model)
         heads = sum(p.numel() for p in model.heads.parameters())
@@ -153,11 +156,18 @@ def write(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 def resummarise(args: argparse.Namespace) -> None:
-    """Summary, goals and PNGs again from ``args.from_json`` (written back to it)."""
+    """Summary, goals and PNGs again from ``args.from_json``: the first file's settings, the runs
+    of every file (e.g. methods or seeds run in separate processes); written to ``--out`` (default:
+    the first file)."""
     import frame_summary as fs
 
-    path = Path(args.from_json)
-    result = json.loads(path.read_text())
+    path = Path(args.out) if args.out_given else Path(args.from_json[0])
+    result = json.loads(Path(args.from_json[0]).read_text())
+    for other in args.from_json[1:]:
+        more = json.loads(Path(other).read_text())
+        result["runs"] = result.get("runs", []) + more.get("runs", [])
+        result["methods"] = {**result["methods"], **more["methods"]}
+        result.setdefault("parts", []).append({"file": str(other), "config": more["config"], "timing": more.get("timing")})
     if args.cost_json:
         result["cost"] = json.loads(Path(args.cost_json).read_text())["cost"]
         result["cost"]["from"] = str(args.cost_json)
