@@ -147,7 +147,7 @@ def measure_shape(shape: dict[str, Any], encoder: nn.Module, sample: dict[str, t
     models = _models(shape, encoder, args, lora_spec, device)
     inputs = _inputs(shape, encoder, sample, device)
     steps = {m: _step_fn(shape, model, inputs, args) for m, model in models.items()}
-    result: dict[str, Any] = {
+    result: dict[str, Any] = {"shape": shape} | {
         m: {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)} for m, model in models.items()
     }
     for m, (step, loss_of) in steps.items():

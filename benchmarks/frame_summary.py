@@ -105,7 +105,7 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
             "frame_vs_lora_time": r["frame_vs_lora_time"],
         }
         for name, shape in cost.items():
-            if isinstance(shape, dict) and shape.get("shape", {}).get("kind") == "layer":
+            if name.startswith("layer") and isinstance(shape, dict) and "ratios" in shape:
                 out["cost"][f"{name}_frame_vs_moe_lora_time"] = shape["ratios"]["frame_vs_moe_lora_time"]
                 out["cost"][f"{name}_frame_vs_moe_lora_saved_peak"] = shape["ratios"]["frame_vs_moe_lora_saved_peak_excl_bases"]
     return out
