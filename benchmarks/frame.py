@@ -48,7 +48,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="40 examples per class/family, 1 seed, 30 steps, short cost")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 80; --quick: 30)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 280 = one pass over the training mixture; --quick: 30)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--order-lr", type=float, default=1e-2, help="FRAME orders' learning rate (5x lr, methods.md's ratio)")
@@ -77,7 +77,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/frame[_quick].json)")
     args = p.parse_args(argv)
     args.out_given = args.out is not None
-    args.steps = args.steps or (None if args.quick else 80)
+    args.steps = args.steps or (None if args.quick else 280)
     if args.quick:
         args.seeds, args.steps, args.max_per_class = args.seeds[:1], args.steps or 30, args.max_per_class or 40
         args.cost_rounds, args.cost_steps, args.cost_warmup = 2, 2, 1
