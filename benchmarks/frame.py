@@ -40,14 +40,21 @@ import frame_train as ft  # noqa: E402
 import torch  # noqa: E402
 
 METHODS = ["lora", "moe_lora", "fourier_moe", "frame"]
-LABELS = {"lora": "LoRA", "moe_lora": "MoE-LoRA (a=0)", "fourier_moe": "Fourier MoE-LoRA (a=1)", "frame": "FRAME (learned a)"}
+ABLATIONS = ["frame_g1"]  # opt-in: FRAME with balance_groups=1
+LABELS = {
+    "lora": "LoRA",
+    "moe_lora": "MoE-LoRA (a=0)",
+    "fourier_moe": "Fourier MoE-LoRA (a=1)",
+    "frame": "FRAME (learned a)",
+    "frame_g1": "FRAME, 1 balance group",
+}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="40 examples per class/family, 1 seed, 30 steps, short cost")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + ABLATIONS)
     p.add_argument("--steps", type=int, default=None, help="training steps (default 280 = one pass over the training mixture; --quick: 30)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -105,8 +112,8 @@ def analyse(model: torch.nn.Module, method: str, args: argparse.Namespace) -> di
     import frame_hooks as fh
 
     initial = ft.moe_spec(method, args).initial_orders()
-    cosines, load = fh.expert_cosines(model), fh.routing_load(model)
-    return {"initial_orders": initial, "orders": fh.orders(model), "expert_abs_cos": cosines, "routing_load": load}
+    cosines, load, norms = fh.expert_cosines(model), fh.routing_load(model), fh.update_norms(model)
+    return {"initial_orders": initial, "orders": fh.orders(model), "expert_abs_cos": cosines, "routing_load": load, "update_norms": norms}
 
 
 def quality(args: argparse.Namespace, encoder: torch.nn.Module, lora_spec: Any, result: dict[str, Any]) -> None:
@@ -172,7 +179,9 @@ def resummarise(args: argparse.Namespace) -> None:
         result["cost"] = json.loads(Path(args.cost_json).read_text())["cost"]
         result["cost"]["from"] = str(args.cost_json)
     if result.get("runs"):
-        result["summary"] = fs.summarise(result["runs"], [m for m in METHODS if m in result["methods"]], ft.TASK_NAMES, fd.TASKS)
+        result["summary"] = fs.summarise(
+            result["runs"], [m for m in METHODS + ABLATIONS if m in result["methods"]], ft.TASK_NAMES, fd.TASKS
+        )
     result["goals"] = fs.goals(result)
     fs.plot(result, path.with_suffix(".png"), path.with_name(path.stem + "_orders.png"))
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -65,3 +65,10 @@ def routing_load(model: nn.Module) -> dict[str, list[float]]:
             load = load.detach().float()
             out[name] = [float(v) for v in (load / load.sum().clamp_min(1e-12))]
     return out
+
+
+@torch.no_grad()
+def update_norms(model: nn.Module) -> dict[str, list[float]]:
+    """Frobenius norm of every expert's dense update (an expert the router starves stays near 0,
+    and its direction then says little about decorrelation)."""
+    return {name: [float(v) for v in m.delta_weights().flatten(1).norm(dim=1)] for name, m in frame_layers(model).items()}

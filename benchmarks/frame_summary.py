@@ -111,7 +111,7 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-COLORS = {"lora": "#7f7f7f", "moe_lora": "#1f77b4", "fourier_moe": "#2ca02c", "frame": "#d62728"}
+COLORS = {"lora": "#7f7f7f", "moe_lora": "#1f77b4", "fourier_moe": "#2ca02c", "frame": "#d62728", "frame_g1": "#ff9896"}
 
 
 def module_label(name: str, split_layer: int) -> str:

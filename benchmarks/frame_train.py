@@ -121,7 +121,7 @@ class Top(nn.Module):
 # Methods and parameter matching
 # --------------------------------------------------------------------------------------------
 def moe_spec(method: str, args: Any) -> Any:
-    """The FRAME-family spec of ``method`` (``moe_lora``, ``fourier_moe``, ``frame``)."""
+    """The FRAME-family spec of ``method`` (``moe_lora``, ``fourier_moe``, ``frame``, ``frame_g1``)."""
     from lightning_peft import FRAME
 
     common = dict(
@@ -133,6 +133,8 @@ def moe_spec(method: str, args: Any) -> Any:
         return FRAME(order_init=1.0, train_orders=False, **common)
     if method == "frame":
         return FRAME(order_init="spread", train_orders=True, order_lr=args.order_lr, **common)
+    if method == "frame_g1":  # ablation: one Switch-style balance loss over all experts
+        return FRAME(order_init="spread", train_orders=True, order_lr=args.order_lr, balance_groups=1, **common)
     raise ValueError(method)
 
 
