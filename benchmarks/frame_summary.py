@@ -176,19 +176,24 @@ def _quality_figure(plt: Any, result: dict[str, Any], summary: dict[str, Any], p
 
 
 def _orders_figure(plt: Any, runs: list[dict[str, Any]], png: Path, split_layer: int) -> None:
-    fig, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs) + 1, 4.2), squeeze=False)
-    image = None
-    for ax, r in zip(axes[0], runs, strict=True):
-        names = list(r["orders"])
-        grid = [r["orders"][n] for n in names]
-        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        for i, row in enumerate(grid):
-            for e, a in enumerate(row):
-                ax.text(e, i, f"{a:.2f}", ha="center", va="center", fontsize=7, color="w" if a < 0.6 else "k")
-        ax.set_xticks(range(len(grid[0])), [f"e{e}\n(init {a0:.2f})" for e, a0 in enumerate(r["initial_orders"])], fontsize=7)
-        ax.set_yticks(range(len(names)), [module_label(n, split_layer) for n in names], fontsize=7)
-        ax.set_title(f"FRAME learned orders, seed {r['seed']}", fontsize=9)
-    fig.colorbar(image, ax=axes[0].tolist(), label="fractional order a (0 = spatial, 1 = Fourier)")
+    """Row 1: FRAME's learned order per adapted linear and expert, one panel per seed; row 2:
+    the share of token-to-expert assignments of the last training step."""
+    rows = [("orders", "learned order a", 0.0, 1.0, "viridis"), ("routing_load", "routing load (last step)", 0.0, 0.5, "magma")]
+    fig, axes = plt.subplots(2, len(runs), figsize=(2.6 * len(runs) + 3.4, 7.4), squeeze=False)
+    for row, (key, title, low, high, cmap) in enumerate(rows):
+        image = None
+        for col, r in enumerate(runs):
+            ax = axes[row][col]
+            names = list(r["orders"])
+            grid = [r.get(key, {}).get(n, [float("nan")] * len(r["initial_orders"])) for n in names]
+            image = ax.imshow(grid, vmin=low, vmax=high, cmap=cmap, aspect="auto")
+            for i, values in enumerate(grid):
+                for e, a in enumerate(values):
+                    ax.text(e, i, f"{a:.2f}", ha="center", va="center", fontsize=7, color="w" if a < low + 0.6 * (high - low) else "k")
+            ax.set_xticks(range(len(grid[0])), [f"e{e}\n(a0 {a0:.2f})" for e, a0 in enumerate(r["initial_orders"])], fontsize=7)
+            ax.set_yticks(range(len(names)), [module_label(n, split_layer) for n in names] if col == 0 else [], fontsize=7)
+            ax.set_title(f"{title}, seed {r['seed']}", fontsize=8)
+        fig.colorbar(image, ax=axes[row].tolist(), label="order (0 spatial, 1 Fourier)" if key == "orders" else "share of assignments")
     fig.savefig(png, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
