@@ -189,7 +189,8 @@ def _orders_figure(plt: Any, runs: list[dict[str, Any]], png: Path, split_layer:
             image = ax.imshow(grid, vmin=low, vmax=high, cmap=cmap, aspect="auto")
             for i, values in enumerate(grid):
                 for e, a in enumerate(values):
-                    ax.text(e, i, f"{a:.2f}", ha="center", va="center", fontsize=7, color="w" if a < low + 0.6 * (high - low) else "k")
+                    label = f"{0.0 if abs(a) < 5e-3 else a:.2f}"  # no "-0.00" for an order clamped at 0
+                    ax.text(e, i, label, ha="center", va="center", fontsize=7, color="w" if a < low + 0.6 * (high - low) else "k")
             ax.set_xticks(range(len(grid[0])), [f"e{e}\n(a0 {a0:.2f})" for e, a0 in enumerate(r["initial_orders"])], fontsize=7)
             ax.set_yticks(range(len(names)), [module_label(n, split_layer) for n in names] if col == 0 else [], fontsize=7)
             ax.set_title(f"{title}, seed {r['seed']}", fontsize=8)
