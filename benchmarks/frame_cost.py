@@ -100,11 +100,11 @@ def _sync(device: str) -> None:
 def _inputs(shape: dict[str, Any], encoder: nn.Module, sample: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     if shape["kind"] == "layer":
         x = torch.randn(shape["tokens"], shape["d_in"], generator=torch.Generator().manual_seed(0))
-        return {"x": x.requires_grad_(True).to(device)}
+        return {"x": x.to(device).requires_grad_(True)}
     with torch.no_grad():
-        hidden = encoder.embeddings(input_ids=sample["ids"])
+        hidden = encoder.embeddings(input_ids=sample["ids"].to(next(encoder.parameters()).device))
     # the frozen-base limit still back-propagates to the input (as under a trainable prefix)
-    return {"hidden": hidden.requires_grad_(True).to(device), **{k: sample[k].to(device) for k in ("mask", "task", "label")}}
+    return {"hidden": hidden.to(device).requires_grad_(True), **{k: sample[k].to(device) for k in ("mask", "task", "label")}}
 
 
 def _bases(model: nn.Module) -> nn.Module:
