@@ -16,7 +16,7 @@ updates (decorrelation) for learned vs fixed orders; the cost (``frame_cost.py``
 PNGs go to ``benchmarks/results/``. Docs: ``docs/frame_benchmark.md``.
 
     python benchmarks/frame.py            # full: 4 methods x 3 seeds + cost (about 50 min on 2 shared, busy cores)
-    python benchmarks/frame.py --quick    # small data, 1 seed, 30 steps (~3-4 min)
+    python benchmarks/frame.py --quick    # small data, 1 seed, 30 steps (2 min on a lightly loaded machine)
 """
 
 from __future__ import annotations
