@@ -12,19 +12,20 @@ of size ``d_in`` on the input side and ``d_out`` on the output side. ``a = 0`` i
 ``a = 1`` a low-rank update in the DFT basis, orders in between interpolate. ``B_e`` starts at
 zero (the model starts equal to the base); the orders start spread over ``order_range``.
 
-How it runs. No transform is applied per token: each step the layer folds the transforms into
-real rank-``2r`` factors ``A'_e = [Re(A_e F_a); Im(A_e F_a)]``, ``B'_e = [Re(F_{-a} B_e),
--Im(F_{-a} B_e)]`` (``O(E r d^2)`` per forward, independent of the batch), and the tokens see
-a masked dense mixture of LoRAs: ``u = x A'^T [T, E*2r]``, gated per expert, then ``u B'^T``.
 The update is an even function of the order (``Re{F_{a} M F_{-a}} = Re{conj(F_{-a} M F_a)}``
 for real ``M``): orders in ``[-1, 0]`` repeat ``[0, 1]``, and ``a = 0`` is a stationary point
 (zero gradient in ``a``; the gradient is nonzero at ``a = 1`` and in between).
 
-Orders fixed at 0 (``train_orders=False, order_init=0.0``) skip the transforms and run the
-same code at rank ``r``: that is the MoE-LoRA baseline.
+How it runs. No transform is applied per token: each forward folds the transforms into real
+rank-``2r`` factors ``A'_e = [Re(A_e F_a); Im(A_e F_a)]``, ``B'_e = [Re(F_{-a} B_e),
+-Im(F_{-a} B_e)]`` (``kernels.frft.fractional_lowrank_factors``: ``O(E r d^2)``, independent
+of the batch; reused across no-grad forwards), and the tokens go through one dense gated
+mixture node (``kernels.mixture.gated_mixture``): ``u = x A'^T [T, E*2r]``, gated per expert,
+then ``u B'^T``. Orders fixed at 0 (``train_orders=False, order_init=0.0``) skip the fold and
+run the same node at rank ``r``: that is the MoE-LoRA baseline.
 
-The balance loss (``kernels.routing.grouped_balance_loss``, experts grouped by order into
-``balance_groups`` equal bins of ``order_range``) reaches the router through the layer's
+The balance loss (``kernels.routing.grouped_balance_loss``, experts grouped by their current
+order into ``balance_groups`` equal bins of ``order_range``) reaches the router through the layer's
 output (``kernels.routing.with_aux_gradient``): any ``loss.backward()`` through the model adds
 ``balance_coef * d aux / d W_r``; the training step is unchanged.
 
@@ -44,7 +45,7 @@ from torch import nn
 
 from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, check_positive
 from lightning_peft.adapters.kernels.frft import fractional_lowrank_factors
-from lightning_peft.adapters.kernels.mixture import gated_mixture
+from lightning_peft.adapters.kernels.mixture import gated_mixture, router_logits
 from lightning_peft.adapters.kernels.routing import grouped_balance_loss, top_k_gates, with_aux_gradient
 from lightning_peft.validation import InvalidArgumentError, InvalidArgumentTypeError, check_bool, check_float, check_int
 
@@ -85,10 +86,12 @@ class FRAMELinear(AdapterLayer):
             self.register_buffer("orders", orders)
         # fixed orders all 0: the transforms are the identity, skip them (MoE-LoRA)
         self.spatial = not spec.train_orders and all(a == 0.0 for a in spec.initial_orders())
-        self.register_buffer("group_membership", spec.group_membership().to(weight.device), persistent=False)
         self.last_load: torch.Tensor | None = None  # [E] expert loads of the last training forward
         self.last_balance_loss: torch.Tensor | None = None
         self._no_grad_factors: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
+        #: multiplies ``balance_coef`` in backward; FRAMECallback sets ``1 / accumulate_grad_batches``
+        #: (Lightning divides the loss by it, the balance term must follow)
+        self.balance_grad_scale = 1.0
 
     @property
     def in_features(self) -> int:
@@ -138,18 +141,19 @@ class FRAMELinear(AdapterLayer):
         if self.training:
             self.project_orders()
         y = self.base_layer(x)  # any nn.Linear subclass (a quantized one too) computes its own base
-        tokens = x.reshape(-1, self.in_features)
-        probs, gates = top_k_gates(tokens, self.router.weight, self.top_k)
+        recompute = self.spec.recompute_input
+        probs, gates = top_k_gates(router_logits(x, self.router.weight, recompute), self.top_k)
         a, b = self._factors()
         e, r2 = a.shape[0], a.shape[1]
         b_all = (b * self.scale).permute(1, 0, 2).reshape(self.out_features, e * r2)  # [d_out, E*R], expert-major like A's rows
-        delta = gated_mixture(tokens, a.reshape(e * r2, self.in_features), b_all, gates)
+        delta = gated_mixture(x, a.reshape(e * r2, self.in_features), b_all, gates, recompute)
         y = y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
         if self.training and torch.is_grad_enabled():
-            aux, load = grouped_balance_loss(probs, gates, self.group_membership, self.top_k)
+            groups = self.spec.group_membership(self.orders)  # by the current orders: groups follow them as they learn
+            aux, load = grouped_balance_loss(probs, gates, groups, self.top_k)
             self.last_load, self.last_balance_loss = load, aux.detach()
             if self.spec.balance_coef > 0 and self.router.weight.requires_grad and aux.requires_grad:
-                y = with_aux_gradient(y, aux, self.spec.balance_coef)
+                y = with_aux_gradient(y, aux, self.spec.balance_coef * self.balance_grad_scale)
         return y
 
     def merge(self, keep_original: bool = True) -> None:
@@ -196,6 +200,9 @@ class FRAME(AdapterSpec):
         balance_coef: weight of the grouped load-balancing loss (0 switches it off).
         balance_groups: number of equal-width bins of ``order_range`` that group experts for
             the balance loss (1: one Switch-style loss over all experts).
+        recompute_input: recompute the layer input in backward from its producer's saved
+            tensors (a LayerNorm, GELU ...) instead of keeping it, as LoRA does (exact up to
+            rounding; saves memory).
         target_modules, exclude_modules, module_path: see ``AdapterSpec``.
     """
 
@@ -214,6 +221,7 @@ class FRAME(AdapterSpec):
         order_lr: float | None = None,
         balance_coef: float = 0.01,
         balance_groups: int = 2,
+        recompute_input: bool = True,
         target_modules: str | list[str] | None = None,
         exclude_modules: list[str] | None = None,
         module_path: str | None = None,
@@ -228,6 +236,7 @@ class FRAME(AdapterSpec):
             )
         check_positive("alpha", alpha, float)
         check_bool("train_orders", train_orders)
+        check_bool("recompute_input", recompute_input)
         self.order_range = _check_range(order_range)
         self.order_init = _check_init(order_init, num_experts, self.order_range)
         check_float("order_lr", order_lr, low=0.0, low_open=True, allow_none=True)
@@ -237,6 +246,7 @@ class FRAME(AdapterSpec):
         self.train_orders = train_orders
         self.order_lr = None if order_lr is None else float(order_lr)
         self.balance_coef, self.balance_groups = float(balance_coef), balance_groups
+        self.recompute_input = recompute_input
 
     def initial_orders(self) -> list[float]:
         if self.order_init == "spread":  # the centres of E equal bins (not the ends: a = 0 is stationary)
@@ -247,14 +257,16 @@ class FRAME(AdapterSpec):
             return list(self.order_init)
         return [float(self.order_init)] * self.num_experts
 
-    def group_membership(self) -> torch.Tensor:
-        """``[G, E]`` one-hot (float32, host): expert ``e`` is in bin ``floor(G (a_e - low) /
-        (high - low))`` of ``order_range`` (the top edge in the last bin). Groups follow the
-        *initial* orders, so they never change during training (no host sync per step)."""
+    def group_membership(self, orders: torch.Tensor | None = None) -> torch.Tensor:
+        """``[G, E]`` one-hot (float32, on ``orders``' device): expert ``e`` is in bin
+        ``floor(G (a_e - low) / (high - low))`` of ``order_range`` (the top edge in the last
+        bin). ``orders``: the current ones (``None``: the initial ones). Computed on the device,
+        without a host synchronisation."""
         low, high = self.order_range
         width = (high - low) / self.balance_groups
-        orders = torch.tensor(self.initial_orders(), dtype=torch.float64)
-        bins = ((orders - low) / width).floor().clamp(0, self.balance_groups - 1).long()
+        if orders is None:
+            orders = torch.tensor(self.initial_orders(), dtype=torch.float64)
+        bins = ((orders.detach() - low) / width).floor().clamp(0, self.balance_groups - 1).long()
         return F.one_hot(bins, self.balance_groups).T.float()
 
     def check(self, name: str, module: nn.Module) -> None:

@@ -11,7 +11,8 @@ warmup and decay apply to the orders in the same proportion. A group that alread
 orders (e.g. from ``frame_parameter_groups``, or the no-decay group of a model whose only 1-D
 trainables are the orders) stays, with ``weight_decay=0`` and the specs' ``order_lr``.
 
-Every ``log_every_n_steps`` optimizer steps it logs, per FRAME layer and expert, the order
+It also scales each layer's balance-loss gradient by ``1 / accumulate_grad_batches``, as
+Lightning scales the loss. Every ``log_every_n_steps`` optimizer steps it logs, per FRAME layer and expert, the order
 (``frame/<layer>/order_<e>``) and the routing load of the last training batch (the fraction of
 token-to-expert assignments, ``frame/<layer>/load_<e>``), plus the mean balance loss
 (``frame/balance_loss``). One host transfer per logging step.
@@ -60,6 +61,8 @@ class FRAMECallback(Callback):
             rank_zero_warn("FRAMECallback: the model has no FRAME layers; the callback does nothing", category=UserWarning)
             return
         self._refuse_merge_at_end(trainer)
+        for layer in layers.values():  # Lightning divides each micro-batch's loss by this: so must the balance term
+            layer.balance_grad_scale = 1.0 / trainer.accumulate_grad_batches
         orders = {id(m.orders): m for m in layers.values() if isinstance(m.orders, nn.Parameter) and m.orders.requires_grad}
         if orders:
             for optimizer in trainer.optimizers:

@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_peft import FRAME, LoRA, apply_adapter, load_adapter, merge_adapter, save_adapter
 from lightning_peft.adapters.frame import FRAMELinear, frame_layers, frame_parameter_groups
-from lightning_peft.adapters.kernels.frft import frft
+from lightning_peft.adapters.kernels.frft import fractional_lowrank_factors, frft
 from lightning_peft.adapters.kernels.routing import grouped_balance_loss, top_k_gates
 from lightning_peft.adapters.lora import LoRALinear
 from lightning_peft.adapters.registry import spec_from_config
@@ -136,11 +136,16 @@ def test_balance_loss_reaches_the_router_without_the_users_loss():
     x = torch.randn(32, 12)
     layer(x).sum().backward()  # B = 0: the user's loss alone gives the router no gradient
     got = layer.router.weight.grad.clone()
-    probs, gates = top_k_gates(x, layer.router.weight, 1)
-    aux, _ = grouped_balance_loss(probs, gates, layer.group_membership, 1)
+    probs, gates = top_k_gates(x @ layer.router.weight.T, 1)
+    aux, _ = grouped_balance_loss(probs, gates, layer.spec.group_membership(layer.orders), 1)
     expected = torch.autograd.grad(0.5 * aux, layer.router.weight)[0]
     assert expected.abs().sum() > 0
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
+    layer.router.weight.grad = None
+    layer.balance_grad_scale = 0.25  # what FRAMECallback sets under accumulate_grad_batches=4
+    layer(x).sum().backward()
+    assert torch.allclose(layer.router.weight.grad, 0.25 * expected, rtol=1e-5, atol=1e-7)
+    layer.balance_grad_scale = 1.0
     off = _layer(randomize=False, num_experts=4, top_k=1, balance_coef=0.0)  # switched off: no gradient
     off.load_state_dict(layer.state_dict())
     off(x).sum().backward()
@@ -177,6 +182,8 @@ def test_spread_and_groups():
     spec = FRAME(num_experts=4, balance_groups=2)
     assert spec.initial_orders() == [0.125, 0.375, 0.625, 0.875]
     assert spec.group_membership().tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
+    # groups follow the orders as they learn; the top edge belongs to the last bin
+    assert spec.group_membership(torch.tensor([0.6, 0.1, 1.0, 0.49])).tolist() == [[0, 1, 0, 1], [1, 0, 1, 0]]
     assert FRAME(num_experts=3, top_k=1, order_range=(0.0, 2.0)).initial_orders() == pytest.approx([1 / 3, 1.0, 5 / 3])
 
 
@@ -281,6 +288,12 @@ def _snapshot(model):
         (lambda: FRAME(balance_coef=-1.0), ValueError, "balance_coef"),
         (lambda: FRAME(balance_groups=0), ValueError, "balance_groups"),
         (lambda: FRAME(train_orders="yes"), TypeError, "train_orders"),
+        (lambda: FRAME(alpha=float("nan")), ValueError, "alpha.*nan"),
+        (lambda: FRAME(order_init=[0.1, 0.2, float("nan"), 0.3]), ValueError, "order_init.*nan.*entry 2"),
+        (lambda: FRAME(order_range=(float("nan"), 1.0)), ValueError, "order_range.*nan"),
+        (lambda: FRAME(order_lr=float("nan")), ValueError, "order_lr.*nan"),
+        (lambda: FRAME(balance_coef=float("nan")), ValueError, "balance_coef.*nan"),
+        (lambda: FRAME(rank=2.0), TypeError, "rank"),
     ],
 )
 def test_constructor_refuses(build, error, match):
@@ -362,3 +375,52 @@ def test_no_grad_calls_reuse_the_factors_until_a_tensor_changes():
     assert layer._no_grad_factors[1] is not cached and not torch.allclose(second, first)
     assert torch.allclose(second, layer(x), atol=1e-6)  # with grad: recomputed, same values
     assert layer._no_grad_factors is None
+
+
+@pytest.mark.parametrize("producer", ["layer_norm", "gelu"])
+def test_recomputed_input_gives_the_same_gradients_and_keeps_less(producer):
+    from lightning_peft.memory.meters import SavedTensorMeter
+
+    results = []
+    for recompute in (True, False):
+        layer = _layer(d_in=12, d_out=10, num_experts=3, top_k=2, recompute_input=recompute)
+        layer.base_layer.requires_grad_(False)  # frozen, as apply_adapter leaves it (else its weight's grad keeps x)
+        norm = nn.LayerNorm(12)
+        h = torch.randn(64, 12, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        with SavedTensorMeter(nn.ModuleList([layer, norm])) as meter:
+            x = norm(h) if producer == "layer_norm" else torch.nn.functional.gelu(h)
+            y = layer(x)
+        y.pow(2).sum().backward()
+        grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.router.weight, layer.orders)] + [h.grad.clone()]
+        results.append((meter.bytes, grads))
+    (kept, grads), (saved, reference) = results
+    assert kept <= saved - 64 * 12 * 4  # the [64, 12] input is not kept
+    for got, expected in zip(grads, reference):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_learned_order_finds_the_domain_of_a_target_update():
+    """The target is a rank-2 update in the order-0.8 domain (full rank in the spatial one): one
+    expert starting at 0.7 learns a = 0.8 and fits it; an expert fixed at 0 cannot. (From 0.3
+    it stalls in another local minimum: the loss oscillates in a with period ~4/d.)"""
+    torch.manual_seed(0)
+    d, r = 16, 2
+    a_t, b_t = fractional_lowrank_factors(torch.randn(1, r, d) / d**0.5, torch.randn(1, d, r), torch.tensor([0.8]))
+    x = torch.randn(256, d)
+    y = x @ (b_t[0] @ a_t[0]).T
+    losses = {}
+    for init, train in ((0.7, True), (0.0, False)):
+        torch.manual_seed(1)
+        base = nn.Linear(d, d, bias=False).requires_grad_(False)
+        nn.init.zeros_(base.weight)
+        layer = FRAME(rank=r, num_experts=1, top_k=1, alpha=r, order_init=init, train_orders=train, balance_coef=0.0).wrap("l", base)
+        optimizer = torch.optim.Adam(frame_parameter_groups(layer, lr=0.02))
+        for _ in range(400):
+            loss = (layer(x) - y).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        losses[train] = float(loss.detach())
+        if train:
+            assert abs(float(layer.orders.detach()[0]) - 0.8) < 1e-3
+    assert losses[True] < 1e-4 * float(y.pow(2).mean()) and losses[False] > 0.1 * float(y.pow(2).mean())

@@ -107,6 +107,10 @@ def test_float32_and_cache():
     assert torch.allclose(frft(x, 1.0), torch.fft.fft(x, norm="ortho"), atol=1e-5)
     with pytest.raises(ValueError, match="positive int"):
         frft_basis(0)
+    # a MiniLM-wide transform in float32: the phases a k (hundreds of radians) stay exact
+    x = torch.randn(2, 384)
+    assert torch.allclose(frft(x, 1.0), torch.fft.fft(x, norm="ortho"), atol=2e-6)
+    assert torch.allclose(frft(frft(x, 0.3), 0.7), torch.fft.fft(x, norm="ortho"), atol=4e-6)
 
 
 @pytest.mark.parametrize(("d_in", "d_out"), [(6, 6), (7, 10), (12, 5)])

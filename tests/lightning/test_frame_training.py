@@ -84,6 +84,14 @@ def test_orders_get_their_own_group_and_the_logger_sees_orders_and_loads(tmp_pat
     assert "frame/balance_loss" in metrics
 
 
+def test_gradient_accumulation_scales_the_balance_term(tmp_path):
+    torch.manual_seed(0)
+    module = Classifier()
+    trainer = _trainer(tmp_path, [_callback()], max_steps=1, accumulate_grad_batches=4)
+    trainer.fit(module, make_loader(n=32, batch_size=8))
+    assert {m.balance_grad_scale for m in frame_layers(module).values()} == {0.25}
+
+
 def test_resume_restores_the_order_group(tmp_path):
     torch.manual_seed(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
@@ -187,3 +195,25 @@ def test_regroup_moves_orders_out_of_a_mixed_group_and_the_scheduler_follows():
 def test_callback_refuses_bad_arguments(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         FRAMECallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("top_k=9", "top_k (9) must be <= num_experts (4)"),
+        ("order_init=1.5", "order_init"),
+        ("order_range=[1.0, 0.0]", "low < high"),
+    ],
+)
+def test_cli_bad_frame_value_is_one_short_message(override, message, monkeypatch, capsys):
+    from lightning_peft.cli import cli_main
+
+    monkeypatch.setattr("sys.argv", ["lightning-peft"])
+    monkeypatch.delenv("LIGHTNING_PEFT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        cli_main(["--config", str(CONFIGS / "frame_bbc.yaml"), f"--trainer.callbacks.init_args.adapter.init_args.{override}"], run=False)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    key = override.split("=")[0]
+    assert f"error: trainer.callbacks[1].init_args.adapter.init_args.{key}: " in err and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) < 15

@@ -125,9 +125,11 @@ def frft_basis(n: int, dtype: torch.dtype = torch.float32, device: torch.device 
 
 
 def _phases(orders: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos`` and ``sin`` of ``theta k``, ``theta = pi a / 2``: ``[*orders.shape, n]``."""
-    angle = orders.unsqueeze(-1) * (math.pi / 2) * k
-    return torch.cos(angle), torch.sin(angle)
+    """``cos`` and ``sin`` of ``theta k``, ``theta = pi a / 2``: ``[*orders.shape, n]``, in the
+    orders' dtype. The angle is formed in float64: ``a k`` reaches thousands of radians for wide
+    layers, where float32 would lose ~1e-4 of the phase."""
+    angle = orders.to(torch.float64).unsqueeze(-1) * (math.pi / 2) * k.to(torch.float64)
+    return torch.cos(angle).to(orders.dtype), torch.sin(angle).to(orders.dtype)
 
 
 def frft_matrix(orders: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Token routing for mixtures of low-rank experts, and a balance loss that needs no training-step change.
 
-``top_k_gates``: ``g(x) = softmax(W_r x)`` over ``E`` experts, keeping the ``k`` largest
-probabilities per token (not renormalised, so a gate still says how sure the router is).
+``top_k_gates``: ``g(x) = softmax(W_r x)`` over ``E`` experts (from the logits ``W_r x``), keeping
+the ``k`` largest probabilities per token (not renormalised, so a gate still says how sure the router is).
 
 ``grouped_balance_loss``: a Switch-Transformer load-balancing loss computed *within groups of
 experts* (FRAME groups experts by their fractional order). With ``f_e`` the fraction of the
@@ -25,16 +25,13 @@ ever seeing ``aux``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["grouped_balance_loss", "top_k_gates", "with_aux_gradient"]
 
 
-def top_k_gates(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(probs [T, E], gates [T, E])`` for tokens ``x [T, d_in]``: the softmax over
-    ``x W_r^T`` (in float32 at least) and the same with all but each token's ``top_k`` entries
-    zeroed."""
-    logits = F.linear(x, router_weight.to(x.dtype))
+def top_k_gates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs [T, E], gates [T, E])`` from router logits ``[T, E]``: the softmax (in float32
+    at least) and the same with all but each token's ``top_k`` entries zeroed."""
     probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
     if top_k >= probs.shape[-1]:
         return probs, probs
