@@ -73,3 +73,7 @@ if __name__ == "__main__":
     trainer.fit(model, loader())
     trainer.test(model, loader())
     (OUT / f"rank{trainer.global_rank}.json").write_text(json.dumps(callback.results, default=str))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ddp_exit import finish_distributed
+
+    finish_distributed()

@@ -130,3 +130,7 @@ def main(out: Path, strategy_name: str = "ddp") -> None:
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "ddp")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ddp_exit import finish_distributed
+
+    finish_distributed()

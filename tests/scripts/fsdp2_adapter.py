@@ -138,3 +138,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ddp_exit import finish_distributed
+
+    finish_distributed()
