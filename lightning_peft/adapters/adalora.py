@@ -35,11 +35,9 @@ import torch
 from torch import nn
 
 from lightning_peft.adapters.base import (
-    AdapterLayer,
     AdapterSpec,
-    add_to_weight,
+    LinearAdapterLayer,
     check_positive,
-    restore_weight,
 )
 from lightning_peft.adapters.kernels.lora import lora_forward
 from lightning_peft.allocation.adalora import cubic_budget
@@ -55,7 +53,7 @@ from lightning_peft.validation import (
 UNDRIVEN_FORWARDS = 200
 
 
-class AdaLoRALinear(AdapterLayer):
+class AdaLoRALinear(LinearAdapterLayer):
     """A frozen ``nn.Linear`` plus AdaLoRA factors ``lora_A [R, d_in]``, ``lora_E [R, 1]``,
     ``lora_B [d_out, R]`` and the ``rank_mask [1, R]`` buffer (peft's parameter names)."""
 
@@ -80,21 +78,8 @@ class AdaLoRALinear(AdapterLayer):
         self.lora_B = nn.Parameter(torch.randn(base_layer.out_features, init_rank, **kw) * 0.02)
         self.register_buffer("rank_mask", torch.ones(1, init_rank, dtype=torch.bool, device=w.device))
         self.spec = spec if spec is not None else AdaLoRA(init_rank=init_rank, target_rank=init_rank, alpha=alpha)
-        self._original: torch.Tensor | None = None
         self._undriven = 0
         self._warned = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def base_shape(self) -> list[int] | None:
-        return [self.out_features, self.in_features]
 
     @property
     def rank(self) -> int:
@@ -132,21 +117,6 @@ class AdaLoRALinear(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.lora_B.detach().float() @ self.scaled_a().detach().float())
-
-    @torch.no_grad()
-    def merge(self, keep_original: bool = True) -> None:
-        if self.merged:
-            return
-        self._original = add_to_weight(self.base_layer.weight, self.delta_weight(), keep_original)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        restore_weight(self.base_layer.weight, self._original, self.delta_weight)
-        self._original = None
-        self.merged = False
 
     def peft_metadata(self) -> dict[str, Any]:
         return {"rank": self.rank, "init_rank": self.init_rank, "alpha": self.alpha}

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, add_to_weight, check_positive, restore_weight
+from lightning_peft.adapters.base import AdapterSpec, LinearAdapterLayer, check_positive
 from lightning_peft.validation import InvalidArgumentError, check_bool, check_choice, check_float, check_int
 
 __all__ = [
@@ -77,7 +77,7 @@ def bernoulli_kl(logit: torch.Tensor, prior: float) -> torch.Tensor:
     return pi * (log_pi - math.log(prior)) + (1 - pi) * (log_not_pi - math.log1p(-prior))
 
 
-class BaRALinear(AdapterLayer):
+class BaRALinear(LinearAdapterLayer):
     """A frozen ``nn.Linear`` plus ``lora_A [R, d_in]``, ``lora_B [d_out, R]``, ``gate_logit [R]``
     and, with a local gate, ``gate_weight [R, R]`` and ``gate_bias [R]`` (see module docstring)."""
 
@@ -98,20 +98,7 @@ class BaRALinear(AdapterLayer):
         self.monte_carlo = False  # set by monte_carlo(): eval draws one sample like training
         self._undriven = 0
         self._warned = False
-        self._original: torch.Tensor | None = None
         self.reset_rank_stats()
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def base_shape(self) -> list[int] | None:
-        return [self.out_features, self.in_features]
 
     # --- gates ------------------------------------------------------------------------------
     def expected_gate(self) -> torch.Tensor:
@@ -224,16 +211,7 @@ class BaRALinear(AdapterLayer):
                 f"({self.spec.samples} concrete draws), so merged outputs equal the expected-gate evaluation, not the sampled one.",
                 stacklevel=2,
             )
-        self._original = add_to_weight(self.base_layer.weight, self.delta_weight(), keep_original)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        restore_weight(self.base_layer.weight, self._original, self.delta_weight)
-        self._original = None
-        self.merged = False
+        super().merge(keep_original)
 
     def peft_metadata(self) -> dict[str, Any]:
         return {"max_rank": self.max_rank, "alpha": self.spec.alpha, "local_gate": self.spec.local_gate}

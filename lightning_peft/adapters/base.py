@@ -13,6 +13,9 @@ here, with a default where one makes sense, so callers never probe with ``hasatt
   ``num_trainable``, ``peft_metadata``, ``peft_scaling``, ``peft_config_entry``, ``peft_state_dict``,
   ``from_peft_state_dict``.
 
+* ``LinearAdapterLayer``: an ``AdapterLayer`` on an ``nn.Linear`` whose update is one dense
+  ``delta_weight()``: ``in_features``, ``out_features``, ``base_shape`` and exact merging by it.
+
 A new adapter is one file with a subclass of each (or of the spec only, for an adapter that
 changes the base in place, as BitFit) plus one line in ``registry._BUILTIN``. Pure torch.
 """
@@ -262,6 +265,44 @@ class AdapterLayer(nn.Module):
         """Inverse of ``peft_state_dict``: ``adapter_state_dict`` keys from peft-layout tensors
         and this layer's saved metadata ``entry`` (what ``peft_metadata`` returned)."""
         return tensors
+
+
+class LinearAdapterLayer(AdapterLayer):
+    """An adapter on an ``nn.Linear`` ``base_layer`` whose update is one dense
+    ``delta_weight() [out_features, in_features]`` (fp32): the shape properties, and merging by
+    adding that delta (``unmerge`` restores the kept original bit for bit, or subtracts it)."""
+
+    _original: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def base_shape(self) -> list[int] | None:
+        return [self.out_features, self.in_features]
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, keep_original: bool = True) -> None:
+        if self.merged:
+            return
+        self._original = add_to_weight(self.base_layer.weight, self.delta_weight(), keep_original)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        restore_weight(self.base_layer.weight, self._original, self.delta_weight)
+        self._original = None
+        self.merged = False
 
 
 @torch.no_grad()

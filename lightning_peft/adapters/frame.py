@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.adapters.base import AdapterLayer, AdapterSpec, check_positive
+from lightning_peft.adapters.base import AdapterSpec, LinearAdapterLayer, check_positive
 from lightning_peft.adapters.kernels.frft import fractional_lowrank_factors
 from lightning_peft.adapters.kernels.mixture import gated_mixture, router_logits
 from lightning_peft.adapters.kernels.routing import grouped_balance_loss, top_k_gates, with_aux_gradient
@@ -59,7 +59,7 @@ MERGE_REFUSAL = (
 )
 
 
-class FRAMELinear(AdapterLayer):
+class FRAMELinear(LinearAdapterLayer):
     """A frozen ``nn.Linear`` plus ``E`` fractional-domain low-rank experts and a router.
 
     Tensors: ``lora_A [E, r, d_in]``, ``lora_B [E, d_out, r]``, ``router.weight [E, d_in]``,
@@ -92,18 +92,6 @@ class FRAMELinear(AdapterLayer):
         #: multiplies ``balance_coef`` in backward; FRAMECallback sets ``1 / accumulate_grad_batches``
         #: (Lightning divides the loss by it, the balance term must follow)
         self.balance_grad_scale = 1.0
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def base_shape(self) -> list[int] | None:
-        return [self.out_features, self.in_features]
 
     def project_orders(self) -> None:
         """Put trained orders back into ``order_range`` (projected gradient descent; through
