@@ -50,6 +50,7 @@ from lightning_peft.adapters.dtypes import DTYPES as _DTYPES
 from lightning_peft.adapters.rank_ops import full_tensor
 from lightning_peft.callbacks.adapter import AtomicCheckpointIO
 from lightning_peft.io import state_mismatch
+from lightning_peft.shard_record import check_shard_record
 from lightning_peft.state_swap import tensors_swapped_in
 from lightning_peft.targeting import trainable_state_keys
 from lightning_peft.validation import (
@@ -344,6 +345,19 @@ class AdapterFSDP2Strategy(ModelParallelStrategy):
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
         assert self.model is not None
+        if not optimizer.state:
+            # before the first step there is nothing to gather, and get_optimizer_state_dict would
+            # initialise the state by stepping with zero gradients: Adam's step counter would then
+            # start at 1 and change every later update (bias correction)
+            groups = [
+                {**{k: v for k, v in g.items() if k != "params"}, "params": [], "param_names": fqns}
+                for g, fqns in zip(optimizer.param_groups, self._optimizer_fqns(optimizer))
+            ]
+            start = 0
+            for group in groups:
+                group["params"] = list(range(start, start + len(group["param_names"])))
+                start += len(group["param_names"])
+            return {"state": {}, "param_groups": groups}
         full = get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if "param_groups" not in full:  # with cpu_offload only rank 0 receives the gathered state
             return {}
@@ -426,6 +440,9 @@ class AdapterFSDP2Strategy(ModelParallelStrategy):
                 "trainer.fit(..., ckpt_path=..., weights_only=False) (CLI: --weights_only false); that runs code "
                 f"from the file. ({error})"
             ) from error
+        # the file holds every rank's shard of every tensor (when it was written with a shard
+        # record), checked before anything is copied: a partial save would silently reset the rest
+        check_shard_record(checkpoint, f"checkpoint {str(path)!r}")
         self._load_module_state(checkpoint["state_dict"])
         if self.lightning_module is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
             saved = checkpoint.get("optimizer_states", [])

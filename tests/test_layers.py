@@ -41,6 +41,7 @@ RANKS: dict[str, int] = {
             "hyperparameters",
             "io",
             "io_checks",
+            "shard_record",
             "memory",
             "checkpointing",
             "metrics",

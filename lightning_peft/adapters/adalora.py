@@ -40,6 +40,7 @@ from lightning_peft.adapters.base import (
     check_positive,
 )
 from lightning_peft.adapters.kernels.lora import lora_forward
+from lightning_peft.adapters.rank_ops import full_tensor
 from lightning_peft.allocation.adalora import cubic_budget
 from lightning_peft.allocation.rank_ops import drop_slots, effective_parameters, masked
 from lightning_peft.validation import (
@@ -214,6 +215,15 @@ def adalora_layers(model: nn.Module) -> dict[str, AdaLoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, AdaLoRALinear)}
 
 
+def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) on ``param``'s device, sharded like ``param`` when that is a
+    DTensor (FSDP2), so the importance statistics combine with its gradients."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    value = value.to(param.device)
+    return distribute_tensor(value, param.device_mesh, param.placements) if isinstance(param, DTensor) else value
+
+
 class AdaLoRAAllocator:
     """AdaLoRA's per-step update over all ``AdaLoRALinear`` layers of ``model`` (pure torch).
 
@@ -291,8 +301,10 @@ class AdaLoRAAllocator:
                 mask = layer.rank_mask[0]
                 if not mask.any():
                     continue
-                q = layer.lora_A[mask]
-                p = layer.lora_B[:, mask]
+                # FSDP2 shards the factors: the regulariser needs whole matrices; full_tensor is
+                # differentiable, so each rank's gradient comes back as its shard
+                q = full_tensor(layer.lora_A)[mask]
+                p = full_tensor(layer.lora_B)[:, mask]
                 eye = torch.eye(int(mask.sum()), device=q.device, dtype=torch.float32)
                 term = torch.linalg.matrix_norm(q.float() @ q.float().t() - eye) + torch.linalg.matrix_norm(p.float().t() @ p.float() - eye)
                 terms.append(term)
@@ -321,7 +333,7 @@ class AdaLoRAAllocator:
             if any(k not in self.ipt for k in keys):
                 out[name] = torch.zeros(layer.init_rank)
                 continue
-            s = {k: (self.ipt[k] * self.unc[k]).cpu() for k in keys}
+            s = {k: full_tensor(self.ipt[k] * self.unc[k]).cpu() for k in keys}  # all-gathered under FSDP2
             out[name] = s[keys[1]].flatten() + s[keys[0]].mean(dim=1) + s[keys[2]].mean(dim=0)
         return out
 
@@ -356,15 +368,16 @@ class AdaLoRAAllocator:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "ipt": {k: v.cpu() for k, v in self.ipt.items()},
-            "unc": {k: v.cpu() for k, v in self.unc.items()},
+            # whole tensors (FSDP2 shards gathered: every rank calls this), loadable at any world size
+            "ipt": {k: full_tensor(v).cpu() for k, v in self.ipt.items()},
+            "unc": {k: full_tensor(v).cpu() for k, v in self.unc.items()},
             "last_allocation": self.last_allocation,
             "total_steps": self.total_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        device = next(iter(self.layers.values())).lora_A.device
-        self.ipt = {k: v.to(device) for k, v in state["ipt"].items()}
-        self.unc = {k: v.to(device) for k, v in state["unc"].items()}
+        params = {f"{name}.{key}": getattr(layer, key) for name, layer in self.layers.items() for key in ("lora_A", "lora_E", "lora_B")}
+        self.ipt = {k: _like(params[k], v) for k, v in state["ipt"].items()}
+        self.unc = {k: _like(params[k], v) for k, v in state["unc"].items()}
         self.last_allocation = int(state["last_allocation"])
         self.total_steps = int(state["total_steps"])

@@ -29,6 +29,7 @@ from lightning_peft.gradient_check import gradient_flags, silent_layers_message
 from lightning_peft.hyperparameters import heavy_hyperparameters
 from lightning_peft.io import adapter_layers, atomic_write_file, merge_adapter, save_adapter, state_mismatch, unmerge_adapter
 from lightning_peft.safe_load import load_checkpoint_tensors
+from lightning_peft.shard_record import RECORD_KEY, build_record, check_shard_record, gather_shards, local_shards, shard_problems
 from lightning_peft.state_swap import tensors_swapped_in
 from lightning_peft.targeting import (
     AdapterReport,
@@ -226,6 +227,7 @@ class AdapterCallback(Callback):
         """The checkpoint's callback state matches this adapter and it holds every trainable
         tensor in the model's shape. Runs from the module's ``on_load_checkpoint``, i.e. before
         any tensor is loaded and before Lightning restores callback state."""
+        check_shard_record(checkpoint, "checkpoint")  # every rank's shard is in it (before anything changes)
         if any(isinstance(m, AdapterLayer) and m.merged for m in pl_module.modules()):
             unmerge_adapter(pl_module)  # checkpoints hold unmerged tensors (e.g. testing "best" after merge_on_fit_end)
         state = checkpoint.get("callbacks", {}).get(self.state_key)
@@ -303,6 +305,36 @@ class AdapterCallback(Callback):
         if self.adapter_only_checkpoints and "state_dict" in checkpoint:
             keep = set(trainable_state_keys(pl_module))
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        self._record_shards(trainer, pl_module, checkpoint)
+
+    def _record_shards(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Every rank digests its part of each saved tensor and of its optimizer state (a FSDP2
+        shard, a DDP replica); rank 0 checks the gathered tensors about to be written against
+        them, and the record goes into the checkpoint for the check at load
+        (``lightning_peft.shard_record``). Collective: Lightning dumps checkpoints on every rank.
+        Raises on every rank, before anything is written, if a part is missing or differs."""
+        if "state_dict" not in checkpoint:
+            return
+        live_state = pl_module.state_dict(keep_vars=True)
+        live = {("state_dict", k): live_state[k] for k in sorted(checkpoint["state_dict"]) if isinstance(live_state.get(k), torch.Tensor)}
+        for i, optimizer in enumerate(trainer.optimizers if "optimizer_states" in checkpoint else []):
+            optimizer = getattr(optimizer, "_optimizer", optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]  # the saved state's indices
+            for j, param in enumerate(params):
+                for key, value in optimizer.state.get(param, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        live[(f"optimizer_states.{i}", f"{j}.{key}")] = value
+        record, problems = build_record(gather_shards(local_shards(live)))
+        if trainer.is_global_zero:  # the rank that writes holds the gathered tensors
+            problems += shard_problems(checkpoint, record)
+        problems = trainer.strategy.broadcast(problems)
+        if problems:
+            raise RuntimeError(
+                f"lightning-peft: the checkpoint being saved does not hold every rank's part of its tensors ({len(problems)} "
+                f"problem(s), e.g. {'; '.join(problems[:3])}); it was not written. The strategy's gather lost or changed some "
+                "rank's shards (or the ranks' replicas diverged): report this with the strategy and world size."
+            )
+        checkpoint[RECORD_KEY] = record
 
     def _keep_changed_buffers(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Persistent buffers that changed since injection (beyond the running statistics kept
