@@ -203,6 +203,11 @@ def test_two_nodes_take_the_same_rank_decisions(chain: Path, strategy: str) -> N
     assert masks and masks == node1["adalora_masks"]
     assert sum(map(sum, masks.values())) < 4 * len(masks)
     assert node0["digest"] == node1["digest"]
+    # a checkpoint of that run holds AdaLoRA's importance statistics whole (not DTensor shards)
+    checkpoint = torch.load(chain / "n2t" / f"experts_{strategy}.ckpt", weights_only=True)
+    statistics = next(v for k, v in checkpoint["callbacks"].items() if "AdaLoRACallback" in k)
+    shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+    assert statistics["ipt"] and all(type(v) is torch.Tensor and tuple(v.shape) == shapes[k] for k, v in statistics["ipt"].items())
 
 
 # ------------------------------------------------------------------------------------------

@@ -118,6 +118,8 @@ class Recorder(Callback):
         self.optimizer_at_start: dict[str, Any] = {}
 
     def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        # gathering the optimizer state before the first step is what a checkpoint at step 0
+        # does; under FSDP2 it must not touch the optimizer (the losses are compared with DDP's)
         self.at_start = trainable(pl_module)
         optimizer = trainer.optimizers[0]
         state = trainer.strategy.optimizer_state(optimizer)  # gathered (collective under FSDP2); may alias the live state
@@ -188,6 +190,7 @@ def job_experts(report: dict) -> None:
         adapter = AdapterCallback([ExpertLoRA(rank=2, max_rank=4), adalora])
         trainer = make_trainer(name, [adapter, epng], max_steps=6, enable_checkpointing=False)
         trainer.fit(module, train_dataloaders=token_loader(n=8 * 6, batch_size=8 // WORLD))
+        trainer.save_checkpoint(HERE / f"experts_{name}.ckpt")  # AdaLoRA's statistics gathered whole (collective)
         state = trainable(module)
         report[f"experts_{name}"] = {
             "epng_history": epng.history,
