@@ -227,6 +227,7 @@ def test_resume_on_another_world_size(chain: Path, source: str, resumed_in: str,
     assert result[0]["optimizer_differences"] == [] and result[0]["optimizer_tensors"] == 3 * 26  # step, exp_avg, exp_avg_sq
     # the checkpoint was the uninterrupted run's state after step 2
     checkpoint = torch.load(chain / source / strategy / "epoch=0.ckpt", weights_only=True)
+    assert checkpoint["lightning_peft_shards"]["world_size"] == len(uninterrupted)
     at_step_2 = torch.load(chain / source / f"{strategy}_trainable.pt")[2]
     assert all(torch.equal(checkpoint["state_dict"][k], at_step_2[k]) for k in at_step_2)
     # steps 3 and 4 continue the uninterrupted run: same global-batch losses, same weights
