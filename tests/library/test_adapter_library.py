@@ -311,3 +311,15 @@ def test_removing_an_entry_a_combination_uses_is_refused(small: dict) -> None:
     assert not any(isinstance(m, LoRALinear) for m in small["base"].modules())
     index = json.loads((small["root"] / "index.json").read_text())
     assert sorted(index["entries"]) == ["only0"] and len(list((small["root"] / "adapters").iterdir())) == 1
+
+
+def test_a_crafted_index_is_refused_on_open(small: dict) -> None:
+    index_path = small["root"] / "index.json"
+    index = json.loads(index_path.read_text())
+    index["entries"]["a"]["file"] = "../../outside"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="points outside the library"):
+        AdapterLibrary(small["root"])
+    index_path.write_text("{not json")
+    with pytest.raises(ValueError, match="index .* is damaged"):
+        AdapterLibrary(small["root"])
