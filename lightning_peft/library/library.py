@@ -477,7 +477,7 @@ class AdapterLibrary:
         adapter ``adapter_names[n]`` (``None``: the plain base); the batch is dim 0 of each
         layer's input (``[N, ..., d_in]``). The named adapters must be pure LoRA entries (or
         combinations) adapting the same modules (ranks may differ). On exit the previously
-        active entry is back."""
+        active entry is back (an unsaved :meth:`combine` is not: the plain base is)."""
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
             raise ValueError(f"adapter_names must be a non-empty list with one entry name (or None) per sample, got {adapter_names!r}")
         distinct = list(dict.fromkeys(n for n in adapter_names if n is not None))
