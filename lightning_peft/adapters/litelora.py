@@ -13,7 +13,8 @@ frozen linear ``W0 [d_out, d_in]`` (bias ``b``) computes::
   bank from it), so checkpoints and exports carry only what trains;
 * the **coefficients** ``c [k]`` (trainable, start at ``coefficient_init``): one vector per module
   (``coefficients="per_module"``) or one shared by every module (``"global"``);
-* the **new adapter** ``A [r, d_in]`` (Kaiming-uniform), ``B [d_out, r]`` (zero), ``s = alpha / r``;
+* the **new adapter** ``A [r, d_in]`` (Kaiming-uniform), ``B [d_out, r]`` (zero), ``s = alpha / r``
+  (``r`` per module with ``rank_pattern``);
 * the **gate** ``gamma``: a hard-concrete variable (Louizos et al. 2018) with trainable ``log_alpha``,
   temperature ``beta`` and stretch limits ``(l, h) = (stretch_low, stretch_high)``::
 
@@ -43,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.adapters.base import AdapterSpec, LinearAdapterLayer, check_positive
-from lightning_peft.validation import InvalidArgumentError, check_bool, check_choice, check_float
+from lightning_peft.adapters.base import AdapterSpec, LinearAdapterLayer, check_positive, first_match
+from lightning_peft.validation import InvalidArgumentError, check_bool, check_choice, check_float, check_int, check_mapping
 
 __all__ = ["BankFactors", "HardConcreteGate", "LiteLoRA", "LiteLoRALinear", "litelora_gates", "litelora_layers"]
 
@@ -107,16 +108,24 @@ class LiteLoRALinear(LinearAdapterLayer):
     the gate is absent and ``gamma = 1`` (the first task when ``LiteLoRA.gate_first_task`` is off).
     """
 
-    def __init__(self, base_layer: nn.Linear, spec: LiteLoRA, bank: Sequence[BankFactors | None] = (), fixed_gate: bool = False) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        spec: LiteLoRA,
+        bank: Sequence[BankFactors | None] = (),
+        fixed_gate: bool = False,
+        rank: int | None = None,
+    ) -> None:
         super().__init__()
         self.base_layer, self.spec = base_layer, spec
         w = base_layer.weight
         kw = {"device": w.device, "dtype": w.dtype if w.is_floating_point() else torch.float32}
         d_out, d_in = base_layer.out_features, base_layer.in_features
-        self.rank, self.scale, self.dropout = spec.rank, spec.alpha / spec.rank, spec.dropout
-        self.lora_A = nn.Parameter(torch.empty(spec.rank, d_in, **kw))
+        rank = spec.rank if rank is None else rank
+        self.rank, self.scale, self.dropout = rank, spec.alpha / rank, spec.dropout
+        self.lora_A = nn.Parameter(torch.empty(rank, d_in, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, spec.rank, **kw))  # starts equal to base + bank
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank, **kw))  # starts equal to base + bank
         self.num_bank = len(bank)
         a_parts, b_parts, owner, scales = [], [], [], []
         for i, factors in enumerate(bank):
@@ -207,6 +216,8 @@ class LiteLoRA(AdapterSpec):
         gate_threshold: ``E[gamma]`` below it after training means reuse (drop the new adapter), in ``(0, 1)``.
         gate_first_task: gate the first task too; ``False`` (default) fixes ``gamma = 1`` while the
             bank is empty (nothing to reuse: the first adapter is always recruited).
+        rank_pattern: per-module ranks, ``{name pattern: rank}`` (as ``LoRA``; e.g. a 2-way head
+            takes at most rank 2).
     """
 
     kind = "litelora"
@@ -229,6 +240,7 @@ class LiteLoRA(AdapterSpec):
         l0_weight: float = 0.01,
         gate_threshold: float = 0.1,
         gate_first_task: bool = False,
+        rank_pattern: dict[str, int] | None = None,
     ) -> None:
         super().__init__(target_modules, exclude_modules, module_path)
         check_positive("rank", rank, int)
@@ -244,11 +256,13 @@ class LiteLoRA(AdapterSpec):
         check_float("l0_weight", l0_weight, low=0.0)
         check_float("gate_threshold", gate_threshold, 0.0, 1.0, low_open=True, high_open=True)
         check_bool("gate_first_task", gate_first_task)
+        check_mapping("rank_pattern", rank_pattern, lambda key, v: check_int(key, v, low=1))
         self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
         self.coefficients, self.coefficient_init, self.gate_scope = coefficients, float(coefficient_init), gate_scope
         self.log_alpha_init, self.temperature = float(log_alpha_init), float(temperature)
         self.stretch_low, self.stretch_high = float(stretch_low), float(stretch_high)
         self.l0_weight, self.gate_threshold, self.gate_first_task = float(l0_weight), float(gate_threshold), gate_first_task
+        self.rank_pattern = dict(rank_pattern or {})
         # set by with_bank (never by a file): module name -> k bank entries; bank_names: the k adapters
         self.bank: dict[str, list[BankFactors | None]] = {}
         self.bank_names: list[str] = []
@@ -265,22 +279,26 @@ class LiteLoRA(AdapterSpec):
         spec.bank_names, spec.bank = names, {m: list(e) for m, e in bank.items()}
         return spec
 
+    def rank_for(self, name: str) -> int:
+        key = first_match(name, self.rank_pattern)
+        return self.rank if key is None else self.rank_pattern[key]
+
     def check(self, name: str, module: nn.Module) -> None:
         if not isinstance(module, nn.Linear):
             raise TypeError(f"LiteLoRA cannot adapt {name!r}: it is a {type(module).__name__}, not an nn.Linear")
-        limit = min(module.in_features, module.out_features)
-        if self.rank > limit:
+        rank, limit = self.rank_for(name), min(module.in_features, module.out_features)
+        if rank > limit:
             raise InvalidArgumentError(
                 "rank",
-                f"rank {self.rank} is larger than {name!r} allows: min(in_features={module.in_features}, "
-                f"out_features={module.out_features}) = {limit}. Use rank <= {limit} or exclude the module.",
+                f"rank {rank} is larger than {name!r} allows: min(in_features={module.in_features}, "
+                f"out_features={module.out_features}) = {limit}. Use rank <= {limit} (or a rank_pattern entry) or exclude the module.",
             )
 
     def wrap(self, name: str, module: nn.Module) -> nn.Module:
         self.check(name, module)
         bank = self.bank.get(name, [None] * len(self.bank_names))
         fixed = not self.bank_names and not self.gate_first_task
-        return LiteLoRALinear(module, self, bank=bank, fixed_gate=fixed)  # type: ignore[arg-type]
+        return LiteLoRALinear(module, self, bank=bank, fixed_gate=fixed, rank=self.rank_for(name))  # type: ignore[arg-type]
 
     def attach(self, model: nn.Module, layers: dict[str, nn.Module]) -> list[object]:
         """Tie what ``"global"`` shares: one coefficient vector and/or one gate for every layer; a

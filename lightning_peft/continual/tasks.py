@@ -142,7 +142,9 @@ def _export_new_factors(model: nn.Module, layers: dict[str, LiteLoRALinear], kee
     plain = copy.deepcopy(model)
     remove_adapter(plain)
     spec = next(iter(layers.values())).spec
-    apply_adapter(plain, LoRA(rank=spec.rank, alpha=spec.alpha, target_modules=["re:" + re.escape(m) for m in keep]), check_gradients=False)
+    pinned = {"re:" + re.escape(m): layers[m].rank for m in keep}
+    lora = LoRA(rank=spec.rank, alpha=spec.alpha, target_modules=list(pinned), rank_pattern=pinned)
+    apply_adapter(plain, lora, check_gradients=False)
     size = 0
     with torch.no_grad():
         for module in keep:

@@ -156,13 +156,13 @@ def test_l0_and_expected_gate_match_sampling(log_alpha, temperature):
         samples = torch.stack([gate.draw() for _ in range(n)])
     open_fraction = float((samples > 0).float().mean())
     want_l0 = 1 / (1 + math.exp(-(log_alpha - temperature * math.log(0.1 / 1.1))))
-    assert float(gate.open_probability()) == pytest.approx(want_l0, rel=1e-6)
+    assert float(gate.open_probability().detach()) == pytest.approx(want_l0, rel=1e-6)
     se = math.sqrt(want_l0 * (1 - want_l0) / n)
     assert abs(open_fraction - want_l0) < 5 * se + 1e-4
     mean, spread = float(samples.mean()), float(samples.std())
-    assert abs(float(gate.expected()) - mean) < 5 * spread / math.sqrt(n) + 1e-4
-    assert 0.0 <= float(gate.deterministic()) <= 1.0
-    assert float(gate.deterministic()) == pytest.approx(min(1, max(0, 1.2 / (1 + math.exp(-log_alpha)) - 0.1)), rel=1e-6)
+    assert abs(float(gate.expected().detach()) - mean) < 5 * spread / math.sqrt(n) + 1e-4
+    assert 0.0 <= float(gate.deterministic().detach()) <= 1.0
+    assert float(gate.deterministic().detach()) == pytest.approx(min(1, max(0, 1.2 / (1 + math.exp(-log_alpha)) - 0.1)), rel=1e-6)
     gate.open_probability().backward()
     assert float(gate.log_alpha.grad) > 0  # the L0 penalty pushes log_alpha down
 
