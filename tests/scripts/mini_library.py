@@ -35,7 +35,8 @@ class MiniLibrary:
             raise ValueError(f"entry {name!r} exists")
         model = copy.deepcopy(self._plain)
         load_adapter(model, source)
-        factors = {n: (l.lora_A.weight.detach().clone(), l.lora_B.weight.detach().clone(), float(l.scale)) for n, l in adapter_layers(model).items()}
+        layers = adapter_layers(model)
+        factors = {n: (l.lora_A.weight.detach().clone(), l.lora_B.weight.detach().clone(), float(l.scale)) for n, l in layers.items()}
         self._entries[name] = ("adapter", factors)
         return {}
 
@@ -74,9 +75,8 @@ class MiniLibrary:
                 per_module.setdefault(module, []).append((a, scale * s * b))
         if per_module:
             ranks = {"re:" + m.replace(".", r"\."): sum(a.shape[0] for a, _ in f) for m, f in per_module.items()}
-            apply_adapter(
-                self.model, LoRA(target_modules=list(ranks), rank_pattern=ranks, alpha_pattern={k: float(v) for k, v in ranks.items()}), check_gradients=False
-            )
+            alphas = {k: float(v) for k, v in ranks.items()}  # scale 1: the weights are folded into B
+            apply_adapter(self.model, LoRA(target_modules=list(ranks), rank_pattern=ranks, alpha_pattern=alphas), check_gradients=False)
             with torch.no_grad():
                 for module, factors in per_module.items():
                     layer = self.model.get_submodule(module)
