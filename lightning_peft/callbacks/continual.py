@@ -124,11 +124,16 @@ class ContinualAdapterCallback(Callback):
         root = Path(self.library_dir)
         return root if root.is_absolute() else Path(trainer.log_dir or trainer.default_root_dir) / root
 
+    @staticmethod
+    def _open_library(root: Path, base: torch.nn.Module) -> Any:
+        from lightning_peft.library import AdapterLibrary
+
+        return AdapterLibrary(root, base=base)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.library is not None:
             return
         from lightning_peft.callbacks.adapter import AdapterCallback
-        from lightning_peft.library import AdapterLibrary
 
         if any(isinstance(c, AdapterCallback) for c in trainer.callbacks):
             raise ValueError("ContinualAdapterCallback injects its own adapters: remove AdapterCallback from the trainer's callbacks")
@@ -137,7 +142,7 @@ class ContinualAdapterCallback(Callback):
         datamodule = self._continual_datamodule(trainer)
         base = pl_module.get_submodule(self.base_module) if self.base_module else pl_module
         self._check_label_spaces(datamodule, pl_module)
-        library = AdapterLibrary(self._library_root(trainer), base=base)  # another base: refused here
+        library = self._open_library(self._library_root(trainer), base)  # another base: refused here
         clashes = [n for name in datamodule.task_names for n in (name, f"{name}_adapter") if n in library]
         if clashes:
             root = self._library_root(trainer)
