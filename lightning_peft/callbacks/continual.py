@@ -142,10 +142,12 @@ class ContinualAdapterCallback(Callback):
         datamodule = self._continual_datamodule(trainer)
         base = pl_module.get_submodule(self.base_module) if self.base_module else pl_module
         self._check_label_spaces(datamodule, pl_module)
-        library = self._open_library(self._library_root(trainer), base)  # another base: refused here
+        root = self._library_root(trainer)
+        if self.bank and not root.exists():
+            raise ValueError(f"bank names entries {self.bank} but there is no library at {root}: set library_dir to an existing library")
+        library = self._open_library(root, base)  # another base: refused here
         clashes = [n for name in datamodule.task_names for n in (name, f"{name}_adapter") if n in library]
         if clashes:
-            root = self._library_root(trainer)
             raise ValueError(f"the library at {root} already has entries {clashes}; rename the tasks or use another library_dir")
         known = adapter_entries(library)
         unknown = [n for n in (self.bank or []) if n not in known]

@@ -68,19 +68,21 @@ class MiniLibrary:
         self.deactivate()
         kind, value = self._entries[name]
         weights = {name: 1.0} if kind == "adapter" else value
-        per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        deltas: dict[str, torch.Tensor] = {}  # module -> sum_i w_i s_i B_i A_i (dense, exact)
         for entry, w in weights.items():
             for module, (a, b, s) in self.lora_factors(entry).items():
                 scale = w.get(module, 0.0) if isinstance(w, dict) else w
-                per_module.setdefault(module, []).append((a, scale * s * b))
-        if per_module:
-            ranks = {"re:" + m.replace(".", r"\."): sum(a.shape[0] for a, _ in f) for m, f in per_module.items()}
-            alphas = {k: float(v) for k, v in ranks.items()}  # scale 1: the weights are folded into B
+                deltas[module] = deltas.get(module, 0) + scale * s * (b.double() @ a.double())
+        if deltas:
+            # factor each delta at rank min(d_in, d_out) (exact): several adapters' ranks may sum past it
+            ranks = {"re:" + m.replace(".", r"\."): min(d.shape) for m, d in deltas.items()}
+            alphas = {k: float(v) for k, v in ranks.items()}  # scale 1
             apply_adapter(self.model, LoRA(target_modules=list(ranks), rank_pattern=ranks, alpha_pattern=alphas), check_gradients=False)
             with torch.no_grad():
-                for module, factors in per_module.items():
+                for module, delta in deltas.items():
+                    u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
                     layer = self.model.get_submodule(module)
-                    layer.lora_A.weight.copy_(torch.cat([a for a, _ in factors], 0))
-                    layer.lora_B.weight.copy_(torch.cat([b for _, b in factors], 1))
+                    layer.lora_A.weight.copy_(vh)
+                    layer.lora_B.weight.copy_(u * sv)
         self.active = name
         return self.model
