@@ -17,15 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_peft import AdapterCallback, ContinualAdapterCallback, LiteLoRA, LoRA
 from lightning_peft.adapters.litelora import litelora_gates
 from lightning_peft.datamodules import ContinualDataModule
-from tests.scripts.mini_library import MiniLibrary
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUIET = ".*(val_dataloader|LeafSpec|does not have many workers|num_workers|GPU available|TPU available|HPU available|log_every_n_steps).*"
-
-
-@pytest.fixture(autouse=True)
-def _library(monkeypatch):
-    monkeypatch.setattr(ContinualAdapterCallback, "_open_library", staticmethod(lambda root, base: MiniLibrary(root, base)))
 
 
 class Classifier(pl.LightningModule):
