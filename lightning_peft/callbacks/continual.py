@@ -193,7 +193,7 @@ class ContinualAdapterCallback(Callback):
         if gates and trainer.logger is not None:
             with torch.no_grad():
                 expected = sum(float(g.expected()) for g in gates) / len(gates)
-            pl_module.log_dict({"litelora/gate": expected, "litelora/l0": float(penalty)}, on_step=True, on_epoch=False)
+            pl_module.log_dict({"litelora/gate": expected, "litelora/l0": float(penalty.detach())}, on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.current is not None:

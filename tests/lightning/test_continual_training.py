@@ -186,3 +186,25 @@ def test_datamodule_and_callback_arguments_are_checked():
         ContinualAdapterCallback(spec(), eval_split="train")
     with pytest.raises(ValueError, match="file name"):
         ContinualAdapterCallback(spec(), results_file="../x.json")
+
+
+@pytest.mark.filterwarnings(f"ignore:{QUIET}")
+def test_digits_config_runs_two_tasks_from_the_cli(tmp_path, monkeypatch):
+    from lightning_peft.cli import cli_main
+    from lightning_peft.library import AdapterLibrary
+
+    monkeypatch.setattr("sys.argv", ["lightning-peft"])
+    monkeypatch.chdir(tmp_path)
+    fast = ["--trainer.max_steps=4", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    fast.append("--data.init_args.epochs_per_task=1")  # 2 steps per task: two tasks, one switch
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    cli = cli_main(["fit", "--config", str(CONFIGS / "continual_digits.yaml"), *fast, *quiet])
+    assert cli.trainer.global_step == 4
+    log_dir = Path(cli.trainer.log_dir)
+    assert log_dir.resolve().is_relative_to(tmp_path.resolve())
+    results = json.loads((log_dir / "continual.json").read_text())
+    assert results["tasks"] == ["digits_0_1", "digits_2_3"] and [len(r) for r in results["accuracy"]] == [1, 2]
+    assert results["decisions"][0]["recruited"] and results["decisions"][1]["bank"] == ["digits_0_1_adapter"]
+    library = AdapterLibrary(log_dir / "library")  # on disk, readable without the base
+    assert {"digits_0_1", "digits_2_3", "digits_0_1_adapter"} <= set(library.names)
+    assert cli.test_results is None  # the callback evaluates every task itself; the datamodule has no test split
