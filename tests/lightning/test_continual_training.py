@@ -137,6 +137,28 @@ def test_the_l0_gradient_reaches_the_gate_once_per_step(tmp_path):
 
 
 @pytest.mark.filterwarnings(f"ignore:{QUIET}")
+def test_gate_lr_gives_the_gates_their_own_group_and_a_strong_penalty_reuses(tmp_path):
+    callback = ContinualAdapterCallback(spec(l0_weight=1.0, log_alpha_init=0.0), gate_lr=0.5)
+
+    class Groups(pl.Callback):
+        def __init__(self):
+            self.groups = []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            gates = {id(g.log_alpha) for g in litelora_gates(pl_module.model).values()}
+            self.groups.append([(g["lr"], {id(p) for p in g["params"]} & gates) for g in trainer.optimizers[0].param_groups])
+
+    groups = Groups()
+    data = ContinualDataModule([Task(1), Task(2)], epochs_per_task=2)
+    trainer(tmp_path, [callback, groups], limit_train_batches=4).fit(Classifier(), datamodule=data)
+    last = groups.groups[-1]  # the second task: its gate alone in the last group, at gate_lr
+    assert last[-1][0] == 0.5 and len(last[-1][1]) == 1 and all(not ids for _, ids in last[:-1])
+    first, second = callback.decisions
+    assert first.recruited and not second.recruited and second.gate < 0.1 and second.adapter is None
+    assert callback.results["adapters_avoided"] == 1 and set(callback.library.names) == {"task0", "task0_adapter", "task1"}
+
+
+@pytest.mark.filterwarnings(f"ignore:{QUIET}")
 def test_a_run_cut_short_ends_the_task_in_progress(tmp_path):
     callback = ContinualAdapterCallback(spec())
     data = ContinualDataModule([Task(1), Task(2), Task(3)], epochs_per_task=2)
@@ -184,6 +206,8 @@ def test_datamodule_and_callback_arguments_are_checked():
         ContinualAdapterCallback(LoRA())
     with pytest.raises(ValueError, match="eval_split"):
         ContinualAdapterCallback(spec(), eval_split="train")
+    with pytest.raises(ValueError, match="gate_lr"):
+        ContinualAdapterCallback(spec(), gate_lr=0.0)
     with pytest.raises(ValueError, match="file name"):
         ContinualAdapterCallback(spec(), results_file="../x.json")
 
