@@ -125,6 +125,8 @@ class AdapterLibrary:
         self._base_values: dict[str, Tensor] = {}  # their base values, saved before the first change
         self.active: str | None = None
         self.merged = False
+        self._plain_state: dict[str, Tensor] | None = None  # the planning copy's state (shared tensors)
+        self._live: dict[str, Tensor] = {}  # key -> live tensor of the injected layout
 
     #: the index key that holds the entries (the RL PolicyLibrary's format 3 calls them "tasks")
     ENTRIES_KEY = "entries"
@@ -391,7 +393,7 @@ class AdapterLibrary:
     # ------------------------------------------------------------------ activate
     def activate(self, name: str, merge: bool = False) -> nn.Module:
         """Load entry ``name`` (an adapter or a combination) into the live model and return it
-        (in eval mode, frozen). With the layout of the active entry this copies the entry's
+        (frozen; put in eval mode when a layout is injected). With the layout of the active entry this copies the entry's
         tensors into the existing layers in place (and restores base tensors the previous entry
         had changed); another layout is injected first. ``merge=True`` folds the adapter into
         the base weights afterwards (undone by the next activate/deactivate)."""
@@ -427,19 +429,22 @@ class AdapterLibrary:
         if self.merged:
             unmerge_adapter(model)
             self.merged = False
-        plain = dict(self._planning_model.state_dict(keep_vars=True))
+        if self._plain_state is None:  # the planning copy never changes structure: its keys once
+            self._plain_state = dict(self._planning_model.state_dict(keep_vars=True))
+        plain = self._plain_state
         overridden = {k for k in tensors if k in plain}
         with torch.no_grad():
             for key in overridden - set(self._base_values):
                 self._base_values[key] = plain[key].detach().clone()  # still the base's value: saved before any change
             if layout != self._layout:
                 strip_adapters(model)
-                self._layout = None
+                self._layout, self._live = None, {}
                 self._restore(self._overridden)
                 self._overridden = set()
                 inject(model)
                 self._layout = layout
-            targets = {k: lookup(model, k) for k in tensors}
+            # the live tensors of this layout, looked up once (the same objects until the layout changes)
+            targets = {k: self._live[k] if k in self._live else self._live.setdefault(k, lookup(model, k)) for k in tensors}
             self._restore(self._overridden - overridden)  # the previous entry's, not this one's
             for key, value in tensors.items():
                 targets[key].copy_(value)
@@ -451,7 +456,6 @@ class AdapterLibrary:
 
     def _finish(self, merge: bool) -> nn.Module:
         model = self.model
-        model.eval()
         if merge and adapter_layers(model):
             merge_adapter(model)
             self.merged = True
@@ -463,7 +467,7 @@ class AdapterLibrary:
         with torch.no_grad():
             strip_adapters(model)
             self._restore(self._overridden)
-        self._layout, self._overridden, self.merged, self.active = None, set(), False, None
+        self._layout, self._overridden, self.merged, self.active, self._live = None, set(), False, None, {}
         return model
 
     # ------------------------------------------------------------------ mixed batches
