@@ -49,6 +49,7 @@ RANKS: dict[str, int] = {
             "hrm_budget",
             "nalora_diagnostic",
             "library",
+            "continual",
         ],
         3,
     ),
