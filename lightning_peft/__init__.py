@@ -21,6 +21,8 @@ _EXPORTS = {
     "BaRA": "lightning_peft.adapters.bara",
     "FRAME": "lightning_peft.adapters.frame",
     "NALoRA": "lightning_peft.adapters.nalora",
+    "DoRA": "lightning_peft.adapters.dora",
+    "QDoRA": "lightning_peft.adapters.dora",
     # targeting and files
     "apply_adapter": "lightning_peft.targeting",
     "AdapterReport": "lightning_peft.targeting",
