@@ -42,15 +42,16 @@ class DoRAMagnitudeFunction(torch.autograd.Function):
         grad_y = grad_m = grad_b = None
         if need_y:
             grad_y = grad_out * (magnitude.to(inv_norm.dtype) * inv_norm).to(grad_out.dtype)
+        dy_sum = dy.sum(0, dtype=inv_norm.dtype) if need_b or (need_m and bias is not None) else None
         if need_m:
-            pre = out.reshape(-1, d_out)
+            # sum_i dy_ij (y_ij - b_j) = sum_i dy_ij y_ij - b_j sum_i dy_ij: one [N, d_out] temporary;
+            # products in the activation dtype, sums over tokens in fp32 (fp64 for fp64)
+            total = (dy * out.reshape(-1, d_out)).sum(0, dtype=inv_norm.dtype)
             if bias is not None:
-                pre = pre - bias.to(pre.dtype)
-            # products in the activation dtype, the sum over tokens in fp32 (or fp64)
-            total = (dy * pre).sum(0, dtype=inv_norm.dtype)
+                total -= bias.to(total.dtype) * dy_sum
             grad_m = (total / magnitude.to(inv_norm.dtype)).to(magnitude.dtype)
         if need_b:
-            grad_b = dy.sum(0, dtype=inv_norm.dtype).to(bias.dtype)
+            grad_b = dy_sum.to(bias.dtype)
         return grad_y, grad_m, None, grad_b
 
 
@@ -77,7 +78,7 @@ def adapted_row_norms(
     w0_a = (weight @ a.to(weight.dtype).t()).to(dtype)  # [d_out, r], in the weight's dtype (bf16 weights: no fp32 copy)
     a = a.to(dtype)
     t = torch.addmm(w0_a, b, a @ a.t(), beta=2.0, alpha=scale)  # 2 W0 A^T + s B (A A^T)
-    return torch.linalg.vecdot(b, t).mul_(scale).add_(weight_sq).clamp_min_(0.0).sqrt_()
+    return weight_sq.add(torch.linalg.vecdot(b, t), alpha=scale).clamp_min_(0.0).sqrt_()
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
