@@ -38,18 +38,21 @@ class DoRAMagnitudeFunction(torch.autograd.Function):
         out, magnitude, inv_norm, bias = ctx.saved_tensors
         need_y, need_m, _, need_b = ctx.needs_input_grad
         d_out = out.shape[-1]
-        dy = grad_out.reshape(-1, d_out)
+        acc = inv_norm.dtype  # sums over tokens in fp32 (fp64 for fp64); products in the activation dtype
         grad_y = grad_m = grad_b = None
-        if need_y:
-            grad_y = grad_out * (magnitude.to(inv_norm.dtype) * inv_norm).to(grad_out.dtype)
-        dy_sum = dy.sum(0, dtype=inv_norm.dtype) if need_b or (need_m and bias is not None) else None
+        dy_sum = grad_out.reshape(-1, d_out).sum(0, dtype=acc) if need_b or (need_m and bias is not None) else None
+        buffer = None
         if need_m:
-            # sum_i dy_ij (y_ij - b_j) = sum_i dy_ij y_ij - b_j sum_i dy_ij: one [N, d_out] temporary;
-            # products in the activation dtype, sums over tokens in fp32 (fp64 for fp64)
-            total = (dy * out.reshape(-1, d_out)).sum(0, dtype=inv_norm.dtype)
+            # sum_i dy_ij (y_ij - b_j) = sum_i dy_ij y_ij - b_j sum_i dy_ij
+            buffer = grad_out * out
+            total = buffer.reshape(-1, d_out).sum(0, dtype=acc)
             if bias is not None:
-                total -= bias.to(total.dtype) * dy_sum
-            grad_m = (total / magnitude.to(inv_norm.dtype)).to(magnitude.dtype)
+                total -= bias.to(acc) * dy_sum
+            grad_m = (total / magnitude.to(acc)).to(magnitude.dtype)
+        if need_y:
+            factor = (magnitude.to(acc) * inv_norm).to(grad_out.dtype)
+            # into the product's buffer: a fresh [N, d_out] allocation costs about one more pass on the CPU
+            grad_y = grad_out * factor if buffer is None else torch.mul(grad_out, factor, out=buffer)
         if need_b:
             grad_b = dy_sum.to(bias.dtype)
         return grad_y, grad_m, None, grad_b
