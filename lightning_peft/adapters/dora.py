@@ -83,6 +83,7 @@ class DoRALinear(LoRALinear):
         self.lora_magnitude_vector = nn.Parameter(squares.sqrt().to(self.lora_A.weight.dtype))
         self._merge_factor: torch.Tensor | None = None
         self._weight_sq: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None
+        self._inverse_norm: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     # --- the norm ----------------------------------------------------------------------------
     def _dense_weight(self) -> torch.Tensor:
@@ -98,15 +99,24 @@ class DoRALinear(LoRALinear):
         return dequantized_weight(self.base_layer)
 
     @torch.no_grad()
-    def weight_norm(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``||W0 + s B A||_row [d_out]`` (fp32; fp64 for fp64 weights), detached. ``weight``: the
-        dense ``W0`` when the caller has it already."""
-        weight = self._dense_weight() if weight is None else weight
+    def weight_norm(self) -> torch.Tensor:
+        """``||W0 + s B A||_row [d_out]`` (fp32; fp64 for fp64 weights), detached."""
+        weight = self._dense_weight()
         stored = self.base_layer.weight
         key = (stored.data_ptr(), stored._version, stored.dtype)  # a changed base weight (load, merge) invalidates
         if self._weight_sq is None or self._weight_sq[0] != key:
             self._weight_sq = (key, weight.to(norm_dtype(weight.dtype)).square().sum(1))
         return adapted_row_norms(weight, self._weight_sq[1], self.lora_A.weight, self.lora_B.weight, self.scale)
+
+    def inverse_norm(self) -> torch.Tensor:
+        """``1 / ||W0 + s B A||_row``, cached until ``A``, ``B`` or the base weight change (an
+        optimizer step, a load): forwards between two steps (gradient accumulation, validation,
+        a checkpoint's recomputation) compute it once."""
+        a, b, stored = self.lora_A.weight, self.lora_B.weight, self.base_layer.weight
+        key = (a._version, b._version, stored._version, a.data_ptr(), b.data_ptr(), stored.data_ptr(), a.dtype, self.scale)
+        if self._inverse_norm is None or self._inverse_norm[0] != key:
+            self._inverse_norm = (key, self.weight_norm().reciprocal_())
+        return self._inverse_norm[1]
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,16 +125,14 @@ class DoRALinear(LoRALinear):
         if self.training and self.dropout > 0.0:
             return self._forward_with_dropout(x)
         base = self.base_layer
+        inv_norm = self.inverse_norm()
         if self._fused:
-            inv_norm = self.weight_norm().reciprocal_()
             y_pre = lora_forward(x, base.weight, None, self.lora_A.weight, self.lora_B.weight, self.scale, 0.0, self.recompute_input)
         else:
-            dense = self._dense_weight()
-            inv_norm = self.weight_norm(dense).reciprocal_()
             if not torch.is_grad_enabled() and x.device.type == "cpu":
-                # the dense weight is at hand: exact, and bitsandbytes' CPU inference kernel (bf16,
-                # limited widths, repacks the weight) is not needed
-                base_out = F.linear(x, dense.to(x.dtype))
+                # a dense matmul on the dequantized weight: exact, and bitsandbytes' CPU inference
+                # kernel (bf16, limited widths, repacks the weight) is not needed
+                base_out = F.linear(x, self._dense_weight().to(x.dtype))
             else:
                 base_out = base(x)
                 if base.bias is not None:
@@ -144,7 +152,7 @@ class DoRALinear(LoRALinear):
             base_dropped = base(xd)
             if base.bias is not None:
                 base_dropped = base_dropped - base.bias.to(base_dropped.dtype)
-        factor = (self.lora_magnitude_vector * self.weight_norm().reciprocal_()).to(base_out.dtype)
+        factor = (self.lora_magnitude_vector * self.inverse_norm()).to(base_out.dtype)
         a, b = self.lora_A.weight.to(xd.dtype), self.lora_B.weight.to(xd.dtype)
         update = F.linear(F.linear(xd, a), b) * self.scale
         return base_out + (factor - 1) * base_dropped.to(base_out.dtype) + factor * update.to(base_out.dtype)

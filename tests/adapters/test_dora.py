@@ -103,12 +103,15 @@ def test_starts_equal_to_the_base_with_magnitude_the_row_norms():
     assert layer.lora_magnitude_vector.requires_grad
 
 
-def test_cached_base_norm_follows_a_changed_base_weight():
+def test_cached_norms_follow_changed_factors_and_base_weight():
     layer = make_layer()
     x = torch.randn(5, 16, dtype=torch.float64)
     layer(x)
-    with torch.no_grad():
-        layer.base_layer.weight.mul_(1.7)  # e.g. load_state_dict into the base
+    for tensor in (layer.lora_A.weight, layer.lora_B.weight, layer.base_layer.weight):  # an optimizer step, a load
+        with torch.no_grad():
+            tensor.mul_(1.7)
+        torch.testing.assert_close(layer(x), reference_of(layer, x))
+    layer.lora_B.weight.data = layer.lora_B.weight.data * 0.5  # a new storage
     torch.testing.assert_close(layer(x), reference_of(layer, x))
 
 
