@@ -13,7 +13,8 @@ rescaled to length ``m_j``::
 
 Cost. ``W0 + s B A`` is never formed: ``||W0||^2_row`` is cached (recomputed only when the base
 weight changes) and ``n`` comes from ``W0 A^T [d_out, r]`` and ``A A^T [r, r]``
-(``kernels.dora.adapted_row_norms``). The matmuls are LoRA's fused node; a second node applies
+(``kernels.dora.adapted_row_norms``); ``1 / n`` is cached until ``A``, ``B`` or ``W0`` change.
+The matmuls are LoRA's fused node; a second node applies
 ``m / n`` and keeps the layer's output (usually saved by the next op anyway) instead of
 ``y_pre``, so activation memory stays near LoRA's (``kernels.dora``).
 
