@@ -366,3 +366,13 @@ def test_the_spec_round_trips_through_its_config_and_the_registry():
     spec = DoRA(rank=4, alpha=8.0, target_modules=["q"], rank_pattern={"k": 2})
     assert spec_from_config(spec.to_config()) == spec
     assert adapter_class("dora") is DoRA and adapter_class("QDoRA") is QDoRA and adapter_class("lightning_peft.DoRA") is DoRA
+
+
+def test_attention_out_proj_is_refused_naming_the_fix():
+    # nn.MultiheadAttention reads out_proj.weight itself: a DoRA layer there would be a silent no-op
+    model = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    with pytest.raises(ValueError, match=r"self_attn\.out_proj.*exclude_modules=\['self_attn\.out_proj'\].*not changed"):
+        apply_adapter(model, DoRA(rank=2, target_modules="all-linear"))
+    assert type(model.self_attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear"
+    apply_adapter(model, DoRA(rank=2, target_modules="all-linear", exclude_modules=["self_attn.out_proj"]))
+    assert isinstance(model.linear1, DoRALinear)
