@@ -11,7 +11,8 @@ model copy), interleaving the variants round by round so that drift and noise hi
 * ``peft``       ``peft.get_peft_model`` with the same rank, alpha and targets (+ ``modules_to_save``
                  head for ViT);
 * ``peft_bf16``  (Llama with bf16 weights only) peft with ``autocast_adapter_dtype=False``;
-* ``plain``      (opt-in) the textbook ``base(x) + B(A(x)) * s`` modules.
+* ``plain``      (opt-in) the textbook ``base(x) + B(A(x)) * s`` modules;
+* ``dora``, ``peft_dora``  (opt-in) ``DoRA(...)`` and peft's ``use_dora=True``, same rank, alpha, targets.
 
 A step is forward + loss + backward + AdamW step + ``zero_grad(set_to_none=True)``.
 Reported per variant: median step time, throughput, trainable parameters, and memory:
@@ -200,9 +201,14 @@ def make_variant(name: str, ref: nn.Module, spec: dict[str, Any], batch: dict[st
 
         targets = VIT_TARGETS if vit else LLAMA_TARGETS
         apply_adapter(model, LoRA(rank=RANK, alpha=ALPHA, target_modules=targets), trainable_modules=["head"] if vit else None)
+    elif name == "dora":
+        from lightning_peft import DoRA, apply_adapter
+
+        targets = VIT_TARGETS if vit else LLAMA_TARGETS
+        apply_adapter(model, DoRA(rank=RANK, alpha=ALPHA, target_modules=targets), trainable_modules=["head"] if vit else None)
     elif name == "plain":
         plain_lora(model, vit)
-    elif name in ("peft", "peft_bf16"):
+    elif name in ("peft", "peft_bf16", "peft_dora"):
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
@@ -211,8 +217,9 @@ def make_variant(name: str, ref: nn.Module, spec: dict[str, Any], batch: dict[st
             lora_dropout=0.0,
             target_modules=VIT_TARGETS if vit else LLAMA_TARGETS,
             modules_to_save=["head"] if vit else None,
+            use_dora=name == "peft_dora",
         )
-        model = get_peft_model(model, config, autocast_adapter_dtype=(name == "peft"))
+        model = get_peft_model(model, config, autocast_adapter_dtype=(name != "peft_bf16"))
         model.train()
     else:
         raise ValueError(name)
@@ -593,7 +600,24 @@ def add_ratios(result: dict[str, Any]) -> None:
         if base:
             summary["target_throughput_ge_0.90"] = ours["throughput_vs_frozen"] >= 0.90
             summary["target_peak_le_1.20"] = ours["peak_vs_frozen"] <= 1.20
+    add_dora_ratios(vs, summary)
     result["summary"] = summary
+
+
+def add_dora_ratios(vs: dict[str, Any], summary: dict[str, Any]) -> None:
+    """DoRA against our LoRA (goal: step time within 1.15x) and against peft's DoRA."""
+    dora = vs.get("dora")
+    if dora is None:
+        return
+    for n in ("ours", "peft_dora", "peft"):
+        if n in vs:
+            summary[f"dora_step_vs_{n}"] = dora["step_s_median"] / vs[n]["step_s_median"]
+            summary[f"dora_step_vs_{n}_paired"] = statistics.median(d / o for d, o in zip(dora["step_s_all"], vs[n]["step_s_all"]))
+            summary[f"dora_peak_vs_{n}"] = dora["peak_bytes"] / vs[n]["peak_bytes"]
+    if "ours" in vs:
+        summary["target_dora_step_le_1.15x_lora"] = summary["dora_step_vs_ours"] <= 1.15
+    if "peft_dora" in vs:
+        summary["peft_dora_step_vs_ours"] = vs["peft_dora"]["step_s_median"] / vs["ours"]["step_s_median"] if "ours" in vs else None
 
 
 def print_table(name: str, result: dict[str, Any]) -> None:

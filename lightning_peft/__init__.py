@@ -22,6 +22,8 @@ _EXPORTS = {
     "FRAME": "lightning_peft.adapters.frame",
     "NALoRA": "lightning_peft.adapters.nalora",
     "LiteLoRA": "lightning_peft.adapters.litelora",
+    "DoRA": "lightning_peft.adapters.dora",
+    "QDoRA": "lightning_peft.adapters.dora",
     # targeting and files
     "apply_adapter": "lightning_peft.targeting",
     "AdapterReport": "lightning_peft.targeting",

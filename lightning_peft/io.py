@@ -158,6 +158,9 @@ def _peft_config(
     target_parameters = [t for e in entries for t in e.get("target_parameters", [])]
     if target_parameters and dropout > 0:
         return None  # peft's parameter targets take no dropout
+    use_dora = {bool(e.get("use_dora")) for e in entries}
+    if len(use_dora) > 1:
+        return None  # peft's use_dora is one setting for every target
     rank, alpha, rank_pattern, alpha_pattern = _peft_patterns(entries)
     uniform = sorted(t for e in entries if "rank" in e for t in e["target_modules"])
     target_modules = uniform + [t for e in entries if "rank" not in e for t in e.get("target_modules", [])]
@@ -170,6 +173,7 @@ def _peft_config(
         "lora_alpha": alpha,
         "lora_dropout": dropout,
         "use_rslora": use_rslora,
+        "use_dora": use_dora == {True},
         "target_modules": target_modules or None,
         **extra,
         "rank_pattern": rank_pattern,

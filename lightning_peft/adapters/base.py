@@ -254,7 +254,8 @@ class AdapterLayer(nn.Module):
         or ``None`` when peft cannot represent it: ``target_modules`` and/or
         ``target_parameters``; either ``rank`` / ``alpha`` (one value for all its targets:
         written as the global ``r`` / ``lora_alpha`` or as pattern entries where they differ)
-        or explicit ``rank_pattern`` / ``alpha_pattern`` entries."""
+        or explicit ``rank_pattern`` / ``alpha_pattern`` entries; ``use_dora: True`` for a DoRA layer
+        (peft's ``use_dora`` is global: layers that disagree make the export our own format)."""
         return None
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:

@@ -39,6 +39,8 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "lightning_peft.adapters.frame.FRAME": ("lightning_peft.adapters.frame", "FRAME"),
     "lightning_peft.adapters.nalora.NALoRA": ("lightning_peft.adapters.nalora", "NALoRA"),
     "lightning_peft.adapters.litelora.LiteLoRA": ("lightning_peft.adapters.litelora", "LiteLoRA"),
+    "lightning_peft.adapters.dora.DoRA": ("lightning_peft.adapters.dora", "DoRA"),
+    "lightning_peft.adapters.dora.QDoRA": ("lightning_peft.adapters.dora", "QDoRA"),
 }
 # short names: the class name and the spec's ``kind`` (what reports and index files show)
 _BUILTIN_ALIASES: dict[str, str] = {
@@ -66,6 +68,10 @@ _BUILTIN_ALIASES: dict[str, str] = {
     "nalora": "lightning_peft.adapters.nalora.NALoRA",
     "LiteLoRA": "lightning_peft.adapters.litelora.LiteLoRA",
     "litelora": "lightning_peft.adapters.litelora.LiteLoRA",
+    "DoRA": "lightning_peft.adapters.dora.DoRA",
+    "dora": "lightning_peft.adapters.dora.DoRA",
+    "QDoRA": "lightning_peft.adapters.dora.QDoRA",
+    "qdora": "lightning_peft.adapters.dora.QDoRA",
     # lightning_peft's public names (``from lightning_peft import LoRA``)
     "lightning_peft.LoRA": "lightning_peft.adapters.lora.LoRA",
     "lightning_peft.QLoRA": "lightning_peft.adapters.quantized.QLoRA",
@@ -78,6 +84,8 @@ _BUILTIN_ALIASES: dict[str, str] = {
     "lightning_peft.FRAME": "lightning_peft.adapters.frame.FRAME",
     "lightning_peft.NALoRA": "lightning_peft.adapters.nalora.NALoRA",
     "lightning_peft.LiteLoRA": "lightning_peft.adapters.litelora.LiteLoRA",
+    "lightning_peft.DoRA": "lightning_peft.adapters.dora.DoRA",
+    "lightning_peft.QDoRA": "lightning_peft.adapters.dora.QDoRA",
 }
 
 _USER: dict[str, type[AdapterSpec]] = {}  # every name a registered class answers to -> class
