@@ -32,6 +32,7 @@ _EXPORTS = {
     "unmerge_adapter": "lightning_peft.io",
     "remove_adapter": "lightning_peft.io",
     "register_adapter": "lightning_peft.adapters.registry",
+    "AdapterLibrary": "lightning_peft.library",
     # efficiency metrics (pure torch)
     "netscore": "lightning_peft.metrics.netscore",
     "ns_e": "lightning_peft.metrics.netscore",

@@ -47,6 +47,7 @@ RANKS: dict[str, int] = {
             "hrm_calibration",
             "hrm_budget",
             "nalora_diagnostic",
+            "library",
         ],
         3,
     ),

@@ -65,3 +65,9 @@ def test_every_config_class_path_resolves() -> None:
     for path in paths:
         module, _, name = path.rpartition(".")
         assert getattr(importlib.import_module(module), name) is not None, path
+
+
+def test_adapter_library_is_exported() -> None:
+    from lightning_peft.library import AdapterLibrary
+
+    assert "AdapterLibrary" in lightning_peft.__all__ and lightning_peft.AdapterLibrary is AdapterLibrary

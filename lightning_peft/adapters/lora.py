@@ -40,6 +40,7 @@ from lightning_peft.adapters.base import (
     restore_weight,
 )
 from lightning_peft.adapters.kernels.lora import lora_forward
+from lightning_peft.adapters.kernels.lora_mixed import MixedLoRA, mixed_lora_delta
 from lightning_peft.validation import (
     check_bool,
     check_choice,
@@ -62,6 +63,9 @@ class LoRALinear(AdapterLayer):
     ``[..., d_in] -> [..., d_out]`` (e.g. a bitsandbytes 4-bit layer), whose output the update is
     added to.
     """
+
+    #: set (per instance) by ``AdapterLibrary.per_sample``: each sample uses its own adapter
+    mixed_lora: MixedLoRA | None = None
 
     def __init__(
         self,
@@ -109,6 +113,8 @@ class LoRALinear(AdapterLayer):
         return [self.out_features, self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixed_lora is not None:  # a mixed batch (lightning_peft.adapters.kernels.lora_mixed)
+            return self.base_layer(x) + mixed_lora_delta(x, self.mixed_lora)
         if self.merged:
             return (self._merged_module or self.base_layer)(x)
         dropout = self.dropout if self.training else 0.0

@@ -1,64 +1,6 @@
-"""Adapter layouts of a :class:`~lightning_peft.rl.library.PolicyLibrary`: what a task's
-export (:func:`lightning_peft.io.save_adapter`) says about its adapters, rebuilding them on the
-live policy from a validated :class:`~lightning_peft.io_checks.LoadPlan` (specs only through the
-adapter registry), and removing them (:func:`lightning_peft.io.remove_adapter`)."""
+"""Adapter layouts of a :class:`~lightning_peft.rl.library.PolicyLibrary`: the generic ones of
+:mod:`lightning_peft.library.layout` (re-exported)."""
 
-from __future__ import annotations
-
-import json
-from typing import Any
-
-from torch import Tensor, nn
-
-from lightning_peft.io import adapter_layers, remove_adapter
-from lightning_peft.io_checks import LoadPlan
-from lightning_peft.targeting import adapter_record, apply_adapter
+from lightning_peft.library.layout import inject_plan, kind_of, layout_key, lookup, ranks, strip_adapters
 
 __all__ = ["inject_plan", "kind_of", "layout_key", "lookup", "ranks", "strip_adapters"]
-
-
-def strip_adapters(model: nn.Module) -> None:
-    """Put every adapter layer's base back (:func:`lightning_peft.io.remove_adapter`: unmerged
-    first, record dropped) and freeze ``model``; a model without adapters is only frozen."""
-    if adapter_record(model) is not None or adapter_layers(model):
-        remove_adapter(model)
-    model.requires_grad_(False)
-
-
-def layout_key(meta: dict[str, Any]) -> str:
-    """What two tasks must share for one set of injected adapter layers to serve both: the
-    specs, the adapted modules with their hyper-parameters, and the trained modules of the
-    export's metadata (fingerprints left out: every task of a library is on its base)."""
-    targets = {n: {k: v for k, v in e.items() if k != "fingerprint"} for n, e in meta["targets"].items()}
-    layout = {k: meta[k] for k in ("specs", "trainable_modules", "record_prefix", "norm_stats") if k in meta}
-    return json.dumps({**layout, "targets": targets}, sort_keys=True)
-
-
-def kind_of(meta: dict[str, Any]) -> str:
-    """The adapter kinds of an export's adapter layers (``"lora"``, ...), or ``"full"``."""
-    kinds = {e["kind"] for e in meta["targets"].values() if "fingerprint" in e}
-    return "+".join(sorted(kinds)) if kinds else "full"
-
-
-def ranks(meta: dict[str, Any]) -> dict[str, int]:
-    return {n: int(t["rank"]) for n, t in meta.get("targets", {}).items() if "rank" in t}
-
-
-def inject_plan(model: nn.Module, plan: LoadPlan, meta: dict[str, Any]) -> None:
-    """Inject the adapters of a validated ``plan`` (its specs were resolved through the
-    registry by :func:`lightning_peft.io_checks.plan_load`) into ``model``, for inference."""
-    if plan.specs:
-        root = model.get_submodule(plan.apply_prefix) if plan.apply_prefix else model
-        norm_stats = meta.get("norm_stats", "train")
-        apply_adapter(root, plan.specs, trainable_modules=plan.trainable, norm_stats=norm_stats, check_gradients=False)
-    model.eval()
-    model.requires_grad_(False)
-
-
-def lookup(model: nn.Module, key: str) -> Tensor:
-    module_name, _, attr = key.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    value = getattr(module, attr, None)
-    if not isinstance(value, Tensor):
-        raise ValueError(f"{key!r} is not a tensor of the live policy")
-    return value

@@ -10,30 +10,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_peft.adapters.base import AdapterLayer
-from lightning_peft.targeting import combine_fingerprints, module_fingerprint
+from lightning_peft.library.fingerprint import module_fingerprints
+from lightning_peft.targeting import combine_fingerprints
 
 __all__ = ["POLICY_FORMAT", "plain_keys", "policy_fingerprint", "policy_hparam_names", "read_policy_metadata", "read_policy_state"]
 
 POLICY_FORMAT = "lightning_peft.ppo_policy/1"
-
-
-def module_fingerprints(model: nn.Module) -> dict[str, str]:
-    """``{module name: fingerprint of its base weights}`` for every module that holds
-    parameters: the core's per-module scheme (:func:`~lightning_peft.targeting.module_fingerprint`),
-    so the entry of an adapted layer is the ``base_fingerprint`` of what it wraps, under the
-    plain layer's name, and equals what ``save_adapter`` records for that layer."""
-    out: dict[str, str] = {}
-    wrapped: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(w + ".") for w in wrapped):
-            continue  # inside an adapter layer: its base is fingerprinted as a whole
-        if isinstance(module, AdapterLayer):
-            out[name] = module.base_fingerprint
-            wrapped.append(name)
-        elif next(module.parameters(recurse=False), None) is not None:
-            out[name] = module_fingerprint(module)
-    return out
 
 
 def policy_fingerprint(model: nn.Module) -> str:
