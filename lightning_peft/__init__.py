@@ -21,6 +21,7 @@ _EXPORTS = {
     "BaRA": "lightning_peft.adapters.bara",
     "FRAME": "lightning_peft.adapters.frame",
     "NALoRA": "lightning_peft.adapters.nalora",
+    "LiteLoRA": "lightning_peft.adapters.litelora",
     # targeting and files
     "apply_adapter": "lightning_peft.targeting",
     "AdapterReport": "lightning_peft.targeting",
@@ -51,6 +52,7 @@ _EXPORTS = {
     "HRMCalibrationCallback": "lightning_peft.callbacks.hrm",
     "BaRACallback": "lightning_peft.callbacks.bara",
     "NALoRACallback": "lightning_peft.callbacks.nalora",
+    "ContinualAdapterCallback": "lightning_peft.callbacks.continual",
     "AdapterFSDP2Strategy": "lightning_peft.strategies",
     "PolicyLibrary": "lightning_peft.rl.library",
 }

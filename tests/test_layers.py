@@ -48,6 +48,7 @@ RANKS: dict[str, int] = {
             "hrm_budget",
             "nalora_diagnostic",
             "library",
+            "continual",
         ],
         3,
     ),

@@ -38,6 +38,7 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "lightning_peft.adapters.bara.BaRA": ("lightning_peft.adapters.bara", "BaRA"),
     "lightning_peft.adapters.frame.FRAME": ("lightning_peft.adapters.frame", "FRAME"),
     "lightning_peft.adapters.nalora.NALoRA": ("lightning_peft.adapters.nalora", "NALoRA"),
+    "lightning_peft.adapters.litelora.LiteLoRA": ("lightning_peft.adapters.litelora", "LiteLoRA"),
 }
 # short names: the class name and the spec's ``kind`` (what reports and index files show)
 _BUILTIN_ALIASES: dict[str, str] = {
@@ -63,6 +64,8 @@ _BUILTIN_ALIASES: dict[str, str] = {
     "frame": "lightning_peft.adapters.frame.FRAME",
     "NALoRA": "lightning_peft.adapters.nalora.NALoRA",
     "nalora": "lightning_peft.adapters.nalora.NALoRA",
+    "LiteLoRA": "lightning_peft.adapters.litelora.LiteLoRA",
+    "litelora": "lightning_peft.adapters.litelora.LiteLoRA",
     # lightning_peft's public names (``from lightning_peft import LoRA``)
     "lightning_peft.LoRA": "lightning_peft.adapters.lora.LoRA",
     "lightning_peft.QLoRA": "lightning_peft.adapters.quantized.QLoRA",
@@ -74,6 +77,7 @@ _BUILTIN_ALIASES: dict[str, str] = {
     "lightning_peft.BaRA": "lightning_peft.adapters.bara.BaRA",
     "lightning_peft.FRAME": "lightning_peft.adapters.frame.FRAME",
     "lightning_peft.NALoRA": "lightning_peft.adapters.nalora.NALoRA",
+    "lightning_peft.LiteLoRA": "lightning_peft.adapters.litelora.LiteLoRA",
 }
 
 _USER: dict[str, type[AdapterSpec]] = {}  # every name a registered class answers to -> class

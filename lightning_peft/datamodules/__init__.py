@@ -11,6 +11,7 @@ _EXPORTS = {
     "BBCLanguageModelingDataModule": "lightning_peft.datamodules.text",
     "load_bbc_news": "lightning_peft.datamodules.text",
     "StateTrackingDataModule": "lightning_peft.datamodules.state_tracking",
+    "ContinualDataModule": "lightning_peft.datamodules.continual",
     "RLDataModule": "lightning_peft.rl.rollout",  # lives in lightning_peft.rl (the rl extra)
 }
 
