@@ -22,13 +22,14 @@ adapters kept and adapter bytes (LiteLoRA: its ``TaskDecision.bytes``, i.e. recr
 
 One thread (``torch.set_num_threads(1)``) on a shared 2-core machine.
 
-    python benchmarks/continual.py            # full: 3 seeds, both sequences, ~20 min
+    python benchmarks/continual.py [--jobs 3]  # full: 3 seeds, both sequences
     python benchmarks/continual.py --quick    # 1 seed, few steps (smoke run, ~2 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -41,9 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 import continual_data as cd  # noqa: E402
+import torch  # noqa: E402
 from continual_methods import METHODS, Budget, run_method  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,37 +84,79 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_sequence(name: str, seeds: list[int], methods: list[str], budget: Budget, log) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    for seed in seeds:
-        base, tasks, width = sequence(name, seed)
-        for method in methods:
-            result = run_method(method, base, tasks, budget, seed, width)
-            runs[method].append(result)
-            final = result["acc"][-1]
-            log(f"[{name}] seed {seed} {method}: final row {[round(a, 3) for a in final]} kept {result['adapters_kept']} ({result['seconds']:.0f} s)")
-    return {
-        "tasks": [t.name for t in tasks],
-        "train_examples_per_task": len(tasks[0].x_train),
-        "test_examples_per_task": len(tasks[0].x_test),
-        "budget": vars(budget),
-        "methods": {m: summarize(r) for m, r in runs.items()},
-        "runs": runs,
-    }
+def labels(methods: list[str], l0_weights: list[float]) -> list[str]:
+    """Method labels: ``litelora`` once per L0 weight (``litelora_l0=<w>``), the others as they are."""
+    return [f"litelora_l0={w:g}" for w in l0_weights] * ("litelora" in methods) + [m for m in methods if m != "litelora"]
+
+
+def method_of(label: str, budget: Budget) -> tuple[str, Budget]:
+    if label.startswith("litelora_l0="):
+        return "litelora", dataclasses.replace(budget, l0_weight=float(label.split("=", 1)[1]))
+    return label, budget
+
+
+def run_cell(name: str, seed: int, methods: list[str], budget: Budget) -> tuple[list[str], list[dict[str, Any]]]:
+    """Every method label on one sequence and seed (one process of the pool runs one cell)."""
+    torch.set_num_threads(1)
+    base, tasks, width = sequence(name, seed)
+    results = []
+    for label in methods:
+        method, method_budget = method_of(label, budget)
+        results.append({**run_method(method, base, tasks, method_budget, seed, width), "label": label})
+    return [t.name for t in tasks], results
+
+
+def run_sequences(names: list[str], seeds: list[int], methods: list[str], budgets: dict[str, Budget], jobs: int, log) -> dict[str, Any]:
+    """All ``(sequence, seed)`` cells, ``jobs`` at a time in worker processes (``1``: in this one)."""
+    cells = [(name, seed) for name in names for seed in seeds]
+    outputs: dict[tuple[str, int], tuple[list[str], list[dict[str, Any]]]] = {}
+    if jobs == 1:
+        for name, seed in cells:
+            outputs[name, seed] = run_cell(name, seed, methods, budgets[name])
+            log(_cell_line(name, seed, outputs[name, seed][1]))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_cell, name, seed, methods, budgets[name]): (name, seed) for name, seed in cells}
+            for future in as_completed(futures):
+                name, seed = futures[future]
+                outputs[name, seed] = future.result()
+                log(_cell_line(name, seed, outputs[name, seed][1]))
+    sequences = {}
+    for name in names:
+        runs = {m: [outputs[name, s][1][k] for s in seeds] for k, m in enumerate(methods)}
+        seq = {
+            "tasks": outputs[name, seeds[0]][0],
+            "budget": vars(budgets[name]),
+            "methods": {m: summarize(r) for m, r in runs.items()},
+            "runs": runs,
+        }
+        seq["anchor"] = anchor_reading(seq)
+        sequences[name] = seq
+    return sequences
+
+
+def _cell_line(name: str, seed: int, results: list[dict[str, Any]]) -> str:
+    return f"[{name}] seed {seed}: " + "; ".join(
+        f"{r['label']} final {[round(a, 2) for a in r['acc'][-1]]} kept {r['adapters_kept']} ({r['seconds']:.0f} s)" for r in results
+    )
 
 
 def anchor_reading(seq: dict[str, Any]) -> dict[str, Any]:
     """LiteLoRA's adapters kept and accuracy against one adapter per task (the paper's comparison)."""
-    lite, per_task = seq["methods"].get("litelora"), seq["methods"].get("lora_per_task")
-    if lite is None or per_task is None:
-        return {}
-    fewer = 1.0 - lite["adapters_kept"]["mean"] / per_task["adapters_kept"]["mean"]
-    return {
-        "fewer_adapters_than_per_task": fewer,
-        "bytes_ratio_vs_per_task": lite["adapter_bytes"]["mean"] / per_task["adapter_bytes"]["mean"],
-        "accuracy_gap_vs_per_task": lite["average_accuracy"]["mean"] - per_task["average_accuracy"]["mean"],
-        "paper_anchor": "20-70% fewer active adapters at matched accuracy",
-    }
+    per_task = seq["methods"].get("lora_per_task")
+    out: dict[str, Any] = {"paper_anchor": "20-70% fewer active adapters at matched accuracy"}
+    for label, lite in seq["methods"].items():
+        if per_task is None or not label.startswith("litelora"):
+            continue
+        out[label] = {
+            "fewer_adapters_than_per_task": 1.0 - lite["adapters_kept"]["mean"] / per_task["adapters_kept"]["mean"],
+            "bytes_ratio_vs_per_task": lite["adapter_bytes"]["mean"] / per_task["adapter_bytes"]["mean"],
+            "accuracy_gap_vs_per_task": lite["average_accuracy"]["mean"] - per_task["average_accuracy"]["mean"],
+        }
+    return out
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -125,7 +167,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     sequences = list(results["sequences"])
     fig, axes = plt.subplots(len(sequences), 2, figsize=(11, 4 * len(sequences)), squeeze=False)
-    colors = {"litelora": "tab:red", "lora_per_task": "tab:blue", "shared_lora": "tab:orange", "full_ft": "tab:gray"}
+    fixed = {"lora_per_task": "tab:blue", "shared_lora": "tab:orange", "full_ft": "tab:gray"}
+    lite = [m for m in results["sequences"][sequences[0]]["methods"] if m not in fixed]
+    colors = {**fixed, **{m: plt.cm.Reds(0.45 + 0.5 * k / max(1, len(lite) - 1)) for k, m in enumerate(lite)}}
     for row, name in enumerate(sequences):
         methods = results["sequences"][name]["methods"]
         ax = axes[row][0]
@@ -139,7 +183,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax = axes[row][1]
         for m, s in methods.items():
             ax.errorbar(
-                s["adapter_bytes"]["mean"], s["average_accuracy"]["mean"], yerr=s["average_accuracy"]["std"], fmt="o", color=colors[m], label=m
+                s["adapter_bytes"]["mean"],
+                s["average_accuracy"]["mean"],
+                yerr=s["average_accuracy"]["std"],
+                fmt="o",
+                color=colors[m],
+                label=m,
             )
             ax.annotate(f"{s['adapters_kept']['mean']:.1f} kept", (s["adapter_bytes"]["mean"], s["average_accuracy"]["mean"]), fontsize=8)
         ax.set_xscale("log")
@@ -158,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--sequences", nargs="+", default=["vision", "text"], choices=["vision", "text"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--l0-weights", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="LiteLoRA runs, one per L0 weight")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes, one (sequence, seed) cell each")
     parser.add_argument("--activate-repeats", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/continual[_quick].json); the PNG goes beside it")
     args = parser.parse_args(argv)
@@ -170,18 +221,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
     results: dict[str, Any] = {"quick": args.quick, "seeds": seeds, "threads": 1, "sequences": {}}
-    for name in args.sequences:
-        budget = BUDGETS[name]
-        if args.quick:
-            budget = Budget(**{**vars(budget), "steps": QUICK_STEPS[name]})
-        results["sequences"][name] = run_sequence(name, seeds, args.methods, budget, log)
-        results["sequences"][name]["anchor"] = anchor_reading(results["sequences"][name])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))  # partial results survive a later failure
+    budgets = {n: Budget(**{**vars(BUDGETS[n]), "steps": QUICK_STEPS[n]}) if args.quick else BUDGETS[n] for n in args.sequences}
+    results["sequences"] = run_sequences(args.sequences, seeds, labels(args.methods, args.l0_weights), budgets, args.jobs, log)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))  # the training results survive a later failure
     from continual_activate import run as activate_run
 
     results["activate_vs_full_reload"] = activate_run(args.activate_repeats or (3 if args.quick else 9))
-    log("activate vs full reload: " + ", ".join(f"{r['base']}: {r['reload_over_activate']:.1f}x" for r in results["activate_vs_full_reload"]))
+    log(
+        "activate vs full reload: "
+        + ", ".join(f"{r['base']}: {r['reload_over_activate']:.1f}x" for r in results["activate_vs_full_reload"])
+    )
     results["wall_seconds"] = time.perf_counter() - started
     out.write_text(json.dumps(results, indent=1))
     if not args.quick:

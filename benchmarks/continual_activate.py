@@ -123,4 +123,7 @@ def _tensor(out: Any) -> torch.Tensor:
 def run(repeats: int = 9) -> list[dict[str, Any]]:
     from continual_data import _encoder, pretrained_vit
 
-    return [measure(_encoder(), "all-MiniLM-L6-v2 encoder", repeats), measure(pretrained_vit(), "tiny ViT (continual vision base)", repeats)]
+    return [
+        measure(_encoder(), "all-MiniLM-L6-v2 encoder", repeats),
+        measure(pretrained_vit(), "tiny ViT (continual vision base)", repeats),
+    ]

@@ -22,6 +22,7 @@ ones and their order); the test sets are fixed across seeds.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ def _shuffled(indices: list[int], generator: torch.Generator) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # vision
 # --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
 def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 digits as normalised ``[N, 1, 16, 16]`` images (as ``DigitsDataModule``) and labels ``[N]``."""
     from sklearn.datasets import load_digits
@@ -106,9 +108,7 @@ def vision_tasks(seed: int, train_per_class: int = DIGITS_TRAIN_PER_CLASS) -> li
     for a, b in VISION_PAIRS:
         train_idx = _shuffled(_shuffled(pool[a], g)[:train_per_class] + _shuffled(pool[b], g)[:train_per_class], g)
         test_idx = test[a] + test[b]
-        tasks.append(
-            Task(f"digits_{a}{b}", x[train_idx], (y[train_idx] == b).long(), x[test_idx], (y[test_idx] == b).long())
-        )
+        tasks.append(Task(f"digits_{a}{b}", x[train_idx], (y[train_idx] == b).long(), x[test_idx], (y[test_idx] == b).long()))
     return tasks
 
 
@@ -189,7 +189,9 @@ def text_tail() -> nn.Module:
     return MiniLMTail(_encoder()).eval()
 
 
-def bbc_hidden(cache: Path | None = CACHE, articles_per_class: int = TEXT_ARTICLES_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def bbc_hidden(
+    cache: Path | None = CACHE, articles_per_class: int = TEXT_ARTICLES_PER_CLASS
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """``(hidden [5 * n, T, 384], labels [5 * n], class names)``: the first ``n`` articles of each
     class in a fixed shuffle, through MiniLM's embeddings and first ``TEXT_CACHED_LAYERS`` layers
     (tokenized and encoded once, cached under ``cache``)."""
@@ -227,19 +229,31 @@ def bbc_hidden(cache: Path | None = CACHE, articles_per_class: int = TEXT_ARTICL
     return hidden, y, list(classes)
 
 
-def text_tasks(seed: int, train_per_side: int = TEXT_TRAIN_PER_SIDE, test_per_side: int = TEXT_TEST_PER_SIDE, cache: Path | None = CACHE) -> list[Task]:
-    """The 5 one-vs-rest topic tasks over the cached hidden states (label 1 = the task's topic)."""
-    hidden, labels, classes = bbc_hidden(cache)
-    by_class = {c: [i for i, y in enumerate(labels.tolist()) if y == c] for c in range(len(classes))}
+def one_vs_rest_indices(labels: list[int], seed: int, train_per_side: int, test_per_side: int) -> list[tuple[list[int], list[int]]]:
+    """Per class ``k``: ``(train, test)`` indices, each half class ``k`` and half drawn evenly from
+    the other classes. Test: the first ``test_per_side`` examples of each class (fixed); train: from
+    the rest, picked and ordered by ``seed``."""
+    classes = sorted(set(labels))
+    by_class = {c: [i for i, y in enumerate(labels) if y == c] for c in classes}
     test = {c: idx[:test_per_side] for c, idx in by_class.items()}
     pool = {c: idx[test_per_side:] for c, idx in by_class.items()}
-    others = len(classes) - 1
+    share = lambda n: -(-n // (len(classes) - 1))  # noqa: E731 - ceil(n / others) per other class
     g = torch.Generator().manual_seed(seed)
+    split = []
+    for k in classes:
+        neg_train = [i for c in classes if c != k for i in _shuffled(pool[c], g)[: share(train_per_side)]]
+        train = _shuffled(_shuffled(pool[k], g)[:train_per_side] + _shuffled(neg_train, g)[:train_per_side], g)
+        neg_test = [i for c in classes if c != k for i in test[c][: share(test_per_side)]][:test_per_side]
+        split.append((train, test[k] + neg_test))
+    return split
+
+
+def text_tasks(
+    seed: int, train_per_side: int = TEXT_TRAIN_PER_SIDE, test_per_side: int = TEXT_TEST_PER_SIDE, cache: Path | None = CACHE
+) -> list[Task]:
+    """The 5 one-vs-rest topic tasks over the cached hidden states (label 1 = the task's topic)."""
+    hidden, labels, classes = bbc_hidden(cache)
     tasks = []
-    for k, name in enumerate(classes):
-        neg_train = [i for c in by_class if c != k for i in _shuffled(pool[c], g)[: -(-train_per_side // others)]][:train_per_side]
-        train_idx = _shuffled(_shuffled(pool[k], g)[:train_per_side] + neg_train, g)
-        neg_test = [i for c in by_class if c != k for i in test[c][: -(-test_per_side // others)]][:test_per_side]
-        test_idx = test[k] + neg_test
-        tasks.append(Task(f"bbc_{name}", hidden[train_idx], (labels[train_idx] == k).long(), hidden[test_idx], (labels[test_idx] == k).long()))
+    for k, (train, test) in enumerate(one_vs_rest_indices(labels.tolist(), seed, train_per_side, test_per_side)):
+        tasks.append(Task(f"bbc_{classes[k]}", hidden[train], (labels[train] == k).long(), hidden[test], (labels[test] == k).long()))
     return tasks

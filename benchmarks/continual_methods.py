@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from continual_data import Task
+from torch import nn
 
 METHODS = ("litelora", "lora_per_task", "shared_lora", "full_ft")
 LIBRARY_METHODS = ("litelora", "lora_per_task")
@@ -77,7 +76,16 @@ def accuracy(backbone: nn.Module, head: nn.Module, task: Task, batch: int = 128)
     return correct / len(task.x_test)
 
 
-def train_task(backbone: nn.Module, head: nn.Module, task: Task, budget: Budget, seed: int, lr: float, gate_params: list[nn.Parameter] = (), penalty=None) -> float:
+def train_task(
+    backbone: nn.Module,
+    head: nn.Module,
+    task: Task,
+    budget: Budget,
+    seed: int,
+    lr: float,
+    gate_params: list[nn.Parameter] = (),
+    penalty=None,
+) -> float:
     """``budget.steps`` AdamW steps (no weight decay) on ``CE(head(backbone(x)), y) [+ penalty()]``
     over every parameter of ``backbone`` and ``head`` that requires grad (``gate_params`` at
     ``budget.gate_lr``). Batches are drawn with a generator seeded by ``seed``. Returns the last loss."""
@@ -140,6 +148,7 @@ def run_method(method: str, base: nn.Module, tasks: list[Task], budget: Budget, 
     details: list[dict[str, Any]] = []
     adapter_bytes = 0
     adapters_kept = 0
+    recruited: list[str] = []  # LiteLoRA's adapter entries
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         library = None
@@ -166,12 +175,16 @@ def run_method(method: str, base: nn.Module, tasks: list[Task], budget: Budget, 
                 if library.active is not None:
                     library.deactivate()
                 model = copy.deepcopy(plain)
-                begin_task(model, library, _litelora(budget), names[t])
+                # the bank named explicitly: the adapter entries recruited so far (AdapterLibrary's
+                # lora_factors also answers for combination entries, which must not join the bank)
+                begin_task(model, library, _litelora(budget), names[t], bank=list(recruited))
                 gates = [p for n, p in model.named_parameters() if n.endswith("log_alpha")]
                 info["loss"] = train_task(model, heads[t], task, budget, step_seed, budget.lr, gates, lambda m=model: l0_penalty(m))
                 decision = end_task(model, library, names[t])
                 adapter_bytes += decision.bytes
                 adapters_kept += int(decision.recruited)
+                if decision.recruited:
+                    recruited.append(decision.adapter)
                 info.update(recruited=decision.recruited, gate=decision.gate, gate_eval=decision.gate_eval, bytes=decision.bytes)
             elif method == "lora_per_task":
                 if library.active is not None:
