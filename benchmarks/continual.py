@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--sequences", nargs="+", default=["vision", "text"], choices=["vision", "text"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--l0-weights", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="LiteLoRA runs, one per L0 weight")
+    parser.add_argument("--l0-weights", type=float, nargs="+", default=[0.3, 1.0], help="LiteLoRA runs, one per L0 weight")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one (sequence, seed) cell each")
     parser.add_argument("--skip-activate", action="store_true", help="skip the activate-vs-full-reload timing")
     parser.add_argument("--activate-repeats", type=int, default=None)
