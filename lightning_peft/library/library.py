@@ -94,17 +94,7 @@ class AdapterLibrary:
             raise ValueError(
                 f"base {type(base).__name__} already has adapters: pass the plain model (lightning_peft.remove_adapter(model) first)"
             )
-        self.root = Path(root)
-        self.cache = cache
-        self._model = base
-        # the plain structure plans are checked against, copied while the base is still plain
-        self._planning = _shared_copy(base) if base is not None else None
-        self._cache: dict[str, tuple[LoadPlan, dict[str, Any], str]] = {}  # entry -> (plan, metadata, layout)
-        self._layout: str | None = None  # the injected adapter layout
-        self._overridden: set[str] = set()  # non-adapter keys the active entry changed
-        self._base_values: dict[str, Tensor] = {}  # their base values, saved before the first change
-        self.active: str | None = None
-        self.merged = False
+        self._init_state(root, base, cache)
         index_path = self.root / INDEX_NAME
         if index_path.is_file():
             self.index = self._read_index(index_path)
@@ -123,11 +113,34 @@ class AdapterLibrary:
                 )
             self._create(base)
 
+    def _init_state(self, root: str | os.PathLike[str], base: nn.Module | None, cache: bool) -> None:
+        self.root = Path(root)
+        self.cache = cache
+        self._model = base
+        # the plain structure plans are checked against, copied while the base is still plain
+        self._planning = _shared_copy(base) if base is not None else None
+        self._cache: dict[str, tuple[LoadPlan, dict[str, Any], str]] = {}  # entry -> (plan, metadata, layout)
+        self._layout: str | None = None  # the injected adapter layout
+        self._overridden: set[str] = set()  # non-adapter keys the active entry changed
+        self._base_values: dict[str, Tensor] = {}  # their base values, saved before the first change
+        self.active: str | None = None
+        self.merged = False
+        self._plain_state: dict[str, Tensor] | None = None  # the planning copy's state (shared tensors)
+        self._live: dict[str, Tensor] = {}  # key -> live tensor of the injected layout
+
+    #: the index key that holds the entries (the RL PolicyLibrary's format 3 calls them "tasks")
+    ENTRIES_KEY = "entries"
+    ITEM = "entry"  # what an entry is called in messages
+
+    @property
+    def _entries(self) -> dict[str, Any]:
+        return self.index[self.ENTRIES_KEY]
+
     # ------------------------------------------------------------------ files
     def _read_index(self, path: Path) -> dict[str, Any]:
         index = read_index(path)
         for name, entry in index["entries"].items():
-            if entry["type"] == "adapter":
+            if entry.get("type", "adapter") == "adapter":
                 library_path(self.root, entry["file"], f"entry {name!r}")
         return index
 
@@ -158,13 +171,13 @@ class AdapterLibrary:
 
     @property
     def names(self) -> list[str]:
-        return sorted(self.index["entries"])
+        return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.index["entries"]
+        return name in self._entries
 
     def __len__(self) -> int:
-        return len(self.index["entries"])
+        return len(self._entries)
 
     @property
     def model(self) -> nn.Module:
@@ -174,9 +187,9 @@ class AdapterLibrary:
         return self._model
 
     def _entry(self, name: str) -> dict[str, Any]:
-        if not isinstance(name, str) or name not in self.index["entries"]:
-            raise ValueError(f"{name!r} is not in the library {str(self.root)!r}; it holds {self.names}")
-        return self.index["entries"][name]
+        if not isinstance(name, str) or name not in self._entries:
+            raise ValueError(f"{self.ITEM} {name!r} is not in the library; it holds {self.names} (library {str(self.root)!r})")
+        return self._entries[name]
 
     def _describe_base(self) -> str:
         return f"{self.index['base'].get('model')!r} (fingerprint {self.base_fingerprint}, library {str(self.root)!r})"
@@ -203,7 +216,7 @@ class AdapterLibrary:
 
     def _plan(self, path: Path) -> tuple[LoadPlan, dict[str, Any], str]:
         meta, tensors, extra = read_adapter(path)
-        where = f"base {self.index['base'].get('model')} of library {str(self.root)} (fingerprint {self.base_fingerprint})"
+        where = f"base of library {str(self.root)} (fingerprint {self.base_fingerprint})"
         plan = plan_load(self._planning_model, str(path / WEIGHTS_NAME), meta, tensors, extra, True, lambda _: where)
         return plan, meta, layout_key(meta)
 
@@ -239,11 +252,11 @@ class AdapterLibrary:
             raise ValueError(f"an entry name must be a non-empty string, got {name!r}")
         if not isinstance(overwrite, bool):
             raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
-        if name in self.index["entries"] and not overwrite:
+        if name in self._entries and not overwrite:
             raise ValueError(f"{name!r} is already in the library {str(self.root)!r}; pass overwrite=True to replace it")
 
     def _users(self, name: str) -> list[str]:
-        return sorted(c for c, e in self.index["entries"].items() if e["type"] == "combination" and name in e["weights"])
+        return sorted(c for c, e in self._entries.items() if e.get("type", "adapter") == "combination" and name in e["weights"])
 
     def _check_not_used(self, name: str, action: str) -> None:
         users = self._users(name)
@@ -296,7 +309,7 @@ class AdapterLibrary:
             "targets": sorted(meta["targets"]),
             "lora": not problems,
         }
-        self.index["entries"][name] = entry
+        self._entries[name] = entry
         self._write_index()
         self._cache.pop(name, None)
         if self.active == name:
@@ -307,7 +320,7 @@ class AdapterLibrary:
     def _lora_only(self, name: str) -> Factors:
         """An adapter entry's factors, refused by name unless it is pure LoRA."""
         entry = self._entry(name)
-        if entry["type"] != "adapter":
+        if entry.get("type", "adapter") != "adapter":
             raise ValueError(f"{name!r} is a combination entry; combinations and mixed batches are made of adapter entries")
         plan, meta, _ = self._read(name)
         factors, problems = entry_factors(name, plan, meta)
@@ -347,7 +360,7 @@ class AdapterLibrary:
         self._check_new_name(name, overwrite)
         if name in weights:
             raise ValueError(f"combination {name!r} cannot use itself")
-        if name in self.index["entries"] and self.index["entries"][name]["type"] == "adapter":
+        if name in self._entries and self._entries[name].get("type", "adapter") == "adapter":
             self._check_not_used(name, "overwrite")
         normal, factors = self._combination(weights)
         entry = {
@@ -359,11 +372,11 @@ class AdapterLibrary:
             "tensor_bytes": COEFFICIENT_BYTES * sum(len(w) for w in normal.values()),
             "file_bytes": 0,
         }
-        previous = self.index["entries"].get(name)
-        self.index["entries"][name] = entry
+        previous = self._entries.get(name)
+        self._entries[name] = entry
         self._write_index()
         self._cache.pop(name, None)
-        if previous is not None and previous["type"] == "adapter":
+        if previous is not None and previous.get("type", "adapter") == "adapter":
             self._remove_files(name, previous)
         if self.active == name:
             self.activate(name)
@@ -373,19 +386,19 @@ class AdapterLibrary:
         """``{module name of the plain base: (A [r, d_in], B [d_out, r], scale)}`` of a LoRA
         adapter entry, or of a combination entry (its exact factors, scale 1)."""
         entry = self._entry(name)
-        if entry["type"] == "combination":
+        if entry.get("type", "adapter") == "combination":
             return self._combination(entry["weights"])[1]
         return self._lora_only(name)
 
     # ------------------------------------------------------------------ activate
     def activate(self, name: str, merge: bool = False) -> nn.Module:
         """Load entry ``name`` (an adapter or a combination) into the live model and return it
-        (in eval mode, frozen). With the layout of the active entry this copies the entry's
+        (frozen; put in eval mode when a layout is injected). With the layout of the active entry this copies the entry's
         tensors into the existing layers in place (and restores base tensors the previous entry
         had changed); another layout is injected first. ``merge=True`` folds the adapter into
         the base weights afterwards (undone by the next activate/deactivate)."""
         entry = self._entry(name)
-        if entry["type"] == "combination":
+        if entry.get("type", "adapter") == "combination":
             self._activate_factors(self._combination(entry["weights"])[1])
         else:
             plan, meta, layout = self._read(name)
@@ -416,19 +429,22 @@ class AdapterLibrary:
         if self.merged:
             unmerge_adapter(model)
             self.merged = False
-        plain = dict(self._planning_model.state_dict(keep_vars=True))
+        if self._plain_state is None:  # the planning copy never changes structure: its keys once
+            self._plain_state = dict(self._planning_model.state_dict(keep_vars=True))
+        plain = self._plain_state
         overridden = {k for k in tensors if k in plain}
         with torch.no_grad():
             for key in overridden - set(self._base_values):
                 self._base_values[key] = plain[key].detach().clone()  # still the base's value: saved before any change
             if layout != self._layout:
                 strip_adapters(model)
-                self._layout = None
+                self._layout, self._live = None, {}
                 self._restore(self._overridden)
                 self._overridden = set()
                 inject(model)
                 self._layout = layout
-            targets = {k: lookup(model, k) for k in tensors}
+            # the live tensors of this layout, looked up once (the same objects until the layout changes)
+            targets = {k: self._live[k] if k in self._live else self._live.setdefault(k, lookup(model, k)) for k in tensors}
             self._restore(self._overridden - overridden)  # the previous entry's, not this one's
             for key, value in tensors.items():
                 targets[key].copy_(value)
@@ -440,7 +456,6 @@ class AdapterLibrary:
 
     def _finish(self, merge: bool) -> nn.Module:
         model = self.model
-        model.eval()
         if merge and adapter_layers(model):
             merge_adapter(model)
             self.merged = True
@@ -452,7 +467,7 @@ class AdapterLibrary:
         with torch.no_grad():
             strip_adapters(model)
             self._restore(self._overridden)
-        self._layout, self._overridden, self.merged, self.active = None, set(), False, None
+        self._layout, self._overridden, self.merged, self.active, self._live = None, set(), False, None, {}
         return model
 
     # ------------------------------------------------------------------ mixed batches
@@ -468,7 +483,7 @@ class AdapterLibrary:
         distinct = list(dict.fromkeys(n for n in adapter_names if n is not None))
         for n in distinct:
             self._entry(n)
-        factors = {n: self.lora_factors(n) if self._entry(n)["type"] == "combination" else None for n in distinct}
+        factors = {n: self.lora_factors(n) if self._entry(n).get("type", "adapter") == "combination" else None for n in distinct}
         adapters = [n for n in distinct if factors[n] is None]
         if adapters:
             factors.update(self._parts(adapters))
@@ -507,9 +522,9 @@ class AdapterLibrary:
         self._check_not_used(name, "remove")
         if self.active == name:
             self.deactivate()
-        del self.index["entries"][name]
+        del self._entries[name]
         self._write_index()
-        if entry["type"] == "adapter":
+        if entry.get("type", "adapter") == "adapter":
             self._remove_files(name, entry)
         self._cache.pop(name, None)
 
@@ -524,7 +539,7 @@ class AdapterLibrary:
     def report(self, library_sizes: Iterable[int] = (10, 50)) -> dict[str, Any]:
         """Bytes per entry against a full copy of the base, and library savings (see
         :func:`~lightning_peft.library.report.library_report`)."""
-        return library_report(self.index["base"], self.index["entries"], library_sizes)
+        return library_report(self.index["base"], self._entries, library_sizes)
 
     def format_report(self) -> str:
         return format_report(self.root, self.report())

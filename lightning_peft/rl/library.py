@@ -10,6 +10,10 @@ Layout on disk (library format 3)::
                                   updated observation statistics), the specs and the base's
                                   per-module fingerprints; read back with io's checks
 
+A thin RL layer on :class:`~lightning_peft.library.AdapterLibrary` (which activates, combines,
+runs mixed batches, removes and reports): this class adds the base policy file, task ids, the
+task-fits-policy checks and the non-adapter task state (log_std, observation statistics).
+
 ``activate(task)`` keeps one live policy whose adapter layers were injected once and copies the
 task's tensors into them in place, so switching between tasks of one adapter layout costs time
 proportional to the adapter's bytes, not the base's. A different layout (another rank or other
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,22 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_peft.io import WEIGHTS_NAME, adapter_layers, merge_adapter, read_adapter, save_adapter, unmerge_adapter
-from lightning_peft.io_checks import LoadPlan, plan_load
-from lightning_peft.rl.library_layout import inject_plan, kind_of, layout_key, lookup, ranks, strip_adapters
+from lightning_peft.io import adapter_layers, read_adapter, save_adapter
+from lightning_peft.library.library import AdapterLibrary
+from lightning_peft.library.store import export_bytes, library_path, slug, tensor_bytes
+from lightning_peft.rl.library_layout import kind_of, lookup, ranks
 from lightning_peft.rl.library_report import format_report, library_report
-from lightning_peft.rl.library_store import (
-    ADAPTER_DIR,
-    BASE_NAME,
-    FORMAT,
-    INDEX_NAME,
-    export_bytes,
-    library_path,
-    read_index,
-    slug,
-    tensor_bytes,
-    write_json,
-)
+from lightning_peft.rl.library_store import ADAPTER_DIR, BASE_NAME, FORMAT, INDEX_NAME, read_index, write_json
 from lightning_peft.rl.policy_file import module_fingerprints, policy_fingerprint
 from lightning_peft.targeting import adapter_record, apply_adapter, combine_fingerprints, refresh_trained_buffers
 
@@ -61,7 +54,7 @@ def _plain_key(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
-class PolicyLibrary:
+class PolicyLibrary(AdapterLibrary):
     """One base policy plus many task adapters on disk, and one live policy to run them.
 
     Args:
@@ -81,23 +74,19 @@ class PolicyLibrary:
         print(lib.format_report())
     """
 
+    ENTRIES_KEY = "tasks"
+    ITEM = "task"
+
     def __init__(self, root: str | os.PathLike[str], base: Any = None, cache: bool = True) -> None:
-        self.root = Path(root)
-        self.cache = cache
-        self._cache: dict[str, tuple[LoadPlan, dict[str, Any], str]] = {}  # task -> (plan, metadata, layout)
-        self._model: Any = None
-        self._planning: Any = None  # a plain copy of the base that io's checks plan loads against
+        self._init_state(root, None, cache)  # the live policy is loaded from the base file on first use
         self._base_state: dict[str, Tensor] | None = None
         self._base_fingerprints: dict[str, str] = {}  # module -> core fingerprint of the base
-        self._layout: str | None = None  # JSON of the injected adapter layout
-        self._overridden: set[str] = set()  # non-adapter keys the active task changed
-        self.active: str | None = None
-        self.merged = False
         index_path = self.root / INDEX_NAME
         if index_path.is_file():
             self.index = read_index(index_path)
-            for what, rel in [("base", self.index["base"]["file"])] + [(f"task {t!r}", e["file"]) for t, e in self.index["tasks"].items()]:
-                self._library_path(rel, what)
+            files = [(f"task {t!r}", e["file"]) for t, e in self.index["tasks"].items() if "file" in e]
+            for what, rel in [("base", self.index["base"]["file"]), *files]:
+                library_path(self.root, rel, what)
             if base is not None:
                 other = self._base_model_from(base)
                 fp = policy_fingerprint(other)
@@ -147,24 +136,10 @@ class PolicyLibrary:
     def _write_index(self) -> None:
         write_json(self.root / INDEX_NAME, self.index)
 
-    def _library_path(self, rel: Any, what: str) -> Path:
-        """``root / rel``, refused unless it stays inside the root (see :func:`library_path`)."""
-        return library_path(self.root, rel, what)
-
     # ------------------------------------------------------------------ the live policy
     @property
-    def base_fingerprint(self) -> str:
-        return str(self.index["base"]["fingerprint"])
-
-    @property
     def tasks(self) -> list[str]:
-        return sorted(self.index["tasks"])
-
-    def __contains__(self, task: str) -> bool:
-        return task in self.index["tasks"]
-
-    def __len__(self) -> int:
-        return len(self.index["tasks"])
+        return self.names
 
     @property
     def model(self) -> Any:
@@ -175,6 +150,7 @@ class PolicyLibrary:
             self._model = PPO.from_policy_file(self.root / BASE_NAME)
             self._model.eval()
             self._model.requires_grad_(False)
+            self._planning = PPO.from_policy_file(self.root / BASE_NAME)  # plain, never adapted: io's checks plan against it
             self._base_state = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
             self._base_fingerprints = module_fingerprints(self._model)
         return self._model
@@ -220,7 +196,7 @@ class PolicyLibrary:
             policy = self._policy_from_export(Path(policy))
         tensors = self._extract(policy)
         rel = f"{ADAPTER_DIR}/{slug(task)}"
-        path = self._library_path(rel, f"task {task!r}")
+        path = library_path(self.root, rel, f"task {task!r}")
         save_adapter(self._export_model(policy, tensors), path)
         meta, _, _ = read_adapter(path)
         entry = {
@@ -357,102 +333,10 @@ class PolicyLibrary:
             )
         return tensors
 
-    def remove(self, task: str) -> None:
-        """Delete ``task``'s adapter from the library."""
-        entry = self._entry(task)
-        path = self._library_path(entry["file"], f"task {task!r}")
-        del self.index["tasks"][task]
-        self._write_index()
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-        self._cache.pop(task, None)
-        if self.active == task:
-            self.active = None
-
-    # ------------------------------------------------------------------ activate
-    def _entry(self, task: str) -> dict[str, Any]:
-        if task not in self.index["tasks"]:
-            raise ValueError(f"task {task!r} is not in the library; it holds {self.tasks}")
-        return self.index["tasks"][task]
-
-    @property
-    def _planning_model(self) -> Any:
-        """A plain copy of the base, never adapted: what io's checks plan each task against."""
-        if self._planning is None:
-            from lightning_peft.rl.ppo import PPO
-
-            self._planning = PPO.from_policy_file(self.root / BASE_NAME)
-        return self._planning
-
-    def _read(self, task: str) -> tuple[LoadPlan, dict[str, Any], str]:
-        """``(load plan, metadata, layout)`` of ``task``'s export, read and validated by io
-        (:func:`~lightning_peft.io.read_adapter`, :func:`~lightning_peft.io_checks.plan_load`:
-        specs only through the adapter registry, this library's base by its per-module
-        fingerprints, every tensor's name, shape, dtype and finiteness) before anything is
-        changed."""
-        if task in self._cache:
-            return self._cache[task]
-        path = self._library_path(self._entry(task)["file"], f"task {task!r}")
-        meta, tensors, extra = read_adapter(path)
-        where = f"PPO base of library {str(self.root)} (fingerprint {self.base_fingerprint})"
-        plan = plan_load(self._planning_model, str(path / WEIGHTS_NAME), meta, tensors, extra, True, lambda _: where)
-        found = (plan, meta, layout_key(meta))
-        if self.cache:
-            self._cache[task] = found
-        return found
-
-    def _strip_adapters(self) -> None:
-        strip_adapters(self.model)
-        self._layout = None
-        self.merged = False
-
-    def activate(self, task: str, merge: bool = False) -> Any:
-        """Load ``task``'s adapter into the live policy and return it (a ``PPO`` in eval mode).
-
-        With the same adapter layout as the active task, this copies the task's tensors into
-        the existing adapter parameters (and restores base tensors the previous task had
-        changed): time proportional to the adapter's bytes. ``merge=True`` folds the adapter
-        into the base weights afterwards (faster inference; undone by the next activate).
-        """
-
-        plan, meta, layout = self._read(task)
-        tensors = plan.state
-        model = self.model
-        if self.merged:  # only ever set after merge_adapter found adapter layers
-            unmerge_adapter(model)
-            self.merged = False
-        with torch.no_grad():
-            if layout != self._layout:
-                self._strip_adapters()
-                for key in self._overridden:
-                    lookup(model, key).copy_(self.base_state[key])
-                self._overridden = set()
-                inject_plan(model, plan, meta)
-                self._layout = layout
-            targets = {k: lookup(model, k) for k in tensors}
-            overridden = {k for k in tensors if k in self.base_state}
-            for key in self._overridden - overridden:  # the previous task's, not this one's
-                lookup(model, key).copy_(self.base_state[key])
-            for key, value in tensors.items():
-                targets[key].copy_(value)
-        self._overridden = overridden
-        self.active = task
-        if merge and adapter_layers(model):
-            merge_adapter(model)
-            self.merged = True
-        return model
-
+    # ------------------------------------------------------------------ activate, remove: AdapterLibrary's
     def activate_base(self) -> Any:
-        """Remove every adapter: the live policy is the plain base again."""
-        with torch.no_grad():
-            self._strip_adapters()
-            for key in self._overridden:
-                lookup(self.model, key).copy_(self.base_state[key])
-        self._overridden = set()
-        self.active = None
-        return self.model
+        """Remove every adapter: the live policy is the plain base again (:meth:`deactivate`)."""
+        return self.deactivate()
 
     # ------------------------------------------------------------------ report
     def report(self, library_sizes: Iterable[int] = (10, 50)) -> dict[str, Any]:
