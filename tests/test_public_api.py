@@ -71,3 +71,13 @@ def test_adapter_library_is_exported() -> None:
     from lightning_peft.library import AdapterLibrary
 
     assert "AdapterLibrary" in lightning_peft.__all__ and lightning_peft.AdapterLibrary is AdapterLibrary
+
+
+def test_litelora_names_are_exported() -> None:
+    from lightning_peft.adapters.litelora import LiteLoRA
+    from lightning_peft.callbacks.continual import ContinualAdapterCallback
+    from lightning_peft.datamodules.continual import ContinualDataModule
+
+    assert {"LiteLoRA", "ContinualAdapterCallback"} <= set(lightning_peft.__all__)
+    assert lightning_peft.LiteLoRA is LiteLoRA and lightning_peft.ContinualAdapterCallback is ContinualAdapterCallback
+    assert importlib.import_module("lightning_peft.datamodules").ContinualDataModule is ContinualDataModule

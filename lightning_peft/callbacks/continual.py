@@ -40,7 +40,7 @@ from lightning_peft.adapters.litelora import LiteLoRA, litelora_gates
 from lightning_peft.continual import begin_task, continual_metrics, end_task, l0_penalty, principal_angles
 from lightning_peft.continual.library_view import adapter_entries
 from lightning_peft.io import atomic_write_file
-from lightning_peft.validation import InvalidArgumentTypeError, check_choice, check_str, check_str_list
+from lightning_peft.validation import InvalidArgumentTypeError, check_choice, check_float, check_str, check_str_list
 
 __all__ = ["ContinualAdapterCallback"]
 
@@ -60,6 +60,11 @@ class ContinualAdapterCallback(Callback):
             already in the library); later tasks add what they recruit.
         eval_split: the split of every task evaluated after each task (``"test"`` or ``"val"``).
         results_file: the JSON written into the log dir after every task.
+        gate_lr: learning rate of the gates' ``log_alpha`` in their own optimizer group (no weight
+            decay, constant: schedulers built by ``configure_optimizers`` do not know the group).
+            The gate has to travel a few units of ``log_alpha`` within one task to close, which the
+            model's learning rate rarely allows in a short task. ``None``: the gates stay in the
+            model's optimizer groups.
 
     After ``fit``: ``decisions`` (one ``TaskDecision`` per trained task), ``accuracy`` (the rows of
     the matrix), ``library`` (the ``AdapterLibrary``; ``library.activate(task)`` runs a task),
@@ -74,6 +79,7 @@ class ContinualAdapterCallback(Callback):
         bank: list[str] | None = None,
         eval_split: Literal["val", "test"] = "test",
         results_file: str = "continual.json",
+        gate_lr: float | None = None,
     ) -> None:
         if not isinstance(adapter, LiteLoRA):
             raise InvalidArgumentTypeError("adapter", f"adapter must be a LiteLoRA spec, got {type(adapter).__name__}")
@@ -82,11 +88,12 @@ class ContinualAdapterCallback(Callback):
         check_str_list("bank", bank, allow_none=True, allow_empty=True)
         check_choice("eval_split", eval_split, ("val", "test"))
         check_str("results_file", results_file)
+        check_float("gate_lr", gate_lr, low=0.0, low_open=True, allow_none=True)
         if Path(results_file).name != results_file:
             raise ValueError(f"results_file must be a file name inside the log dir, got {results_file!r}")
         self.adapter, self.library_dir, self.base_module = adapter, library_dir, base_module
         self.bank = None if bank is None else list(bank)
-        self.eval_split, self.results_file = eval_split, results_file
+        self.eval_split, self.results_file, self.gate_lr = eval_split, results_file, None if gate_lr is None else float(gate_lr)
         self.library: Any = None
         self.decisions: list[Any] = []
         self.accuracy: list[list[float]] = []
@@ -142,10 +149,12 @@ class ContinualAdapterCallback(Callback):
         datamodule = self._continual_datamodule(trainer)
         base = pl_module.get_submodule(self.base_module) if self.base_module else pl_module
         self._check_label_spaces(datamodule, pl_module)
-        library = self._open_library(self._library_root(trainer), base)  # another base: refused here
+        root = self._library_root(trainer)
+        if self.bank and not root.exists():
+            raise ValueError(f"bank names entries {self.bank} but there is no library at {root}: set library_dir to an existing library")
+        library = self._open_library(root, base)  # another base: refused here
         clashes = [n for name in datamodule.task_names for n in (name, f"{name}_adapter") if n in library]
         if clashes:
-            root = self._library_root(trainer)
             raise ValueError(f"the library at {root} already has entries {clashes}; rename the tasks or use another library_dir")
         known = adapter_entries(library)
         unknown = [n for n in (self.bank or []) if n not in known]
@@ -171,6 +180,22 @@ class ContinualAdapterCallback(Callback):
         rank_zero_info(f"ContinualAdapterCallback: task {index} {name!r}, bank {shown}")
 
     # --- training ------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._group_gates(trainer)
+
+    def _group_gates(self, trainer: pl.Trainer) -> None:
+        """Move the gates' ``log_alpha`` into their own group of the first optimizer (``gate_lr``)."""
+        if self.gate_lr is None or not trainer.optimizers:
+            return
+        gates = [g.log_alpha for g in litelora_gates(self._base).values() if g.log_alpha.requires_grad]
+        if not gates:
+            return
+        ids = {id(p) for p in gates}
+        optimizer = trainer.optimizers[0]
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        optimizer.add_param_group({"params": gates, "lr": self.gate_lr, "weight_decay": 0.0})
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         index = self._datamodule.task_for_epoch(trainer.current_epoch)
         if self.current is None or index == self.current:
@@ -178,6 +203,7 @@ class ContinualAdapterCallback(Callback):
         self._finish(trainer, pl_module)
         self._begin(index)
         trainer.strategy.setup_optimizers(trainer)  # the new task's LiteLoRA parameters
+        self._group_gates(trainer)
         pl_module.train()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
@@ -191,7 +217,7 @@ class ContinualAdapterCallback(Callback):
         if gates and trainer.logger is not None:
             with torch.no_grad():
                 expected = sum(float(g.expected()) for g in gates) / len(gates)
-            pl_module.log_dict({"litelora/gate": expected, "litelora/l0": float(penalty)}, on_step=True, on_epoch=False)
+            pl_module.log_dict({"litelora/gate": expected, "litelora/l0": float(penalty.detach())}, on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.current is not None:

@@ -1,5 +1,5 @@
-"""What the continual core reads from an ``AdapterLibrary``: its LoRA adapter entries (the ones
-``lora_factors`` answers for; combination entries are not adapters) and their factors."""
+"""What the continual core reads from an ``AdapterLibrary``: its plain-LoRA adapter entries (the
+bank members; combination entries and adapters that are not pure LoRA are not)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,6 @@ __all__ = ["adapter_entries"]
 
 
 def adapter_entries(library: Any) -> list[str]:
-    """The library's LoRA adapter entries, in library order."""
-    kinds = getattr(library, "kind", None)
-    names = list(library.names)
-    if callable(kinds):
-        return [n for n in names if kinds(n) == "adapter"]
-    found = []
-    for name in names:
-        try:
-            library.lora_factors(name)
-        except (ValueError, KeyError, TypeError):
-            continue  # a combination entry (or an adapter that is not LoRA): not a bank member
-        found.append(name)
-    return found
+    """The library's pure-LoRA adapter entries, in ``library.names`` order."""
+    entries = library.index["entries"]
+    return [n for n in library.names if entries[n]["type"] == "adapter" and entries[n].get("lora", True)]

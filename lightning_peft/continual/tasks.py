@@ -13,8 +13,10 @@ the plain base. What ``end_task`` writes for task ``t``:
 With per-module coefficients the combination's weights are per module
 (``{entry: {module: c}}``); with global ones, one weight per entry. Either way activating ``t``
 computes exactly what the trained layers compute in eval mode (minus the dropped adapter when it
-reuses). With per-module gates each module decides on its own gate (the adapter entry holds the
-modules whose gate stayed open; the task counts as recruited when any did).
+reuses). With per-module gates each module decides on its own gate: the adapter entry covers every
+adapted module (the library combines adapters of one target set), a closed module's ``B`` stored
+as zeros; the task counts as recruited when any gate stayed open. With an empty bank (the first
+task) the task is always recruited: there is nothing to reuse.
 """
 
 from __future__ import annotations
@@ -137,20 +139,21 @@ def _coefficients(layers: dict[str, LiteLoRALinear], spec: LiteLoRA) -> dict[str
 
 
 def _export_new_factors(model: nn.Module, layers: dict[str, LiteLoRALinear], keep: list[str], directory: str) -> int:
-    """Save the new factors of the modules ``keep`` (gate folded into ``B``) as a plain LoRA export
-    in ``directory``, from a plain copy of ``model`` (``model`` is untouched). Returns their bytes."""
+    """Save the new factors of every layer (its eval gate folded into ``B``; zeros where the module
+    is not in ``keep``) as a plain LoRA export in ``directory``, from a plain copy of ``model``
+    (``model`` is untouched). Returns their bytes."""
     plain = copy.deepcopy(model)
     remove_adapter(plain)
     spec = next(iter(layers.values())).spec
-    pinned = {"re:" + re.escape(m): layers[m].rank for m in keep}
+    pinned = {"re:" + re.escape(m): layer.rank for m, layer in layers.items()}
     lora = LoRA(rank=spec.rank, alpha=spec.alpha, target_modules=list(pinned), rank_pattern=pinned)
     apply_adapter(plain, lora, check_gradients=False)
     size = 0
     with torch.no_grad():
-        for module in keep:
-            layer, lora = layers[module], plain.get_submodule(module)
+        for module, layer in layers.items():
+            lora = plain.get_submodule(module)
             lora.lora_A.weight.copy_(layer.lora_A)
-            lora.lora_B.weight.copy_(layer.eval_gate() * layer.lora_B.float())
+            lora.lora_B.weight.copy_((layer.eval_gate() if module in keep else 0.0) * layer.lora_B.float())
             size += layer.lora_A.numel() * layer.lora_A.element_size() + layer.lora_B.numel() * layer.lora_B.element_size()
     save_adapter(plain, directory)
     return size
@@ -179,6 +182,8 @@ def end_task(model: nn.Module, library: Any, task: str, adapter_name: str | None
         opened = {name: (1.0 if g is None else float(g.open_probability())) for name, g in gates.items()}
         distinct = {id(g): name for name, g in gates.items()}  # one value per distinct gate
     keep = [name for name in layers if expected[name] >= spec.gate_threshold]
+    if not spec.bank_names:  # nothing to reuse: the first adapter is always kept
+        keep = list(layers)
     coefficients = _coefficients(layers, spec)
     n_coefficients = sum(len(w) if isinstance(w, dict) else 1 for w in coefficients.values())
     weights: dict[str, Any] = dict(coefficients)

@@ -61,7 +61,7 @@ class ContinualDataModule(L.LightningDataModule):
 
     @property
     def current_task(self) -> int:
-        trainer = self._trainer
+        trainer = self.trainer
         return 0 if trainer is None else self.task_for_epoch(trainer.current_epoch)
 
     def prepare_data(self) -> None:
@@ -70,7 +70,7 @@ class ContinualDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         for task in self.tasks:
-            task.trainer = self._trainer
+            task.trainer = self.trainer
             task.setup(stage)
 
     def train_dataloader(self) -> Any:

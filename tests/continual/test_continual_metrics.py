@@ -3,14 +3,18 @@ principal angles of known subspaces (identical, orthogonal, one inside the other
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+from lightning_peft import LoRA, apply_adapter
 from lightning_peft.continual import continual_metrics, principal_angles, subspace_angles
+from lightning_peft.library import AdapterLibrary
 
 
 def test_metrics_follow_the_definitions():
@@ -62,37 +66,34 @@ def test_subspace_angles_of_known_subspaces():
     assert subspace_angles(torch.zeros(10, 2), a)["overlap"] is None  # a zero factor spans nothing
 
 
-class FactorsOnly:
-    """Just the two things principal_angles reads from a library."""
-
-    def __init__(self, factors: dict):
-        self.factors = factors
-        self.names = list(factors)
-
-    def lora_factors(self, name: str) -> dict:
-        if name not in self.factors:
-            raise ValueError(name)
-        return self.factors[name]
+def add_lora(library: AdapterLibrary, name: str, factors: dict) -> None:
+    """Store ``{module: (A, B)}`` as a LoRA entry (rank 2, alpha 2: scale 1)."""
+    model = copy.deepcopy(library.model)
+    apply_adapter(model, LoRA(rank=2, alpha=2.0, target_modules=["re:" + m for m in factors]), check_gradients=False)
+    with torch.no_grad():
+        for module, (a, b) in factors.items():
+            model.get_submodule(module).lora_A.weight.copy_(a)
+            model.get_submodule(module).lora_B.weight.copy_(b)
+    library.add(name, model)
 
 
-def test_principal_angles_over_pairs_and_modules():
+def test_principal_angles_over_pairs_and_modules(tmp_path):
+    torch.manual_seed(0)
+    library = AdapterLibrary(tmp_path / "lib", base=nn.Sequential(nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 8)))
     g = torch.Generator().manual_seed(1)
     a0, b0 = torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g)
-    lib = FactorsOnly(
-        {
-            "x": {"m": (a0, b0, 1.0), "n": (torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g), 1.0)},
-            "y": {"m": (3 * a0, b0 @ torch.tensor([[1.0, 1.0], [0.0, 1.0]]), 2.0)},  # the same subspaces on m
-            "z": {"m": (torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g), 1.0)},
-        }
-    )
-    out = principal_angles(lib)
+    add_lora(library, "x", {"0": (a0, b0), "2": (torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g))})
+    add_lora(library, "y", {"0": (3 * a0, b0 @ torch.tensor([[1.0, 1.0], [0.0, 1.0]]))})  # the same subspaces on "0"
+    add_lora(library, "z", {"0": (torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g))})
+    library.add_combination("mix", {"y": 1.0, "z": 0.5})  # not an adapter: no angles
+    out = principal_angles(library)
     assert out["entries"] == ["x", "y", "z"] and [(p["a"], p["b"]) for p in out["pairs"]] == list(itertools.combinations("xyz", 2))
     xy = out["pairs"][0]
-    assert set(xy["modules"]) == {"m"} and xy["A_overlap"] == pytest.approx(1.0) and xy["B_overlap"] == pytest.approx(1.0)
+    assert set(xy["modules"]) == {"0"} and xy["A_overlap"] == pytest.approx(1.0) and xy["B_overlap"] == pytest.approx(1.0)
     xz = out["pairs"][1]
     assert xz["A_overlap"] < 1.0 and xz["A_chance"] == pytest.approx(2 / 16) and xz["B_chance"] == pytest.approx(2 / 8)
     assert out["summary"]["pairs"] == 3
     assert out["summary"]["A_overlap"] == pytest.approx(np.mean([p["A_overlap"] for p in out["pairs"]]))
-    assert principal_angles(lib, ["x", "z"])["summary"]["pairs"] == 1
-    with pytest.raises(ValueError, match=r"\['w'\] are not LoRA adapter entries"):
-        principal_angles(lib, ["x", "w"])
+    assert principal_angles(library, ["x", "z"])["summary"]["pairs"] == 1
+    with pytest.raises(ValueError, match=r"\['mix'\] are not LoRA adapter entries"):
+        principal_angles(library, ["x", "mix"])
