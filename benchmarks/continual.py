@@ -209,19 +209,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--l0-weights", type=float, nargs="+", default=[0.3, 1.0], help="LiteLoRA runs, one per L0 weight")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one (sequence, seed) cell each")
+    parser.add_argument("--activate-only", action="store_true", help="only the activate-vs-full-reload timing (continual_activate.json)")
     parser.add_argument("--skip-activate", action="store_true", help="skip the activate-vs-full-reload timing")
     parser.add_argument("--activate-repeats", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/continual[_quick].json); the PNG goes beside it")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    out = Path(args.out) if args.out else RESULTS / ("continual_quick.json" if args.quick else "continual.json")
+    default = "continual_activate.json" if args.activate_only else "continual_quick.json" if args.quick else "continual.json"
+    out = Path(args.out) if args.out else RESULTS / default
     started = time.perf_counter()
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
     results: dict[str, Any] = {"quick": args.quick, "seeds": seeds, "threads": 1, "sequences": {}}
+    if args.activate_only:
+        from continual_activate import run as activate_run
+
+        results = {"threads": 1, "activate_vs_full_reload": activate_run(args.activate_repeats or 9)}
+        out.write_text(json.dumps(results, indent=1))
+        log(f"wrote {out}")
+        return results
     budgets = {n: Budget(**{**vars(BUDGETS[n]), "steps": QUICK_STEPS[n]}) if args.quick else BUDGETS[n] for n in args.sequences}
     results["sequences"] = run_sequences(args.sequences, seeds, labels(args.methods, args.l0_weights), budgets, args.jobs, log)
     out.parent.mkdir(parents=True, exist_ok=True)
