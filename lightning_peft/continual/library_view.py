@@ -11,4 +11,4 @@ __all__ = ["adapter_entries"]
 def adapter_entries(library: Any) -> list[str]:
     """The library's pure-LoRA adapter entries, in ``library.names`` order."""
     entries = library.index["entries"]
-    return [n for n in library.names if entries[n]["type"] == "adapter" and entries[n].get("lora", True)]
+    return [n for n in library.names if entries[n].get("type", "adapter") == "adapter" and entries[n].get("lora", True)]
