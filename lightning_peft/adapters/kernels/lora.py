@@ -138,3 +138,86 @@ def lora_forward(
 ) -> torch.Tensor:
     """Functional LoRA on ``x [..., d_in]`` -> ``[..., d_out]`` (see ``LoRAFunction``)."""
     return LoRAFunction.apply(x, weight, bias, lora_a, lora_b, scale, dropout, recompute_input)
+
+
+class SharedInputLoRAFunction(torch.autograd.Function):
+    """Several fused LoRA layers that read the same ``x [..., d_in]`` as ONE node: layer ``i``
+    (frozen ``W_i [d_i, d_in]``, ``b_i``, ``A_i [r_i, d_in]``, ``B_i [d_i, r_i]``, scale ``s_i``)::
+
+        u   = x [A_1; ...; A_k]^T                          [N, sum r_i]   one read of x
+        y_i = x W_i^T + b_i + s_i u[:, slice_i] B_i^T       [N, d_i]
+
+    backward, with ``g = [s_1 dy_1 B_1, ..., s_k dy_k B_k]`` ``[N, sum r_i]``::
+
+        dx = sum_i dy_i W_i + g [A_1; ...; A_k],   d[A_1; ...; A_k] = g^T x,   dB_i = s_i dy_i^T u[:, slice_i]
+
+    The same values as ``k`` separate ``LoRAFunction`` nodes (up to rounding), one saved input
+    (or its recompute recipe, as there), one set of host work. Frozen bases only, no dropout.
+    ``tensors`` is ``(W_1, b_1 or None, A_1, B_1, W_2, ...)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, scales: tuple[float, ...], recompute_input: bool, *tensors: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:  # type: ignore[override]  # noqa: E501
+        dtype = compute_dtype(x) if _is_any_autocast_enabled() else x.dtype
+        x_shape = x.shape
+        x2 = x if len(x_shape) == 2 else x.reshape(-1, x_shape[-1])
+        xc = cast(x2, dtype)
+        weights = [cast(t, dtype) for t in tensors[0::4]]  # type: ignore[arg-type]
+        biases = [None if t is None else cast(t, dtype) for t in tensors[1::4]]
+        a_cat = cast(torch.cat(tensors[2::4]), dtype)  # type: ignore[arg-type]
+        lora_bs = [cast(t, dtype) for t in tensors[3::4]]  # type: ignore[arg-type]
+        u = torch.mm(xc, a_cat.t())  # [N, sum r]
+        outs, offset = [], 0
+        for w, bias, b, s in zip(weights, biases, lora_bs, scales):
+            r = b.shape[1]
+            out = torch.addmm(bias, xc, w.t()) if bias is not None else torch.mm(xc, w.t())
+            out.addmm_(u[:, offset : offset + r], b.t(), alpha=s)
+            outs.append(out if len(x_shape) == 2 else out.view(*x_shape[:-1], out.shape[-1]))
+            offset += r
+        recipe = input_recipe(x) if recompute_input and not torch.compiler.is_compiling() else None
+        if recipe is None:
+            input_tensors: tuple[torch.Tensor, ...] = (x,)
+        else:
+            kind, input_tensors, extra = recipe
+            if kind == "layer_norm" and input_tensors[0].dtype == torch.float32:
+                kind = "layer_norm_fold"
+            recipe = (kind, extra)
+        k = len(scales)
+        ctx.state = (k, scales, dtype, x.dtype, x_shape, tuple(t.dtype for t in tensors[2::4]), recipe)  # type: ignore[union-attr]
+        ctx.set_materialize_grads(False)  # an output nobody read gets no zero-filled gradient
+        # the A's, not their concatenation: a parameter costs no bytes, a new tensor would
+        ctx.save_for_backward(u, *tensors[2::4], *weights, *lora_bs, *input_tensors)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        k, scales, dtype, x_dtype, x_shape, param_dtypes, recipe = ctx.state
+        u, *rest = ctx.saved_tensors
+        lora_as, weights, lora_bs, inputs = rest[:k], rest[k : 2 * k], rest[2 * k : 3 * k], tuple(rest[3 * k :])
+        n = u.shape[0]
+        dys = [None if dy is None else cast(dy.reshape(n, dy.shape[-1]), dtype) for dy in grad_outs]
+        g = torch.cat([u.new_zeros(n, b.shape[1]) if dy is None else torch.mm(dy, b).mul_(s) for dy, b, s in zip(dys, lora_bs, scales)], 1)
+        need_x = ctx.needs_input_grad[0]
+        grad_x = None
+        if need_x:
+            grad_x = torch.mm(g, cast(torch.cat(lora_as), dtype))
+            for dy, w in zip(dys, weights):
+                if dy is not None:
+                    grad_x.addmm_(dy, w)
+            grad_x = cast(grad_x, x_dtype).view(x_shape)
+        if recipe is not None and recipe[0] == "layer_norm_fold":
+            grad_a_cat = layer_norm_grad_a(g, inputs, recipe[1])
+        else:
+            x = inputs[0] if recipe is None else replay(recipe[0], inputs, recipe[1])
+            grad_a_cat = torch.mm(g.t(), cast(x.reshape(n, x.shape[-1]), dtype))
+        grads: list[torch.Tensor | None] = []
+        offset = 0
+        for i, (dy, b, s) in enumerate(zip(dys, lora_bs, scales)):
+            r = b.shape[1]
+            grad_a = cast(grad_a_cat[offset : offset + r], param_dtypes[i])
+            grad_b = None if dy is None else cast(torch.mm(dy.t(), u[:, offset : offset + r]).mul_(s), param_dtypes[i])
+            grads += [None, None, grad_a, grad_b]
+            offset += r
+        return (grad_x, None, None, *grads)
