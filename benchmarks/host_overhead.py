@@ -124,6 +124,37 @@ class QKVStack(nn.Module):
         return self.blocks(x)
 
 
+class LlamaLikeBlock(nn.Module):
+    """A small pre-norm decoder block (RMSNorm, q/k/v/o attention, SwiGLU MLP) with the
+    Llama module names, so q/k/v and gate/up form shared-input groups."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.input_layernorm, self.post_attention_layernorm = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate_proj, self.up_proj = nn.Linear(d, 4 * d, bias=False), nn.Linear(d, 4 * d, bias=False)
+        self.down_proj = nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.input_layernorm(x)
+        q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o_proj(att.transpose(1, 2).reshape(b, t, d))
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(torch.nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class LlamaLikeStack(nn.Module):
+    def __init__(self, n: int, d: int = 128, heads: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(LlamaLikeBlock(d, heads) for _ in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
 def frozen(model: nn.Module) -> nn.Module:
     return model.requires_grad_(False)
 
@@ -141,7 +172,7 @@ def ours(model: nn.Module, **kwargs: Any) -> nn.Module:
     from lightning_peft import apply_adapter
     from lightning_peft.adapters.lora import LoRA
 
-    apply_adapter(model, LoRA(rank=RANK, alpha=ALPHA, target_modules=r".*(layers\.\d+|_proj)", **kwargs))
+    apply_adapter(model, LoRA(rank=RANK, alpha=ALPHA, target_modules=r".*(layers\.\d+|[qkvo]_proj|gate_proj|up_proj|down_proj)", **kwargs))
     for module in model.modules():  # a random B: the update is live, as in training
         if hasattr(module, "lora_B"):
             nn.init.normal_(module.lora_B.weight, std=0.1)
@@ -276,6 +307,20 @@ def main() -> None:
             {k: v for k, v in gtimes.items() if k.startswith("compiled_")}, n_group_layers, n_group_layers, "compiled_frozen"
         )
 
+    # ---- a real block: Llama-like decoder layers (q/k/v and gate/up grouped), small size
+    llama = LlamaLikeStack(4)
+    tokens = torch.randn(2, 32, 128, requires_grad=True)
+    llama_models = {
+        "frozen": frozen(copy.deepcopy(llama)),
+        "ours": ours(copy.deepcopy(llama)),
+        "ours_nogroup": ours(copy.deepcopy(llama), group_shared_inputs=False),
+    }
+    ltimes = measure({name: step_fn(m, tokens) for name, m in llama_models.items()}, args.rounds, max(2, args.steps // 3))
+    llama_block = {
+        "shape": {"blocks": 4, "d_model": 128, "tokens": [2, 32], "adapted_per_block": 6},
+        "eager": {name: {"step_ms": t * 1e3, "over_frozen": t / ltimes["frozen"]} for name, t in ltimes.items()},
+    }
+
     result = {
         "command": "python benchmarks/host_overhead.py" + (" --quick" if args.quick else ""),
         "shape": {"layers": args.layers, "width": WIDTH, "batch": BATCH, "rank": RANK, "group_blocks": args.blocks},
@@ -287,6 +332,7 @@ def main() -> None:
         "machine": platform.platform(),
         "stack": stack,
         "group": group,
+        "llama_block": llama_block,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -297,6 +343,8 @@ def main() -> None:
                 for name, entry in res[mode].items():
                     if isinstance(entry, dict) and "extra_per_layer_us" in entry:
                         print(f"  {name:16s} +{entry['extra_per_layer_us']:7.1f} us/layer = {entry['extra_over_frozen_layer']:.2f}x")
+    for name, entry in llama_block["eager"].items():
+        print(f"llama block {name:14s} {entry['step_ms']:.2f} ms = {entry['over_frozen']:.3f}x frozen")
     print(f"wrote {args.out}")
 
 

@@ -39,7 +39,7 @@ from lightning_peft.adapters.base import (
     first_match,
     restore_weight,
 )
-from lightning_peft.adapters.kernels.lora import SharedInputLoRAFunction, lora_forward
+from lightning_peft.adapters.kernels.lora import LoRAFunction, SharedInputLoRAFunction, lora_forward
 from lightning_peft.validation import (
     check_bool,
     check_choice,
@@ -110,8 +110,21 @@ class LoRALinear(AdapterLayer):
         return [self.out_features, self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the common case first, with no extra Python frame (small layers are bound by host work)
         if self._group is not None:
             return self._group.forward(self, x)
+        if self._fused and not self.merged:
+            base = self.base_layer
+            return LoRAFunction.apply(
+                x,
+                base.weight,
+                base.bias,
+                self.lora_A.weight,
+                self.lora_B.weight,
+                self.scale,
+                self.dropout if self.training else 0.0,
+                self.recompute_input,
+            )
         return self.forward_alone(x)
 
     def forward_alone(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,28 +244,24 @@ class SharedInputGroup:
                     self._pending = pending
                 return out
             self.active = False  # a computed output nobody came for: these layers do not share inputs
-        if not self.active or not self._can_fuse() or torch.compiler.is_compiling():
+        if not self.active or torch.compiler.is_compiling():
             return layer.forward_alone(x)
-        outs = self._run(x)
-        index = self.members.index(layer)
-        self._pending = (x, x._version, {id(m): o for i, (m, o) in enumerate(zip(self.members, outs)) if i != index})
-        return outs[index]
-
-    def _can_fuse(self) -> bool:
-        for m in self.members:
-            base = m.base_layer
-            if m.merged or not m._fused or (m.training and m.dropout > 0.0):
-                return False
-            if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-                return False
-        return True
-
-    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # one pass over the members: collect the operands, or run alone where one node cannot
         tensors: list[torch.Tensor | None] = []
+        scales: list[float] = []
         for m in self.members:
-            tensors += [m.base_layer.weight, m.base_layer.bias, m.lora_A.weight, m.lora_B.weight]
-        scales = tuple(m.scale for m in self.members)
-        return SharedInputLoRAFunction.apply(x, scales, self.members[0].recompute_input, *tensors)
+            if m.merged or (m.training and m.dropout > 0.0):
+                return layer.forward_alone(x)
+            base = m.base_layer
+            weight, bias = base.weight, base.bias
+            if weight.requires_grad or (bias is not None and bias.requires_grad):
+                return layer.forward_alone(x)
+            tensors += (weight, bias, m.lora_A.weight, m.lora_B.weight)
+            scales.append(m.scale)
+        outs = SharedInputLoRAFunction.apply(x, tuple(scales), self.members[0].recompute_input, *tensors)
+        others = {id(m): o for m, o in zip(self.members, outs) if m is not layer}
+        self._pending = (x, x._version, others)
+        return outs[self.members.index(layer)]
 
 
 def shared_input_groups(layers: dict[str, nn.Module]) -> list[list[LoRALinear]]:
