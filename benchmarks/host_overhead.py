@@ -16,7 +16,8 @@ copy from the same weights, timed in interleaved rounds (median of the rounds' m
                floor of a one-node-per-layer design;
 * ``compiled_frozen`` / ``compiled_ours``  the same under ``torch.compile`` (inductor).
 
-Reported per variant: median step time, and for adapters the extra host cost per adapted layer
+Reported per variant, by wall time and by process CPU time (steadier on a loaded machine):
+median step time, and for adapters the extra host cost per adapted layer
 ``(t - t_frozen) / n_adapted`` in microseconds and as a multiple of a frozen layer's own cost
 ``t_frozen / n_layers`` (compiled variants against the compiled frozen base).
 
@@ -192,18 +193,22 @@ def step_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def measure(variants: dict[str, Callable[[], None]], rounds: int, steps: int) -> dict[str, float]:
+def measure(variants: dict[str, Callable[[], None]], rounds: int, steps: int) -> dict[str, dict[str, float]]:
+    """Median over interleaved rounds of the mean step time, as wall time and as this process's
+    CPU time (all its threads): on a shared, loaded machine the CPU time is the steadier figure,
+    since waiting for a core is not counted."""
     for fn in variants.values():  # warm-up (and compilation)
         for _ in range(max(3, steps // 4)):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 fn()
-            times[name].append((time.perf_counter() - start) / steps)
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[name]["wall"].append((time.perf_counter() - wall) / steps)
+            times[name]["cpu"].append((time.process_time() - cpu) / steps)
+    return {name: {clock: statistics.median(t[clock]) for clock in t} for name, t in times.items()}
 
 
 def op_counts(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
@@ -226,16 +231,21 @@ def op_counts(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     return counts
 
 
-def summarise(times: dict[str, float], n_layers: int, n_adapted: int, base: str) -> dict[str, Any]:
-    per_layer = times[base] / n_layers
-    result: dict[str, Any] = {"frozen_layer_us": per_layer * 1e6}
-    for name, t in times.items():
-        entry: dict[str, Any] = {"step_ms": t * 1e3}
-        if name != base:
-            extra = (t - times[base]) / n_adapted
-            entry["extra_per_layer_us"] = extra * 1e6
-            entry["extra_over_frozen_layer"] = extra / per_layer
-        result[name] = entry
+def summarise(times: dict[str, dict[str, float]], n_layers: int, n_adapted: int, base: str) -> dict[str, Any]:
+    """Per clock: a frozen layer's cost, and per variant the extra cost per adapted layer in us
+    and as a multiple of the frozen layer's."""
+    result: dict[str, Any] = {}
+    for clock in ("cpu", "wall"):
+        per_layer = times[base][clock] / n_layers
+        entry: dict[str, Any] = {"frozen_layer_us": per_layer * 1e6}
+        for name, t in times.items():
+            row: dict[str, Any] = {"step_ms": t[clock] * 1e3}
+            if name != base:
+                extra = (t[clock] - times[base][clock]) / n_adapted
+                row["extra_per_layer_us"] = extra * 1e6
+                row["extra_over_frozen_layer"] = extra / per_layer
+            entry[name] = row
+        result[clock] = entry
     return result
 
 
@@ -318,7 +328,10 @@ def main() -> None:
     ltimes = measure({name: step_fn(m, tokens) for name, m in llama_models.items()}, args.rounds, max(2, args.steps // 3))
     llama_block = {
         "shape": {"blocks": 4, "d_model": 128, "tokens": [2, 32], "adapted_per_block": 6},
-        "eager": {name: {"step_ms": t * 1e3, "over_frozen": t / ltimes["frozen"]} for name, t in ltimes.items()},
+        "eager": {
+            clock: {name: {"step_ms": t[clock] * 1e3, "over_frozen": t[clock] / ltimes["frozen"][clock]} for name, t in ltimes.items()}
+            for clock in ("cpu", "wall")
+        },
     }
 
     result = {
@@ -338,13 +351,16 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for case, res in (("stack", stack), ("group", group)):
         for mode in ("eager", "compiled"):
-            if mode in res:
-                print(f"{case} {mode}: frozen layer {res[mode]['frozen_layer_us']:.1f} us")
-                for name, entry in res[mode].items():
-                    if isinstance(entry, dict) and "extra_per_layer_us" in entry:
-                        print(f"  {name:16s} +{entry['extra_per_layer_us']:7.1f} us/layer = {entry['extra_over_frozen_layer']:.2f}x")
-    for name, entry in llama_block["eager"].items():
-        print(f"llama block {name:14s} {entry['step_ms']:.2f} ms = {entry['over_frozen']:.3f}x frozen")
+            for clock in ("cpu", "wall"):
+                if mode in res:
+                    summary = res[mode][clock]
+                    print(f"{case} {mode} ({clock} time): frozen layer {summary['frozen_layer_us']:.1f} us")
+                    for name, entry in summary.items():
+                        if isinstance(entry, dict) and "extra_per_layer_us" in entry:
+                            print(f"  {name:16s} +{entry['extra_per_layer_us']:7.1f} us/layer = {entry['extra_over_frozen_layer']:.2f}x")
+    for clock in ("cpu", "wall"):
+        for name, entry in llama_block["eager"][clock].items():
+            print(f"llama block ({clock}) {name:14s} {entry['step_ms']:.2f} ms = {entry['over_frozen']:.3f}x frozen")
     print(f"wrote {args.out}")
 
 
