@@ -238,6 +238,8 @@ class SharedInputGroup:
         self._pending: tuple[torch.Tensor, int, dict[int, torch.Tensor]] | None = None
 
     def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced graphs are fused by the compiler itself
+            return layer.forward_alone(x)
         pending = self._pending
         if pending is not None:
             self._pending = None
@@ -248,7 +250,8 @@ class SharedInputGroup:
                     self._pending = pending
                 return out
             self.active = False  # a computed output nobody came for: these layers do not share inputs
-        if not self.active or torch.compiler.is_compiling():
+        index = next((i for i, m in enumerate(self.members) if m is layer), None)
+        if not self.active or index is None:  # (a copy of a member made after grouping runs alone)
             return layer.forward_alone(x)
         # one pass over the members: collect the operands, or run alone where one node cannot
         tensors: list[torch.Tensor | None] = []
@@ -264,7 +267,7 @@ class SharedInputGroup:
         outs = SharedInputLoRAFunction.apply(x, tuple(scales), self.members[0].recompute_input, *tensors)
         others = {id(m): o for m, o in zip(self.members, outs) if m is not layer}
         self._pending = (x, x._version, others)
-        return outs[self.members.index(layer)]
+        return outs[index]
 
 
 def shared_input_groups(layers: dict[str, nn.Module]) -> list[list[LoRALinear]]:

@@ -84,6 +84,8 @@ def test_groups_run_as_one_node_with_the_values_and_gradients_of_separate_layers
     assert_same(run(grouped, x), run(separate, x))
     assert grouped.q_proj._group.active and grouped.gate_proj._group.active
     assert grouped.q_proj.adapter_state_dict().keys() == separate.q_proj.adapter_state_dict().keys()
+    lone = copy.deepcopy(grouped.q_proj)  # a copy of one member (its group copied with it) gives the same values
+    torch.testing.assert_close(lone(h), separate.q_proj(h), rtol=1e-5, atol=1e-5)
 
 
 def test_group_saves_the_shared_input_once_and_recomputes_it_from_the_layer_norm(inputs):
