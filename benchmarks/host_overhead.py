@@ -8,7 +8,8 @@ copy from the same weights, timed in interleaved rounds (median of the rounds' m
 
 * ``frozen``   no adapter: the frozen-base cost every adapter adds to;
 * ``ours``     ``apply_adapter(model, LoRA(rank=8, alpha=16))``;
-* ``ours_nogroup``  (group case only) the same with ``group_shared_inputs=False``;
+* ``ours_nogroup``  (group and Llama cases, where ``ours`` is ``group_shared_inputs=True``) the same
+                   with ``group_shared_inputs=False`` (the default);
 * ``peft``     ``peft.get_peft_model`` with the same rank, alpha and targets;
 * ``plain``    the textbook ``base(x) + B(A(x)) * s`` with ``nn.Linear`` modules for ``A`` and ``B``;
 * ``minimal``  the smallest LoRA ``autograd.Function``: 3 ATen ops forward (addmm, mm, addmm_),
@@ -297,7 +298,7 @@ def main() -> None:
     qkv = QKVStack(args.blocks)
     group_models: dict[str, nn.Module] = {
         "frozen": frozen(copy.deepcopy(qkv)),
-        "ours": ours(copy.deepcopy(qkv)),
+        "ours": ours(copy.deepcopy(qkv), group_shared_inputs=True),
         "minimal": replace_linears(copy.deepcopy(qkv), MinimalLoRALayer),
     }
     try:
@@ -322,7 +323,7 @@ def main() -> None:
     tokens = torch.randn(2, 32, 128, requires_grad=True)
     llama_models = {
         "frozen": frozen(copy.deepcopy(llama)),
-        "ours": ours(copy.deepcopy(llama)),
+        "ours": ours(copy.deepcopy(llama), group_shared_inputs=True),
         "ours_nogroup": ours(copy.deepcopy(llama), group_shared_inputs=False),
     }
     ltimes = measure({name: step_fn(m, tokens) for name, m in llama_models.items()}, args.rounds, max(2, args.steps // 3))

@@ -328,7 +328,9 @@ class LoRA(AdapterSpec):
             ``k_proj`` / ``v_proj``, ``query`` / ``key`` / ``value``, ``gate_proj`` / ``up_proj``)
             as one autograd node: one read of the input for their concatenated ``A``s, one
             saved input, one set of host work. An execution detail (same results, files stay
-            per module); the grouping switches itself off where the inputs differ.
+            per module); the grouping switches itself off where the inputs differ. Off by
+            default: on the CPU host-cost benchmark it measured ~10% slower than separate
+            layers (docs/performance.md).
     """
 
     kind = "lora"
@@ -346,7 +348,7 @@ class LoRA(AdapterSpec):
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
         recompute_input: bool = True,
-        group_shared_inputs: bool = True,
+        group_shared_inputs: bool = False,
     ) -> None:
         super().__init__(target_modules, exclude_modules, module_path)
         check_positive("rank", rank, int)

@@ -41,6 +41,7 @@ class Block(nn.Module):
 
 
 def adapted(block: nn.Module, **kwargs) -> nn.Module:
+    kwargs.setdefault("group_shared_inputs", True)
     model = copy.deepcopy(block)
     torch.manual_seed(1)  # the same A in every copy
     apply_adapter(model, LoRA(rank=4, alpha=8.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"], **kwargs))
@@ -142,6 +143,7 @@ def test_merge_dropout_and_removal_fall_back_to_separate_layers(inputs):
     assert all(layer._group is None for layer in layers)
 
 
-def test_group_option_is_validated():
+def test_group_option_is_validated_and_off_by_default():
+    assert LoRA().group_shared_inputs is False
     with pytest.raises((TypeError, ValueError), match="group_shared_inputs"):
         LoRA(group_shared_inputs="yes")

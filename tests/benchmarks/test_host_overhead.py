@@ -51,7 +51,7 @@ def test_minimal_and_plain_baselines_match_ours():
 def test_grouped_qkv_case_matches_the_minimal_function():
     torch.manual_seed(0)
     base, x = ho.QKVStack(2), torch.randn(ho.BATCH, ho.WIDTH)
-    ours = ho.ours(copy.deepcopy(base))
+    ours = ho.ours(copy.deepcopy(base), group_shared_inputs=True)
     assert all(layer._group is not None for layer in lora_layers(ours))
     minimal = ho.replace_linears(copy.deepcopy(base), ho.MinimalLoRALayer)
     copy_lora(ours, minimal)
