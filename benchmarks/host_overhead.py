@@ -336,7 +336,7 @@ def main() -> None:
     }
 
     result = {
-        "command": "python benchmarks/host_overhead.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python", "benchmarks/host_overhead.py", *sys.argv[1:]]),
         "shape": {"layers": args.layers, "width": WIDTH, "batch": BATCH, "rank": RANK, "group_blocks": args.blocks},
         "rounds": args.rounds,
         "steps_per_round": args.steps,
