@@ -170,7 +170,8 @@ def test_merge_and_unmerge_under_compile_recompile_once_then_reuse_both_graphs()
         again = compiled(x)
     assert counter.frame_count == 2
     torch.testing.assert_close(merged, eager_merged, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(merged, unmerged, rtol=1e-8, atol=1e-10)  # merging is exact up to rounding
+    # the merged weight is W0 + s B A with s B A formed in fp32: equal to the unmerged block up to fp32 rounding
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-6 * unmerged.abs().max().item())
     torch.testing.assert_close(again, unmerged, rtol=0.0, atol=0.0)
 
 
