@@ -39,7 +39,7 @@ from lightning_peft.adapters.base import (
     first_match,
     restore_weight,
 )
-from lightning_peft.adapters.kernels.lora import lora_forward
+from lightning_peft.adapters.kernels.lora import LoRAFunction, SharedInputLoRAFunction, lora_forward
 from lightning_peft.validation import (
     check_bool,
     check_choice,
@@ -96,6 +96,7 @@ class LoRALinear(AdapterLayer):
         self.merged = False  # in the instance dict from the start: torch.compile's guard on it survives merge + unmerge
         self._original_weight: torch.Tensor | None = None
         self._merged_module: nn.Module | None = None
+        self._group: SharedInputGroup | None = None  # set by LoRA.attach (not a submodule: files stay per layer)
 
     @property
     def in_features(self) -> int:
@@ -110,6 +111,29 @@ class LoRALinear(AdapterLayer):
         return [self.out_features, self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the common case first, with no extra Python frame (small layers are bound by host work)
+        if self._group is not None:
+            return self._group.forward(self, x)
+        if self._fused and not self.merged:
+            weight, bias, lora_a, lora_b = self.operands()
+            dropout = self.dropout if self.training else 0.0
+            return LoRAFunction.apply(x, weight, bias, lora_a, lora_b, self.scale, dropout, self.recompute_input)
+        return self.forward_alone(x)
+
+    def operands(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(W, b, A, B)`` of a fused layer, read from the modules' parameter dicts directly
+        (``nn.Module.__getattr__`` costs about 0.3 us a name, seven names a call); a parametrised
+        or otherwise non-plain attribute is read the ordinary way."""
+        modules = self._modules
+        base_params = modules["base_layer"]._parameters  # type: ignore[union-attr]
+        a_params, b_params = modules["lora_A"]._parameters, modules["lora_B"]._parameters  # type: ignore[union-attr]
+        if "weight" in base_params and "bias" in base_params and "weight" in a_params and "weight" in b_params:
+            return base_params["weight"], base_params["bias"], a_params["weight"], b_params["weight"]  # type: ignore[return-value]
+        base = self.base_layer
+        return base.weight, base.bias, self.lora_A.weight, self.lora_B.weight
+
+    def forward_alone(self, x: torch.Tensor) -> torch.Tensor:
+        """This layer's own node (no shared-input group)."""
         if self.merged:
             return (self._merged_module or self.base_layer)(x)
         dropout = self.dropout if self.training else 0.0
@@ -190,6 +214,95 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     return weight.detach()
 
 
+#: sibling projections that models feed the same input (attention q/k/v, SwiGLU gate/up)
+SHARED_INPUT_NAMES: tuple[frozenset[str], ...] = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+    frozenset({"query", "key", "value"}),
+    frozenset({"gate_proj", "up_proj"}),
+    frozenset({"w1", "w3"}),
+)
+
+
+class SharedInputGroup:
+    """Sibling ``LoRALinear`` layers that read the same input, run as one autograd node
+    (``kernels.lora.SharedInputLoRAFunction``): the first member called on ``x`` computes every
+    member's output; the others, called next on the very same tensor (identity and version: an
+    in-place change in between is seen), take theirs. Anything else -- a member called on a
+    different tensor (cross-attention), twice, merged, dropout in training, a base that trains,
+    torch.compile tracing -- runs the layers alone, so results never depend on the grouping;
+    a sibling that did not come for its output turns the group off for good (no more wasted work).
+    """
+
+    def __init__(self, members: list[LoRALinear]) -> None:
+        self.members = members
+        self.active = True
+        self._pending: tuple[torch.Tensor, int, dict[int, torch.Tensor]] | None = None
+
+    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            if pending[0] is x and pending[1] == x._version and id(layer) in pending[2]:
+                outputs = pending[2]
+                out = outputs.pop(id(layer))
+                if outputs:
+                    self._pending = pending
+                return out
+            self.active = False  # a computed output nobody came for: these layers do not share inputs
+        if not self.active or torch.compiler.is_compiling():
+            return layer.forward_alone(x)
+        # one pass over the members: collect the operands, or run alone where one node cannot
+        tensors: list[torch.Tensor | None] = []
+        scales: list[float] = []
+        for m in self.members:
+            if m.merged or (m.training and m.dropout > 0.0):
+                return layer.forward_alone(x)
+            operands = m.operands()
+            if operands[0].requires_grad or (operands[1] is not None and operands[1].requires_grad):
+                return layer.forward_alone(x)
+            tensors += operands
+            scales.append(m.scale)
+        outs = SharedInputLoRAFunction.apply(x, tuple(scales), self.members[0].recompute_input, *tensors)
+        others = {id(m): o for m, o in zip(self.members, outs) if m is not layer}
+        self._pending = (x, x._version, others)
+        return outs[self.members.index(layer)]
+
+
+def shared_input_groups(layers: dict[str, nn.Module]) -> list[list[LoRALinear]]:
+    """Groups of sibling fused ``LoRALinear`` layers (same parent, names in one
+    ``SHARED_INPUT_NAMES`` set, same input width, dtype and device), in name order."""
+    by_parent: dict[tuple[str, frozenset[str]], list[tuple[str, LoRALinear]]] = {}
+    for name, layer in layers.items():
+        if not isinstance(layer, LoRALinear) or not layer._fused:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        for names in SHARED_INPUT_NAMES:
+            if leaf in names:
+                by_parent.setdefault((parent, names), []).append((name, layer))
+    groups = []
+    for members in by_parent.values():
+        layers_ = [layer for _, layer in sorted(members, key=lambda item: item[0])]
+        first = layers_[0].base_layer.weight
+        same = all(
+            (m.in_features, m.base_layer.weight.dtype, m.base_layer.weight.device) == (layers_[0].in_features, first.dtype, first.device)
+            for m in layers_
+        )
+        if len(layers_) > 1 and same and len({m.recompute_input for m in layers_}) == 1:
+            groups.append(layers_)
+    return groups
+
+
+class _UngroupHandle:
+    """``remove_adapter``'s handle: the layers run alone again."""
+
+    def __init__(self, layers: list[LoRALinear]) -> None:
+        self.layers = layers
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            layer._group = None
+
+
 class LoRA(AdapterSpec):
     """Low-rank adaptation of linear layers.
 
@@ -209,6 +322,11 @@ class LoRA(AdapterSpec):
         alpha_pattern: per-module alphas, ``{name pattern: alpha}``.
         recompute_input: recompute the adapter input in backward from its producer's saved
             tensors instead of saving it (exact up to rounding; saves memory).
+        group_shared_inputs: run sibling projections that read the same input (``q_proj`` /
+            ``k_proj`` / ``v_proj``, ``query`` / ``key`` / ``value``, ``gate_proj`` / ``up_proj``)
+            as one autograd node: one read of the input for their concatenated ``A``s, one
+            saved input, one set of host work. An execution detail (same results, files stay
+            per module); the grouping switches itself off where the inputs differ.
     """
 
     kind = "lora"
@@ -226,6 +344,7 @@ class LoRA(AdapterSpec):
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
         recompute_input: bool = True,
+        group_shared_inputs: bool = True,
     ) -> None:
         super().__init__(target_modules, exclude_modules, module_path)
         check_positive("rank", rank, int)
@@ -236,6 +355,8 @@ class LoRA(AdapterSpec):
         check_mapping("rank_pattern", rank_pattern, lambda key, v: check_int(key, v, low=1))
         check_mapping("alpha_pattern", alpha_pattern, lambda key, v: check_float(key, v, low=0.0, low_open=True))
         check_bool("recompute_input", recompute_input)
+        check_bool("group_shared_inputs", group_shared_inputs)
+        self.group_shared_inputs = group_shared_inputs
         self.rank, self.alpha, self.dropout, self.use_rslora, self.init = rank, float(alpha), float(dropout), use_rslora, init
         self.rank_pattern = dict(rank_pattern or {})
         self.alpha_pattern = {k: float(v) for k, v in (alpha_pattern or {}).items()}
@@ -263,6 +384,17 @@ class LoRA(AdapterSpec):
                 f"rank {rank} is larger than {name!r} allows: min(in_features={module.in_features}, "
                 f"out_features={module.out_features}) = {limit}. Use rank <= {limit} (or a rank_pattern entry for this module)."
             )
+
+    def attach(self, model: nn.Module, layers: dict[str, nn.Module]) -> list[Any]:
+        if not self.group_shared_inputs:
+            return []
+        grouped: list[LoRALinear] = []
+        for members in shared_input_groups(layers):
+            group = SharedInputGroup(members)
+            for layer in members:
+                layer._group = group
+            grouped += members
+        return [_UngroupHandle(grouped)] if grouped else []
 
     def wrap(self, name: str, module: nn.Module) -> nn.Module:
         # lora_mha imports this module: import it where it is used

@@ -10,6 +10,8 @@ import torch
 from lightning_peft.adapters.dtypes import compute_dtype
 from lightning_peft.adapters.kernels.recompute import cast, input_recipe, layer_norm_grad_a, replay
 
+_is_any_autocast_enabled = torch._C._is_any_autocast_enabled  # one global flag read
+
 
 class LoRAFunction(torch.autograd.Function):
     """``y = [x W^T + b] + s * drop(x) A^T B^T`` on ``x [..., d_in]`` (flattened to ``[N, d_in]``).
@@ -32,64 +34,81 @@ class LoRAFunction(torch.autograd.Function):
         dropout: float,
         recompute_input: bool,
     ) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        xc = cast(x2, dtype)
-        a, b = cast(lora_a, dtype), cast(lora_b, dtype)
+        # host cost matters here (small layers are bound by it): one cheap global check instead
+        # of a per-device autocast query, torch.mm/addmm (not the heavier matmul), no cast calls
+        # for tensors already in the compute dtype, ctx state in one tuple
+        dtype = compute_dtype(x) if _is_any_autocast_enabled() else x.dtype
+        x_shape = x.shape
+        x2 = x if len(x_shape) == 2 else x.reshape(-1, x_shape[-1])
+        xc = x2 if x2.dtype == dtype else x2.to(dtype)
+        a = lora_a if lora_a.dtype == dtype else lora_a.to(dtype)
+        b = lora_b if lora_b.dtype == dtype else lora_b.to(dtype)
         mask = None
-        xd = xc
         if dropout > 0.0:
             mask = torch.empty_like(xc, dtype=torch.bool).bernoulli_(1.0 - dropout)
-            xd = xc * mask / (1.0 - dropout)
-        u = xd @ a.t()  # [N, r]
+            u = torch.mm(xc * mask / (1.0 - dropout), a.t())  # [N, r]
+        else:
+            u = torch.mm(xc, a.t())  # [N, r]
         w = None
         if weight is not None:
-            w = cast(weight, dtype)
-            out = torch.addmm(cast(bias, dtype), xc, w.t()) if bias is not None else xc @ w.t()
+            w = weight if weight.dtype == dtype else weight.to(dtype)
+            if bias is not None:
+                out = torch.addmm(bias if bias.dtype == dtype else bias.to(dtype), xc, w.t())
+            else:
+                out = torch.mm(xc, w.t())
             out.addmm_(u, b.t(), alpha=scale)
+            base_trains = weight.requires_grad or (bias is not None and bias.requires_grad)
         else:
-            out = (u @ b.t()).mul_(scale)
+            out = torch.mm(u, b.t()).mul_(scale)
+            base_trains = False
 
-        base_trains = weight is not None and (weight.requires_grad or (bias is not None and bias.requires_grad))
         # under torch.compile reading grad_fn would break the graph: save the input instead
         recipe = input_recipe(x) if recompute_input and not base_trains and not torch.compiler.is_compiling() else None
         if recipe is None:
-            ctx.recipe = None
             input_tensors: tuple[torch.Tensor, ...] = (x,)
         else:
-            kind, tensors, extra = recipe
+            kind, input_tensors, extra = recipe
             # a LayerNorm input in fp32 folds into dA's GEMM (no replay); else replay in backward
-            if kind == "layer_norm" and mask is None and tensors[0].dtype == torch.float32:
+            if kind == "layer_norm" and mask is None and input_tensors[0].dtype == torch.float32:
                 kind = "layer_norm_fold"
-            ctx.recipe = (kind, extra)
-            input_tensors = tensors
-        ctx.has_weight, ctx.has_mask = w is not None, mask is not None
-        ctx.scale, ctx.dropout, ctx.dtype, ctx.x_dtype, ctx.x_shape = scale, dropout, dtype, x.dtype, x.shape
-        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
-        ctx.save_for_backward(u, a, b, *((w,) if w is not None else ()), *((mask,) if mask is not None else ()), *input_tensors)
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
+            recipe = (kind, extra)
+        ctx.state = (w is not None, mask is not None, scale, dropout, dtype, x.dtype, x_shape, lora_a.dtype, lora_b.dtype, recipe)
+        if w is not None:
+            if mask is not None:
+                ctx.save_for_backward(u, a, b, w, mask, *input_tensors)
+            else:
+                ctx.save_for_backward(u, a, b, w, *input_tensors)
+        elif mask is not None:
+            ctx.save_for_backward(u, a, b, mask, *input_tensors)
+        else:
+            ctx.save_for_backward(u, a, b, *input_tensors)
+        return out if len(x_shape) == 2 else out.view(*x_shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        has_weight, has_mask, scale, dropout, dtype, x_dtype, x_shape, a_dtype, b_dtype, recipe = ctx.state
         u, a, b, *rest = ctx.saved_tensors
-        w = rest.pop(0) if ctx.has_weight else None
-        mask = rest.pop(0) if ctx.has_mask else None
-        dtype, scale, recipe = ctx.dtype, ctx.scale, ctx.recipe
+        w = rest.pop(0) if has_weight else None
+        mask = rest.pop(0) if has_mask else None
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         dy = grad_out if grad_out.dim() == 2 else grad_out.reshape(-1, grad_out.shape[-1])
-        dy = cast(dy, dtype)
-        g = dy @ b  # [N, r]: gradient w.r.t. u, before the scale
+        if dy.dtype != dtype:
+            dy = dy.to(dtype)
+        g = torch.mm(dy, b)  # [N, r]: gradient w.r.t. u, before the scale
         grad_x = grad_w = grad_bias = grad_a = grad_lb = None
         if need_x:
             if mask is None and w is not None:
-                grad_x = (dy @ w).addmm_(g, a, alpha=scale)
+                grad_x = torch.mm(dy, w).addmm_(g, a, alpha=scale)
             else:
-                grad_x = (g @ a).mul_(scale)
+                grad_x = torch.mm(g, a).mul_(scale)
                 if mask is not None:
-                    grad_x.mul_(mask).div_(1.0 - ctx.dropout)
+                    grad_x.mul_(mask).div_(1.0 - dropout)
                 if w is not None:
                     grad_x.addmm_(dy, w)
-            grad_x = cast(grad_x, ctx.x_dtype).view(ctx.x_shape)
+            if grad_x.dtype != x_dtype:
+                grad_x = grad_x.to(x_dtype)
+            if len(x_shape) != 2:
+                grad_x = grad_x.view(x_shape)
         if need_a or need_w:
             if recipe is not None and recipe[0] == "layer_norm_fold":
                 grad_a = layer_norm_grad_a(g, tuple(rest), recipe[1])
@@ -97,14 +116,13 @@ class LoRAFunction(torch.autograd.Function):
                 x = rest[0] if recipe is None else replay(recipe[0], tuple(rest), recipe[1])
                 xc = cast(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), dtype)
                 if need_w:
-                    grad_w = dy.t() @ xc
-                xd = xc if mask is None else xc * mask / (1.0 - ctx.dropout)
-                grad_a = g.t() @ xd
-            grad_a = cast(grad_a.mul_(scale), ctx.param_dtypes[0]) if need_a else None
+                    grad_w = torch.mm(dy.t(), xc)
+                grad_a = torch.mm(g.t(), xc if mask is None else xc * mask / (1.0 - dropout))
+            grad_a = cast(grad_a.mul_(scale), a_dtype) if need_a else None
         if need_b:
             grad_bias = dy.sum(0)
         if need_lb:
-            grad_lb = cast((dy.t() @ u).mul_(scale), ctx.param_dtypes[1])
+            grad_lb = cast(torch.mm(dy.t(), u).mul_(scale), b_dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_lb, None, None, None
 
 
@@ -120,3 +138,86 @@ def lora_forward(
 ) -> torch.Tensor:
     """Functional LoRA on ``x [..., d_in]`` -> ``[..., d_out]`` (see ``LoRAFunction``)."""
     return LoRAFunction.apply(x, weight, bias, lora_a, lora_b, scale, dropout, recompute_input)
+
+
+class SharedInputLoRAFunction(torch.autograd.Function):
+    """Several fused LoRA layers that read the same ``x [..., d_in]`` as ONE node: layer ``i``
+    (frozen ``W_i [d_i, d_in]``, ``b_i``, ``A_i [r_i, d_in]``, ``B_i [d_i, r_i]``, scale ``s_i``)::
+
+        u   = x [A_1; ...; A_k]^T                          [N, sum r_i]   one read of x
+        y_i = x W_i^T + b_i + s_i u[:, slice_i] B_i^T       [N, d_i]
+
+    backward, with ``g = [s_1 dy_1 B_1, ..., s_k dy_k B_k]`` ``[N, sum r_i]``::
+
+        dx = sum_i dy_i W_i + g [A_1; ...; A_k],   d[A_1; ...; A_k] = g^T x,   dB_i = s_i dy_i^T u[:, slice_i]
+
+    The same values as ``k`` separate ``LoRAFunction`` nodes (up to rounding), one saved input
+    (or its recompute recipe, as there), one set of host work. Frozen bases only, no dropout.
+    ``tensors`` is ``(W_1, b_1 or None, A_1, B_1, W_2, ...)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, scales: tuple[float, ...], recompute_input: bool, *tensors: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:  # type: ignore[override]  # noqa: E501
+        dtype = compute_dtype(x) if _is_any_autocast_enabled() else x.dtype
+        x_shape = x.shape
+        x2 = x if len(x_shape) == 2 else x.reshape(-1, x_shape[-1])
+        xc = cast(x2, dtype)
+        weights = [cast(t, dtype) for t in tensors[0::4]]  # type: ignore[arg-type]
+        biases = [None if t is None else cast(t, dtype) for t in tensors[1::4]]
+        a_cat = cast(torch.cat(tensors[2::4]), dtype)  # type: ignore[arg-type]
+        lora_bs = [cast(t, dtype) for t in tensors[3::4]]  # type: ignore[arg-type]
+        u = torch.mm(xc, a_cat.t())  # [N, sum r]
+        outs, offset = [], 0
+        for w, bias, b, s in zip(weights, biases, lora_bs, scales):
+            r = b.shape[1]
+            out = torch.addmm(bias, xc, w.t()) if bias is not None else torch.mm(xc, w.t())
+            out.addmm_(u[:, offset : offset + r], b.t(), alpha=s)
+            outs.append(out if len(x_shape) == 2 else out.view(*x_shape[:-1], out.shape[-1]))
+            offset += r
+        recipe = input_recipe(x) if recompute_input and not torch.compiler.is_compiling() else None
+        if recipe is None:
+            input_tensors: tuple[torch.Tensor, ...] = (x,)
+        else:
+            kind, input_tensors, extra = recipe
+            if kind == "layer_norm" and input_tensors[0].dtype == torch.float32:
+                kind = "layer_norm_fold"
+            recipe = (kind, extra)
+        k = len(scales)
+        ctx.state = (k, scales, dtype, x.dtype, x_shape, tuple(t.dtype for t in tensors[2::4]), recipe)  # type: ignore[union-attr]
+        ctx.set_materialize_grads(False)  # an output nobody read gets no zero-filled gradient
+        # the A's, not their concatenation: a parameter costs no bytes, a new tensor would
+        ctx.save_for_backward(u, *tensors[2::4], *weights, *lora_bs, *input_tensors)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        k, scales, dtype, x_dtype, x_shape, param_dtypes, recipe = ctx.state
+        u, *rest = ctx.saved_tensors
+        lora_as, weights, lora_bs, inputs = rest[:k], rest[k : 2 * k], rest[2 * k : 3 * k], tuple(rest[3 * k :])
+        n = u.shape[0]
+        dys = [None if dy is None else cast(dy.reshape(n, dy.shape[-1]), dtype) for dy in grad_outs]
+        g = torch.cat([u.new_zeros(n, b.shape[1]) if dy is None else torch.mm(dy, b).mul_(s) for dy, b, s in zip(dys, lora_bs, scales)], 1)
+        need_x = ctx.needs_input_grad[0]
+        grad_x = None
+        if need_x:
+            grad_x = torch.mm(g, cast(torch.cat(lora_as), dtype))
+            for dy, w in zip(dys, weights):
+                if dy is not None:
+                    grad_x.addmm_(dy, w)
+            grad_x = cast(grad_x, x_dtype).view(x_shape)
+        if recipe is not None and recipe[0] == "layer_norm_fold":
+            grad_a_cat = layer_norm_grad_a(g, inputs, recipe[1])
+        else:
+            x = inputs[0] if recipe is None else replay(recipe[0], inputs, recipe[1])
+            grad_a_cat = torch.mm(g.t(), cast(x.reshape(n, x.shape[-1]), dtype))
+        grads: list[torch.Tensor | None] = []
+        offset = 0
+        for i, (dy, b, s) in enumerate(zip(dys, lora_bs, scales)):
+            r = b.shape[1]
+            grad_a = cast(grad_a_cat[offset : offset + r], param_dtypes[i])
+            grad_b = None if dy is None else cast(torch.mm(dy.t(), u[:, offset : offset + r]).mul_(s), param_dtypes[i])
+            grads += [None, None, grad_a, grad_b]
+            offset += r
+        return (grad_x, None, None, *grads)

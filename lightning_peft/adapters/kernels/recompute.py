@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 Recipe = tuple[str, tuple[torch.Tensor, ...], Any]
+#: autograd node types whose saved tensors determine their output (the recipes below)
+RECIPE_PRODUCERS = frozenset({"NativeLayerNormBackward0", "GeluBackward0", "SiluBackward0", "MulBackward0"})
 
 
 def saved_tensor(node: Any, name: str) -> torch.Tensor | None:
@@ -36,10 +38,12 @@ def input_recipe(x: torch.Tensor) -> Recipe | None:
     node = x.grad_fn
     if node is None:
         return None
+    kind = type(node).__name__
+    if kind not in RECIPE_PRODUCERS:  # the common miss: decided by one set lookup
+        return None
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if hooks is not None and not getattr(hooks[0], "_lightning_peft_transparent", False):
         return None
-    kind = type(node).__name__
     if kind == "NativeLayerNormBackward0":
         inp, mean, rstd = (saved_tensor(node, n) for n in ("_saved_input", "_saved_result1", "_saved_result2"))
         if inp is None or mean is None or rstd is None:
