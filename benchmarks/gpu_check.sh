@@ -1,21 +1,67 @@
 #!/usr/bin/env bash
-# The GPU measurements still owed by issues 2 and 3, as one prepared run for a device session
-# (about 6 minutes on one H200 once the machine is up). Results go to $OUT (default
-# /tmp/gpu_check); copy them to benchmarks/results/ and docs/ after reading them.
+# Issue 17's GPU measurements as one prepared run for a device session (about 8 minutes on one
+# H200 once the machine is up; every step has its own timeout and lora_step.py rewrites its JSON
+# after every model, so a step cut short still leaves the models it finished):
 #
-#   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
+#   * ViT-S/16 and ViT-B/16, batch 128, img 224 (fp32 weights, bf16 autocast): frozen-base limit,
+#     ours, peft, eager and compiled (each transformer block compiled, mode="reduce-overhead":
+#     CUDA graphs, for these host-bound models);
+#   * Llama-1.1B, 8 x 2048 tokens (bf16 weights): the same, compiled in the default mode (this
+#     model is bound by its matmuls, not by the host: CUDA graphs would only cost memory).
+#
+# Results go to $OUT (default /tmp/gpu_check); copy them to benchmarks/results/ and the figures to
+# docs/compile.md after reading them.
+#
+#   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh          # H200
+#   bash benchmarks/gpu_check.sh --dry                       # print the commands, run nothing
+#   bash benchmarks/gpu_check.sh --quick                     # the same steps on CPU, tiny shapes (a smoke run)
 set -uo pipefail
+MODE=gpu
+case "${1:-}" in
+  --dry) MODE=dry ;;
+  --quick) MODE=quick ;;
+  "") ;;
+  *) echo "usage: $0 [--dry|--quick]" >&2; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-export PYTHONPATH=. HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python -c "import torch, timm, transformers, peft; print(torch.__version__, timm.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
+export PYTHONPATH=${PYTHONPATH:-.} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+EAGER=frozen,ours,peft
+COMPILED=frozen_compiled,ours_compiled,peft_compiled
 
-# issue 2: LoRA step vs the frozen-base limit and peft (ViT-S, ViT-B, Llama 1.1B), ~2 min
-timeout 300 python benchmarks/lora_step.py --device cuda --out "$OUT/lora_step_cuda.json" > "$OUT/lora_step.log" 2>&1
-echo "lora_step rc=$?"; grep -E "^(ours|peft|frozen|full)|summary" "$OUT/lora_step.log"
+if [ "$MODE" != quick ]; then  # the H200 run (--dry prints it)
+  DEV=(--device cuda)
+  VIT=(--models vit_s,vit_b --repeats 8 --warmup 3 --compile-mode reduce-overhead)
+  LLAMA=(--models llama --repeats 6 --warmup 3)
+  LLAMA_VARIANTS=frozen,ours,peft,peft_bf16,frozen_compiled,ours_compiled,peft_compiled
+  T_VIT=300 T_LLAMA=270
+else  # CPU smoke run: the same steps and flags at tiny shapes, one timed round
+  DEV=(--device cpu --quick --threads 2)
+  VIT=(--models vit_s --img 32 --batch 2 --repeats 1 --warmup 1)
+  LLAMA=(--models llama --seq 32 --repeats 1 --warmup 1)
+  LLAMA_VARIANTS=frozen,ours,frozen_compiled,ours_compiled
+  EAGER=frozen,ours COMPILED=frozen_compiled,ours_compiled
+  T_VIT=600 T_LLAMA=600
+fi
 
-# issue 3: adaptive checkpointing Pareto points (static plans + adaptive at 50 % / 70 %), < 3 min
-timeout 300 python benchmarks/adaptive_checkpoint.py --device cuda --quick \
-  --out "$OUT/adaptive_checkpoint_cuda.json" --png "$OUT/adaptive_checkpointing_cuda.png" > "$OUT/adaptive.log" 2>&1
-echo "adaptive_checkpoint rc=$?"; tail -30 "$OUT/adaptive.log"
+run() {  # run NAME TIMEOUT ARGS...: one lora_step.py invocation, its log in $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  local cmd=(timeout "$limit" python benchmarks/lora_step.py "$@" --out "$OUT/$name.json")
+  echo "+ ${cmd[*]}"
+  [ "$MODE" = dry ] && return 0
+  "${cmd[@]}" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$?"
+  grep -E "^(frozen|ours|peft)|summary|ERROR" "$OUT/$name.log"
+}
+
+if [ "$MODE" = gpu ]; then
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+fi
+[ "$MODE" = dry ] || python -c "import torch, timm, transformers, peft; print(torch.__version__, timm.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
+
+# ViT-S/16 and ViT-B/16 at batch 128: eager and compiled (reduce-overhead) in one interleaved run
+run lora_step_cuda_vit "$T_VIT" "${DEV[@]}" "${VIT[@]}" --variants "$EAGER,$COMPILED"
+# Llama-1.1B at 8 x 2048: eager and compiled (default mode)
+run lora_step_cuda_llama "$T_LLAMA" "${DEV[@]}" "${LLAMA[@]}" --variants "$LLAMA_VARIANTS"
+echo "results in $OUT"

@@ -97,6 +97,7 @@ class LoRALinear(AdapterLayer):
         self.spec = spec if spec is not None else LoRA(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
         self._fused = type(base_layer).forward is nn.Linear.forward
         self.dequantize_without_grad = False  # set by QLoRA for widths its CPU kernel cannot run
+        self.merged = False  # in the instance dict from the start: torch.compile's guard on it survives merge + unmerge
         self._original_weight: torch.Tensor | None = None
         self._merged_module: nn.Module | None = None
         self._group: SharedInputGroup | None = None  # set by LoRA.attach (not a submodule: files stay per layer)
