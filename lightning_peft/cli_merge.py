@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
-from collections import Counter
 import json
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -352,7 +352,8 @@ def merge(argv: list[str]) -> dict[str, Any]:
         "probe": probe[0] if probe is not None else f"each adapter layer on random inputs [4, in_features] ({len(reference)} layers)",
         "max_abs_diff": diffs[worst],
         "tolerance": tols[worst],
-        "tolerance_rule": "max |merged - adapted| <= tol * max(1, max |adapted|); tol 1e-4 (float32), 2e-2 (bfloat16/float16 outputs or dequantized weights)",
+        "tolerance_rule": "max |merged - adapted| <= tol * max(1, max |adapted|); tol 1e-4 (float32), "
+        "2e-2 (bfloat16/float16 outputs or dequantized weights)",
         "base_fingerprint": meta["base_fingerprint"],
     }
 
@@ -377,7 +378,11 @@ def merge(argv: list[str]) -> dict[str, Any]:
     quant = (
         f"; {dequantized} quantized layers were dequantized (from {dequant_dtype}) and merged into the dense weights" if dequantized else ""
     )
-    extra_note = f"; trained modules outside the model in {EXTRA_NAME}: {sorted({k.rsplit('.', 1)[0] for k in extra})}" if extra and not is_config else ""
+    extra_note = (
+        f"; trained modules outside the model in {EXTRA_NAME}: {sorted({k.rsplit('.', 1)[0] for k in extra})}"
+        if extra and not is_config
+        else ""
+    )
     print(
         f"lightning-peft merge: {len(names)} {'/'.join(kinds)} layers merged into {base.name}{quant}\n"
         f"  verified on {info['probe']}: max |merged - adapted| = {diffs[worst]:.3g} <= {tols[worst]:.3g}\n"

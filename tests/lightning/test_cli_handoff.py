@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -183,7 +182,9 @@ def test_merge_qlora_merges_into_the_dequantized_weights(tmp_path, capsys):
     model = TextClassifier(config=dict(TINY_BERT), num_classes=3, encoder_dropout=0.0)
     base = tmp_path / "base"
     model.encoder.save_pretrained(str(base))
-    apply_adapter(model, QLoRA(rank=4, alpha=8, target_modules=["query", "value"], compute_dtype="float32"), trainable_modules=["classifier"])
+    apply_adapter(
+        model, QLoRA(rank=4, alpha=8, target_modules=["query", "value"], compute_dtype="float32"), trainable_modules=["classifier"]
+    )
     _randomize_adapter(model, seed=1)
     export = save_adapter(model, tmp_path / "export")
     out = tmp_path / "merged"
