@@ -3,6 +3,8 @@
     lightning-peft fit --config configs/quickstart.yaml
     lightning-peft fit --config configs/vit_digits.yaml --trainer.max_steps=20
     lightning-peft fit --config configs/quickstart.yaml --test_after_fit false
+    lightning-peft merge --base <model dir | config.yaml> --adapter <export dir> --out <dir>
+    lightning-peft inspect <export dir | checkpoint> [--json]
 
 Any LightningModule / LightningDataModule can be named with ``class_path`` (``model:`` and
 ``data:``); adapters come from ``lightning_peft.AdapterCallback`` in ``trainer.callbacks``.
@@ -143,9 +145,25 @@ def cli_main(args: Any = None, run: bool = True) -> LightningPEFTCLI:
         raise SystemExit(2) from None
 
 
+#: hand-off commands, dispatched before LightningCLI (which owns fit/validate/test/predict)
+HANDOFF_COMMANDS = ("merge", "inspect")
+
+
 def main(args: Any = None) -> None:
     """Console-script entry point (``lightning-peft``). Returns nothing so that the script's
-    ``sys.exit(main())`` exits with status 0."""
+    ``sys.exit(main())`` exits with status 0. ``merge`` and ``inspect`` go to
+    :mod:`lightning_peft.cli_merge` / :mod:`lightning_peft.cli_inspect`, the rest to LightningCLI."""
+    argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+    if argv and argv[0] in HANDOFF_COMMANDS:
+        if argv[0] == "merge":
+            from lightning_peft.cli_merge import main as merge_main
+
+            merge_main(argv[1:])
+        else:
+            from lightning_peft.cli_inspect import main as inspect_main
+
+            inspect_main(argv[1:])
+        return
     cli_main(args)
 
 

@@ -54,7 +54,7 @@ RANKS: dict[str, int] = {
         3,
     ),
     **dict.fromkeys(["callbacks", "strategies", "modules", "datamodules"], 4),
-    **dict.fromkeys(["cli", "cli_errors"], 5),
+    **dict.fromkeys(["cli", "cli_errors", "cli_handoff", "cli_merge", "cli_inspect"], 5),
     **dict.fromkeys(["rl", "rl_tasks", "policy_library"], 6),
 }
 # re-export shims of moved RL modules, ranked as what they point to

@@ -84,13 +84,15 @@ def test_quickstart_settings():
     lora = adapter_cb.init_args.adapter
     assert lora.class_path.endswith("LoRA")
     assert lora.init_args.rank == 8 and lora.init_args.alpha == 16
-    assert lora.init_args.target_modules == ["query", "value"]
+    # query/value of the top 3 of MiniLM's 6 layers (backward stops at layer 3)
+    assert lora.init_args.target_modules == [r"re:encoder\.encoder\.layer\.[3-5]\.attention\.self\.(query|value)"]
     assert adapter_cb.init_args.trainable_modules == ["classifier"]
     assert adapter_cb.init_args.export_dir == "adapter"
     assert any(c.class_path.endswith("ModelCheckpoint") and c.init_args.monitor == "val_acc" for c in callbacks)
     assert cfg.model.init_args.lr == 0.002 and cfg.model.init_args.pooling == "mean"
     assert cfg.data.init_args.batch_size == 32 and cfg.data.init_args.max_length == 128
-    assert cfg.trainer.max_epochs == 2 and cfg.trainer.default_root_dir == "runs/quickstart"
+    assert cfg.trainer.max_epochs == 1 and cfg.trainer.num_sanity_val_steps == 0
+    assert cfg.trainer.default_root_dir == "runs/quickstart"
     assert cfg.trainer.enable_progress_bar is True
 
 
