@@ -286,7 +286,7 @@ def _bake(model: nn.Module, names: list[str]) -> tuple[int, str | None]:
 def merge(argv: list[str]) -> dict[str, Any]:
     """``lightning-peft merge ...`` (``argv`` without the ``merge``); returns what
     ``merge_info.json`` records."""
-    from lightning_peft.io import EXTRA_NAME, _atomic_write_dir, adapter_layers, load_adapter, read_adapter
+    from lightning_peft.io import EXTRA_NAME, adapter_layers, atomic_write_dir, load_adapter, read_adapter
 
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
@@ -374,7 +374,7 @@ def merge(argv: list[str]) -> dict[str, Any]:
         info["seconds"] = round(time.perf_counter() - start, 2)
         (tmp / "merge_info.json").write_text(json.dumps(info, indent=2))
 
-    _atomic_write_dir(out, write)
+    atomic_write_dir(out, write)
     quant = (
         f"; {dequantized} quantized layers were dequantized (from {dequant_dtype}) and merged into the dense weights" if dequantized else ""
     )

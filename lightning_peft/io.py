@@ -265,7 +265,7 @@ def atomic_write_file(path: str | os.PathLike[str], write: Any) -> Path:
     return path
 
 
-def _atomic_write_dir(path: Path, write: Any) -> None:
+def atomic_write_dir(path: Path, write: Any) -> None:
     """``write(tmp_dir)``, fsync, then swap ``tmp_dir`` in for ``path``; on any failure the
     previous ``path`` stays as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -390,7 +390,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         state = layer.peft_state_dict() if peft_config is not None else layer.adapter_state_dict()
         tensors.update({PEFT_PREFIX + _relative(name, root) + "." + key: value for key, value in state.items()})
     out = Path(path)
-    _atomic_write_dir(out, functools.partial(_write_export, tensors=tensors, outside=outside, meta=meta, config=config))
+    atomic_write_dir(out, functools.partial(_write_export, tensors=tensors, outside=outside, meta=meta, config=config))
     return out
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_peft.io import _atomic_write_dir, atomic_write_file
+from lightning_peft.io import atomic_write_dir, atomic_write_file
 
 __all__ = [
     "ADAPTER_DIR",
@@ -72,7 +72,7 @@ def install_dir(staged: Path, dest: Path) -> None:
             if file.is_file() and not file.is_symlink():
                 shutil.copyfile(file, tmp / file.name)
 
-    _atomic_write_dir(dest, copy)
+    atomic_write_dir(dest, copy)
 
 
 def library_path(root: Path, rel: Any, what: str) -> Path:
