@@ -234,16 +234,7 @@ class DoRA(LoRA):
 
     def wrap(self, name: str, module: nn.Module) -> nn.Module:
         self.check(name, module)
-        return DoRALinear(
-            module,
-            rank=self.rank_for(name),
-            alpha=self.alpha_for(name),
-            dropout=self.dropout,
-            use_rslora=self.use_rslora,
-            init=self.init,
-            recompute_input=self.recompute_input,
-            spec=self,
-        )
+        return DoRALinear(module, **self.layer_kwargs(name))
 
 
 class QDoRA(QLoRA):
@@ -258,13 +249,5 @@ class QDoRA(QLoRA):
 
     def wrap(self, name: str, module: nn.Module) -> nn.Module:
         self.check(name, module)
-        return DoRALinear(  # without grad on the CPU it runs a dense matmul (see forward): no width limits
-            self.quantize(module),
-            rank=self.rank_for(name),
-            alpha=self.alpha_for(name),
-            dropout=self.dropout,
-            use_rslora=self.use_rslora,
-            init=self.init,
-            recompute_input=self.recompute_input,
-            spec=self,
-        )
+        # without grad on the CPU it runs a dense matmul (see forward): no width limits
+        return DoRALinear(self.quantize(module), **self.layer_kwargs(name))

@@ -407,6 +407,18 @@ class LoRA(AdapterSpec):
             grouped += members
         return [_UngroupHandle(grouped)] if grouped else []
 
+    def layer_kwargs(self, name: str) -> dict[str, Any]:
+        """The ``LoRALinear`` arguments this spec gives module ``name`` (QLoRA, DoRA, QDoRA too)."""
+        return {
+            "rank": self.rank_for(name),
+            "alpha": self.alpha_for(name),
+            "dropout": self.dropout,
+            "use_rslora": self.use_rslora,
+            "init": self.init,
+            "recompute_input": self.recompute_input,
+            "spec": self,
+        }
+
     def wrap(self, name: str, module: nn.Module) -> nn.Module:
         # lora_mha imports this module: import it where it is used
         from lightning_peft.adapters.lora_mha import wrap_attention
@@ -415,13 +427,4 @@ class LoRA(AdapterSpec):
         if attention is not None:
             return attention
         self.check(name, module)
-        return LoRALinear(
-            module,
-            rank=self.rank_for(name),
-            alpha=self.alpha_for(name),
-            dropout=self.dropout,
-            use_rslora=self.use_rslora,
-            init=self.init,
-            recompute_input=self.recompute_input,
-            spec=self,
-        )
+        return LoRALinear(module, **self.layer_kwargs(name))

@@ -122,16 +122,7 @@ class QLoRA(LoRA):
 
     def wrap(self, name: str, module: nn.Module) -> nn.Module:
         self.check(name, module)
-        layer = LoRALinear(
-            self.quantize(module),
-            rank=self.rank_for(name),
-            alpha=self.alpha_for(name),
-            dropout=self.dropout,
-            use_rslora=self.use_rslora,
-            init=self.init,
-            recompute_input=self.recompute_input,
-            spec=self,
-        )
+        layer = LoRALinear(self.quantize(module), **self.layer_kwargs(name))
         # bitsandbytes' CPU 4-bit inference kernel (taken under no_grad, e.g. in validation) only
         # handles in_features % 64 == 0 and out_features % 32 == 0 and fails with a bare assertion
         # otherwise: such layers run a dequantized matmul there instead
