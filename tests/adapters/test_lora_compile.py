@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers.models.llama.modeling_llama as llama
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from lightning_peft import LoRA, apply_adapter
 from lightning_peft.adapters.lora import LoRALinear
-
-timm = pytest.importorskip("timm")
-llama = pytest.importorskip("transformers.models.llama.modeling_llama")
 
 
 @pytest.fixture(autouse=True)

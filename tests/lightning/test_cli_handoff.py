@@ -173,7 +173,6 @@ def test_merge_refuses_a_base_that_is_neither_model_nor_config(trained, tmp_path
 
 
 def test_merge_qlora_merges_into_the_dequantized_weights(tmp_path, capsys):
-    pytest.importorskip("bitsandbytes")  # the [quant] extra; CI installs it
     from transformers import AutoModel
 
     from lightning_peft import QLoRA
