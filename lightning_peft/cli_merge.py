@@ -116,23 +116,44 @@ def _has_module(root: nn.Module, name: str) -> bool:
     return True
 
 
+def _registered_architecture(name: object) -> type:
+    """The transformers class ``config.json``'s ``architectures`` names, only if transformers' own
+    auto-class registry lists it (its model mappings); ``AutoModel`` for anything else, so a
+    file never picks an arbitrary attribute of the package."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    known = {
+        cls_name
+        for mapping_name in dir(modeling_auto)
+        if mapping_name.startswith("MODEL_") and mapping_name.endswith("_MAPPING_NAMES")
+        for value in getattr(modeling_auto, mapping_name).values()
+        for cls_name in (value if isinstance(value, (tuple, list)) else (value,))
+    }
+    if isinstance(name, str) and name in known:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModel
+
+
 def _load_transformers(base: Path) -> nn.Module:
     from lightning_peft.datamodules.text import hub_offline
 
     hub_offline()
-    import transformers
 
     try:
         config = json.loads((base / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise HandoffError(f"--base {str(base)!r}: config.json is unreadable ({err})") from err
     names = config.get("architectures") or [] if isinstance(config, dict) else []
-    # a class of transformers' own namespace only (never a class a file names elsewhere)
-    cls = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        cls = transformers.AutoModel
+    cls = _registered_architecture(names[0] if names else None)
+    if not (base / "model.safetensors").is_file() and not (base / "model.safetensors.index.json").is_file():
+        # pytorch_model.bin is a pickle: a file that could run code is never read
+        raise HandoffError(f"--base {str(base)!r} has no model.safetensors; save the base with save_pretrained (safetensors)")
     try:
-        return cls.from_pretrained(str(base), local_files_only=True).eval()
+        # safetensors only, and never code shipped with the model directory
+        return cls.from_pretrained(str(base), local_files_only=True, use_safetensors=True, trust_remote_code=False).eval()
     except Exception as err:  # noqa: BLE001 - transformers raises OSError/ValueError/EnvironmentError variants
         raise HandoffError(f"--base {str(base)!r} could not be loaded as a transformers model ({type(err).__name__}: {err})") from err
 

@@ -275,3 +275,27 @@ def test_merge_minilm_export(tmp_path, capsys):
     batch = _batch(vocab=1000)
     with torch.no_grad():
         _close(AutoModel.from_pretrained(str(out)).eval()(**batch).last_hidden_state, model.eval().encoder(**batch).last_hidden_state)
+
+
+def test_merge_never_reads_a_pickled_base_or_a_class_the_file_names(trained, tmp_path, capsys):
+    """A crafted base directory: config.json names something outside transformers' model
+    registry and the weights are a pickle whose loading would run ``os.system``."""
+    import transformers
+
+    from lightning_peft.cli_merge import _registered_architecture
+
+    assert _registered_architecture("BertModel") is transformers.BertModel
+    for name in ("logging", "PreTrainedModel", "os.system", 3, None):
+        assert _registered_architecture(name) is transformers.AutoModel
+
+    base, export, _ = trained
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    config = json.loads((base / "config.json").read_text())
+    config["architectures"] = ["logging"]
+    (crafted / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran"
+    torch.save({"evil": functools.partial(os.system, f"touch {marker}")}, crafted / "pytorch_model.bin")
+    code, _, err = _run(["merge", "--base", str(crafted), "--adapter", str(export), "--out", str(tmp_path / "out")], capsys)
+    _assert_refused(code, err, "model.safetensors")
+    assert not marker.exists() and not (tmp_path / "out").exists()
