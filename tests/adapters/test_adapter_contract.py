@@ -91,6 +91,12 @@ def test_every_spec_declares_training_callbacks_and_check():
         assert callable(cls.check) and callable(cls.retargeted)
 
 
+def _frozen_rms_norm(d):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return LlamaRMSNorm(d).requires_grad_(False)
+
+
 @pytest.mark.parametrize(
     ("producer", "kind"),
     [
@@ -98,6 +104,7 @@ def test_every_spec_declares_training_callbacks_and_check():
         (nn.functional.gelu, "gelu"),
         (nn.functional.silu, "silu"),
         (lambda h: h * h.detach().sigmoid().requires_grad_(), "mul"),
+        (lambda h: _frozen_rms_norm(h.shape[-1])(h), "rms_norm"),
     ],
 )
 def test_input_recipes_are_found_in_this_torch(producer, kind):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_peft.adapters.kernels import recompute
 from lightning_peft.adapters.lora import LoRA, LoRALinear, lora_forward
 
 
@@ -27,7 +28,10 @@ def make_layer(d_in=16, d_out=12, rank=4, dtype=torch.float64, **kwargs):
     [lambda x: x, F.gelu, F.silu, lambda x: F.layer_norm(x, x.shape[-1:]), lambda x: F.silu(x) * x.cos()],
     ids=["leaf", "gelu", "silu", "layernorm", "mul"],
 )
-def test_forward_and_gradients_match_reference(producer):
+@pytest.mark.parametrize("chunk_elements", [None, 64], ids=["whole", "chunked"])
+def test_forward_and_gradients_match_reference(producer, chunk_elements, monkeypatch):
+    if chunk_elements is not None:  # 64 elements = 4 rows of 16: 15 rows replay in 4 chunks, one partial
+        monkeypatch.setattr(recompute, "REPLAY_CHUNK_ELEMENTS", chunk_elements)
     layer = make_layer()
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
     params = [x, layer.lora_A.weight, layer.lora_B.weight]
@@ -37,6 +41,28 @@ def test_forward_and_gradients_match_reference(producer):
     grad = torch.randn_like(ref)
     for g_ours, g_ref in zip(torch.autograd.grad(ours, params, grad), torch.autograd.grad(ref, params, grad)):
         torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_chunked_replay_never_materialises_the_whole_input(monkeypatch):
+    """On CPU, dA's replay of an elementwise producer runs in row chunks into one reused buffer
+    (one [r, d] result accumulated), so no [N, d] copy of the input is made in backward."""
+    monkeypatch.setattr(recompute, "REPLAY_CHUNK_ELEMENTS", 64)
+    buffers, real_gelu = [], recompute._REPLAY_INTO["gelu"]
+
+    def spy(tensors, extra, out):
+        buffers.append((out.shape[0], out.untyped_storage().data_ptr()))
+        return real_gelu(tensors, extra, out)
+
+    def whole(*args):
+        raise AssertionError("the whole input was replayed")
+
+    monkeypatch.setitem(recompute._REPLAY_INTO, "gelu", spy)
+    monkeypatch.setattr(recompute, "replay", whole)
+    layer = make_layer()
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    layer(F.gelu(x)).sum().backward()
+    assert [rows for rows, _ in buffers] == [4, 4, 4, 3]  # 15 rows, chunks of 64 // 16 = 4
+    assert len({ptr for _, ptr in buffers}) == 1  # one buffer, reused
 
 
 def test_gradcheck_fused_and_unfused():
@@ -111,6 +137,38 @@ def test_input_recompute_saves_the_input_and_gives_identical_gradients():
     assert saved_without - saved_with == x.numel() * x.element_size()  # the GELU output is not kept
     for a, b in zip(grads_with, grads_without):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_input_is_recomputed_not_saved(dtype):
+    """A frozen RMSNorm (transformers' Llama one: ``w * (h * rsqrt(mean h^2 + eps)).to(dtype)``)
+    saves only ``w`` for its output's product; LoRA recomputes its input from the norm's input
+    and ``rstd`` (folded into dA's GEMM in fp32, replayed with the cast in 16-bit) instead of
+    keeping a copy, with the gradients of a layer that keeps it. (In fp64 the norm computes in
+    fp32 and casts back: a cast whose dtype autograd does not record, so that input is kept.)"""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lightning_peft.memory import SavedTensorMeter
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64).to(dtype).requires_grad_(False)
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
+    x = torch.randn(3, 11, 64, dtype=dtype, requires_grad=True)
+    results = {}
+    for recompute in (True, False):
+        torch.manual_seed(1)
+        layer = LoRALinear(nn.Linear(64, 48).to(dtype).requires_grad_(False), 4, 8.0, recompute_input=recompute)
+        nn.init.normal_(layer.lora_B.weight)
+        with SavedTensorMeter(layer) as meter:
+            y = layer(norm(x))
+        grads = torch.autograd.grad(y.float().square().sum(), [x, layer.lora_A.weight, layer.lora_B.weight])
+        results[recompute] = (meter.bytes, y, grads)
+    (saved_with, y_with, grads_with), (saved_without, y_without, grads_without) = results[True], results[False]
+    assert saved_without - saved_with == x.numel() * x.element_size()  # the norm's output is not kept
+    torch.testing.assert_close(y_with, y_without, rtol=0, atol=0)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 0}[dtype]  # bf16: the very values saved, replayed
+    for a, b in zip(grads_with, grads_without):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
 
 
 def test_recompute_is_disabled_under_checkpointing():

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from lightning_peft.adapters.dtypes import compute_dtype
-from lightning_peft.adapters.kernels.recompute import cast, input_recipe, layer_norm_grad_a, replay
+from lightning_peft.adapters.kernels.recompute import cast, fold_kind, input_recipe, recipe_grad, replay
 
 _is_any_autocast_enabled = torch._C._is_any_autocast_enabled  # one global flag read
 
@@ -68,10 +68,8 @@ class LoRAFunction(torch.autograd.Function):
             input_tensors: tuple[torch.Tensor, ...] = (x,)
         else:
             kind, input_tensors, extra = recipe
-            # a LayerNorm input in fp32 folds into dA's GEMM (no replay); else replay in backward
-            if kind == "layer_norm" and mask is None and input_tensors[0].dtype == torch.float32:
-                kind = "layer_norm_fold"
-            recipe = (kind, extra)
+            # a norm's fp32 input folds into dA's GEMM (no replay); else replay in backward
+            recipe = (fold_kind(kind, input_tensors, extra, mask is not None), extra)
         ctx.state = (w is not None, mask is not None, scale, dropout, dtype, x.dtype, x_shape, lora_a.dtype, lora_b.dtype, recipe)
         if w is not None:
             if mask is not None:
@@ -110,8 +108,8 @@ class LoRAFunction(torch.autograd.Function):
             if len(x_shape) != 2:
                 grad_x = grad_x.view(x_shape)
         if need_a or need_w:
-            if recipe is not None and recipe[0] == "layer_norm_fold":
-                grad_a = layer_norm_grad_a(g, tuple(rest), recipe[1])
+            if recipe is not None and mask is None and not need_w:
+                grad_a = recipe_grad(g, recipe[0], tuple(rest), recipe[1], dtype)
             else:
                 x = rest[0] if recipe is None else replay(recipe[0], tuple(rest), recipe[1])
                 xc = cast(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), dtype)
@@ -181,9 +179,7 @@ class SharedInputLoRAFunction(torch.autograd.Function):
             input_tensors: tuple[torch.Tensor, ...] = (x,)
         else:
             kind, input_tensors, extra = recipe
-            if kind == "layer_norm" and input_tensors[0].dtype == torch.float32:
-                kind = "layer_norm_fold"
-            recipe = (kind, extra)
+            recipe = (fold_kind(kind, input_tensors, extra, False), extra)
         k = len(scales)
         ctx.state = (k, scales, dtype, x.dtype, x_shape, tuple(t.dtype for t in tensors[2::4]), recipe)  # type: ignore[union-attr]
         ctx.set_materialize_grads(False)  # an output nobody read gets no zero-filled gradient
@@ -207,11 +203,10 @@ class SharedInputLoRAFunction(torch.autograd.Function):
                 if dy is not None:
                     grad_x.addmm_(dy, w)
             grad_x = cast(grad_x, x_dtype).view(x_shape)
-        if recipe is not None and recipe[0] == "layer_norm_fold":
-            grad_a_cat = layer_norm_grad_a(g, inputs, recipe[1])
+        if recipe is not None:
+            grad_a_cat = recipe_grad(g, recipe[0], inputs, recipe[1], dtype)
         else:
-            x = inputs[0] if recipe is None else replay(recipe[0], inputs, recipe[1])
-            grad_a_cat = torch.mm(g.t(), cast(x.reshape(n, x.shape[-1]), dtype))
+            grad_a_cat = torch.mm(g.t(), cast(inputs[0].reshape(n, inputs[0].shape[-1]), dtype))
         grads: list[torch.Tensor | None] = []
         offset = 0
         for i, (dy, b, s) in enumerate(zip(dys, lora_bs, scales)):

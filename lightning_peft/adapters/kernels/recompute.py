@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 Recipe = tuple[str, tuple[torch.Tensor, ...], Any]
 #: autograd node types whose saved tensors determine their output (the recipes below)
-RECIPE_PRODUCERS = frozenset({"NativeLayerNormBackward0", "GeluBackward0", "SiluBackward0", "MulBackward0"})
+RECIPE_PRODUCERS = frozenset({"NativeLayerNormBackward0", "GeluBackward0", "SiluBackward0", "MulBackward0"})  # Mul: also RMSNorm
 
 
 def saved_tensor(node: Any, name: str) -> torch.Tensor | None:
@@ -59,8 +59,38 @@ def input_recipe(x: torch.Tensor) -> Recipe | None:
         return None if inp is None else ("silu", (inp,), None)
     if kind == "MulBackward0":
         a, b = saved_tensor(node, "_saved_self"), saved_tensor(node, "_saved_other")
-        return None if a is None or b is None else ("mul", (a, b), None)
+        if a is not None and b is not None:
+            return "mul", (a, b), None
+        return rms_norm_recipe(x, node, a, b)
     return None
+
+
+def rms_norm_recipe(x: torch.Tensor, node: Any, a: torch.Tensor | None, b: torch.Tensor | None) -> Recipe | None:
+    """``x = w * cast(h * rstd)``: an RMSNorm (Llama, Mistral, Qwen, T5) with a frozen weight.
+
+    Its outer product saved only the weight ``w [d]`` (the normalised side is not needed for a
+    frozen ``w``); the inner product ``h * rstd`` saved the norm's input ``h`` and ``rstd
+    [..., 1]``. The cast between them (``.to(input_dtype)``, a ``ToCopyBackward0`` that records no
+    dtype) is known only when ``x`` and ``w`` share a 16-bit dtype: promotion then leaves no other
+    choice for the cast's dtype, so any other cast is not recomputed."""
+    weight, side = (a, 1) if b is None else (b, 0)  # the saved factor is the weight; the other side is the norm
+    if weight is None or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        return None
+    inner = node.next_functions[side][0]
+    cast_to = None
+    if type(inner).__name__ == "ToCopyBackward0":
+        if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16):
+            return None
+        cast_to, inner = x.dtype, inner.next_functions[0][0]
+    if type(inner).__name__ != "MulBackward0":
+        return None
+    p, q = saved_tensor(inner, "_saved_self"), saved_tensor(inner, "_saved_other")
+    if p is None or q is None:
+        return None
+    h, rstd = (p, q) if q.dim() == p.dim() and q.shape[-1] == 1 else (q, p)
+    if h.shape != x.shape or rstd.shape != (*x.shape[:-1], 1):
+        return None
+    return "rms_norm", (h, rstd, weight), cast_to
 
 
 def replay(kind: str, tensors: tuple[torch.Tensor, ...], extra: Any) -> torch.Tensor:
@@ -73,11 +103,71 @@ def replay(kind: str, tensors: tuple[torch.Tensor, ...], extra: Any) -> torch.Te
         if has_bias:
             out = out + affine.pop(0)
         return out
+    if kind == "rms_norm":
+        h, rstd, weight = tensors
+        normed = h * rstd
+        return weight * (normed if extra is None else normed.to(extra))
     if kind == "gelu":
         return F.gelu(tensors[0], approximate=extra)
     if kind == "silu":
         return F.silu(tensors[0])
     return tensors[0] * tensors[1]  # mul
+
+
+#: elements of one replayed chunk on CPU: the chunk buffer stays in a core's L2 cache (2 MiB on
+#: the machine measured) where a whole ``[N, d]`` replay is a fresh allocation each backward
+REPLAY_CHUNK_ELEMENTS = 1 << 17
+
+_REPLAY_INTO = {
+    "gelu": lambda tensors, extra, out: torch._C._nn.gelu(tensors[0], approximate=extra, out=out),
+    "silu": lambda tensors, extra, out: torch._C._nn.silu(tensors[0], out=out),
+    "mul": lambda tensors, extra, out: torch.mul(tensors[0], tensors[1], out=out),
+}
+
+
+def replay_grad(g: torch.Tensor, kind: str, tensors: tuple[torch.Tensor, ...], extra: Any, dtype: torch.dtype) -> torch.Tensor:
+    """``g^T x`` (``g [N, r]``, ``x [N, d]`` the replayed input, in ``dtype``) -> ``[r, d]``.
+
+    On CPU an elementwise recipe (GELU, SiLU, a product of same-shaped factors) is replayed in
+    row chunks into one reused ``[rows, d]`` buffer and accumulated into the ``[r, d]`` result,
+    so the ``[N, d]`` input is never materialised: the replay's arithmetic is cheap, but a whole
+    ``[N, d]`` replay is a fresh allocation that is written to memory (and, under glibc, often
+    faulted in page by page) only to be read once. Elsewhere (GPU: a caching allocator, and each
+    chunk would cost kernel launches) the input is replayed whole."""
+    d = tensors[0].shape[-1]
+    n = g.shape[0]
+    rows = max(1, REPLAY_CHUNK_ELEMENTS // d)
+    into = _REPLAY_INTO.get(kind)
+    if into is None or g.device.type != "cpu" or n <= rows or any(t.shape != tensors[0].shape or t.dtype != dtype for t in tensors):
+        x = replay(kind, tensors, extra)
+        return torch.mm(g.t(), cast(x.reshape(-1, d), dtype))
+    flat = tuple(t.reshape(-1, d) for t in tensors)
+    buffer = torch.empty(rows, d, dtype=dtype, device=g.device)
+    out = torch.mm(g[:rows].t(), into(tuple(t[:rows] for t in flat), extra, buffer))
+    for start in range(rows, n, rows):
+        stop = min(start + rows, n)
+        chunk = buffer if stop - start == rows else buffer[: stop - start]
+        out.addmm_(g[start:stop].t(), into(tuple(t[start:stop] for t in flat), extra, chunk))
+    return out
+
+
+def fold_kind(kind: str, tensors: tuple[torch.Tensor, ...], extra: Any, has_mask: bool) -> str:
+    """``kind``, or its ``*_fold`` form when ``g^T x`` can be taken from the norm's saved input
+    without replaying ``x`` (fp32, no dropout mask, no cast inside the recipe)."""
+    if has_mask or tensors[0].dtype != torch.float32:
+        return kind
+    if kind == "layer_norm" or (kind == "rms_norm" and extra is None):
+        return kind + "_fold"
+    return kind
+
+
+def recipe_grad(g: torch.Tensor, kind: str, tensors: tuple[torch.Tensor, ...], extra: Any, dtype: torch.dtype) -> torch.Tensor:
+    """``g^T x`` ``[r, d]`` for the input ``x`` a recipe describes (``fold_kind`` applied)."""
+    if kind == "layer_norm_fold":
+        return layer_norm_grad_a(g, tensors, extra)
+    if kind == "rms_norm_fold":
+        return rms_norm_grad_a(g, tensors)
+    return replay_grad(g, kind, tensors, extra, dtype)
 
 
 def layer_norm_grad_a(g: torch.Tensor, tensors: tuple[torch.Tensor, ...], extra: Any) -> torch.Tensor:
@@ -98,6 +188,13 @@ def layer_norm_grad_a(g: torch.Tensor, tensors: tuple[torch.Tensor, ...], extra:
     if has_bias:
         out.addr_(g.sum(0), affine.pop(0).reshape(d).to(out.dtype))
     return out
+
+
+def rms_norm_grad_a(g: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``g^T (w * h * rstd) = w * ((g rstd)^T h)``: one GEMM over the saved RMSNorm input."""
+    h, rstd, weight = tensors
+    d = h.shape[-1]
+    return torch.mm((g.to(h.dtype) * rstd.reshape(-1, 1)).t(), h.reshape(-1, d)).mul_(weight.reshape(1, d))
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
