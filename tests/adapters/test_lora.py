@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.adapters.kernels import recompute
+from lightning_peft.adapters.kernels import recompute as recompute_kernels
 from lightning_peft.adapters.lora import LoRA, LoRALinear, lora_forward
 
 
@@ -31,7 +31,7 @@ def make_layer(d_in=16, d_out=12, rank=4, dtype=torch.float64, **kwargs):
 @pytest.mark.parametrize("chunk_elements", [None, 64], ids=["whole", "chunked"])
 def test_forward_and_gradients_match_reference(producer, chunk_elements, monkeypatch):
     if chunk_elements is not None:  # 64 elements = 4 rows of 16: 15 rows replay in 4 chunks, one partial
-        monkeypatch.setattr(recompute, "REPLAY_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(recompute_kernels, "REPLAY_CHUNK_ELEMENTS", chunk_elements)
     layer = make_layer()
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
     params = [x, layer.lora_A.weight, layer.lora_B.weight]
@@ -46,8 +46,8 @@ def test_forward_and_gradients_match_reference(producer, chunk_elements, monkeyp
 def test_chunked_replay_never_materialises_the_whole_input(monkeypatch):
     """On CPU, dA's replay of an elementwise producer runs in row chunks into one reused buffer
     (one [r, d] result accumulated), so no [N, d] copy of the input is made in backward."""
-    monkeypatch.setattr(recompute, "REPLAY_CHUNK_ELEMENTS", 64)
-    buffers, real_gelu = [], recompute._REPLAY_INTO["gelu"]
+    monkeypatch.setattr(recompute_kernels, "REPLAY_CHUNK_ELEMENTS", 64)
+    buffers, real_gelu = [], recompute_kernels._REPLAY_INTO["gelu"]
 
     def spy(tensors, extra, out):
         buffers.append((out.shape[0], out.untyped_storage().data_ptr()))
@@ -56,8 +56,8 @@ def test_chunked_replay_never_materialises_the_whole_input(monkeypatch):
     def whole(*args):
         raise AssertionError("the whole input was replayed")
 
-    monkeypatch.setitem(recompute._REPLAY_INTO, "gelu", spy)
-    monkeypatch.setattr(recompute, "replay", whole)
+    monkeypatch.setitem(recompute_kernels._REPLAY_INTO, "gelu", spy)
+    monkeypatch.setattr(recompute_kernels, "replay", whole)
     layer = make_layer()
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
     layer(F.gelu(x)).sum().backward()
