@@ -13,6 +13,9 @@ model copy), interleaving the variants round by round so that drift and noise hi
 * ``peft_bf16``  (Llama with bf16 weights only) peft with ``autocast_adapter_dtype=False``;
 * ``plain``      (opt-in) the textbook ``base(x) + B(A(x)) * s`` modules;
 * ``dora``, ``peft_dora``  (opt-in) ``DoRA(...)`` and peft's ``use_dora=True``, same rank, alpha, targets.
+* ``ours_whole_replay``  (opt-in) ``ours`` with the CPU replay of a recomputed input done whole
+                 instead of in row chunks (``kernels.recompute.REPLAY_CHUNK_ELEMENTS``): the A/B of
+                 that choice in one run.
 * ``<variant>_compiled`` (opt-in: ``frozen_compiled``, ``ours_compiled``, ``peft_compiled`` ...)
                  the same variant with every transformer block (timm ``Block``, ``LlamaDecoderLayer``)
                  compiled by ``torch.compile`` (inductor; ``--compile-mode``), ``fullgraph=True``
@@ -42,6 +45,7 @@ loss and LoRA gradients. Results go to ``--out`` (JSON, rewritten after every mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -158,15 +162,30 @@ class Variant:
     peaks: list[int] = field(default_factory=list)
     increments: list[int] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
+    around: Callable[[], Any] = contextlib.nullcontext  # a context every step of this variant runs in
 
     def step(self) -> None:
         if self.name.endswith(COMPILED):  # a new iteration for CUDA graph trees (reduce-overhead); else a no-op
             torch.compiler.cudagraph_mark_step_begin()
-        loss = self.loss_fn()
-        loss.backward()
+        with self.around():
+            loss = self.loss_fn()
+            loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def whole_replay() -> Any:
+    """Recomputed LoRA inputs replayed whole (one ``[N, d]`` tensor), not in row chunks."""
+    from lightning_peft.adapters.kernels import recompute
+
+    chunk = recompute.REPLAY_CHUNK_ELEMENTS
+    recompute.REPLAY_CHUNK_ELEMENTS = 1 << 62
+    try:
+        yield
+    finally:
+        recompute.REPLAY_CHUNK_ELEMENTS = chunk
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -218,7 +237,7 @@ def make_variant(
         # as it must for any adapter, but not through the patch-embedding conv / token lookup
         embed = model.patch_embed if vit else model.get_input_embeddings()
         embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    elif name == "ours":
+    elif name in ("ours", "ours_whole_replay"):
         from lightning_peft import LoRA, apply_adapter
 
         targets = VIT_TARGETS if vit else LLAMA_TARGETS
@@ -262,7 +281,7 @@ def make_variant(
 
     params = trainable(model)
     optimizer = make_optimizer(params)
-    return Variant(name, model, loss_fn, optimizer)
+    return Variant(name, model, loss_fn, optimizer, around=whole_replay if name == "ours_whole_replay" else contextlib.nullcontext)
 
 
 def compile_blocks(model: nn.Module, mode: str | None, fullgraph: bool) -> int:

@@ -28,9 +28,9 @@ def make_layer(d_in=16, d_out=12, rank=4, dtype=torch.float64, **kwargs):
     [lambda x: x, F.gelu, F.silu, lambda x: F.layer_norm(x, x.shape[-1:]), lambda x: F.silu(x) * x.cos()],
     ids=["leaf", "gelu", "silu", "layernorm", "mul"],
 )
-@pytest.mark.parametrize("chunk_elements", [None, 64], ids=["whole", "chunked"])
+@pytest.mark.parametrize("chunk_elements", [None, 32], ids=["whole", "chunked"])
 def test_forward_and_gradients_match_reference(producer, chunk_elements, monkeypatch):
-    if chunk_elements is not None:  # 64 elements = 4 rows of 16: 15 rows replay in 4 chunks, one partial
+    if chunk_elements is not None:  # 32 elements = 2 rows of 16: 15 rows replay in 8 chunks, one partial
         monkeypatch.setattr(recompute_kernels, "REPLAY_CHUNK_ELEMENTS", chunk_elements)
     layer = make_layer()
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
@@ -47,7 +47,7 @@ def test_chunked_replay_never_materialises_the_whole_input(monkeypatch):
     """On CPU, dA's replay of an elementwise producer runs in row chunks into one reused buffer
     (one [r, d] result accumulated), so no [N, d] copy of the input is made in backward."""
     monkeypatch.setattr(recompute_kernels, "REPLAY_CHUNK_ELEMENTS", 64)
-    buffers, real_gelu = [], recompute_kernels._REPLAY_INTO["gelu"]
+    buffers, real_gelu, real_replay = [], recompute_kernels._REPLAY_INTO["gelu"], recompute_kernels.replay
 
     def spy(tensors, extra, out):
         buffers.append((out.shape[0], out.untyped_storage().data_ptr()))
@@ -59,10 +59,15 @@ def test_chunked_replay_never_materialises_the_whole_input(monkeypatch):
     monkeypatch.setitem(recompute_kernels._REPLAY_INTO, "gelu", spy)
     monkeypatch.setattr(recompute_kernels, "replay", whole)
     layer = make_layer()
-    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
     layer(F.gelu(x)).sum().backward()
-    assert [rows for rows, _ in buffers] == [4, 4, 4, 3]  # 15 rows, chunks of 64 // 16 = 4
+    assert [rows for rows, _ in buffers] == [4, 4, 4, 4, 4, 1]  # 21 rows, chunks of 64 // 16 = 4
     assert len({ptr for _, ptr in buffers}) == 1  # one buffer, reused
+
+    buffers.clear()  # at most four chunks' worth (16 rows here) is cache-resident: replayed whole
+    monkeypatch.setattr(recompute_kernels, "replay", real_replay)
+    layer(F.gelu(x[:, :5])).sum().backward()
+    assert buffers == []
 
 
 def test_gradcheck_fused_and_unfused():

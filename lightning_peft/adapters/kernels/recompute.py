@@ -129,7 +129,7 @@ def replay_grad(g: torch.Tensor, kind: str, tensors: tuple[torch.Tensor, ...], e
     """``g^T x`` (``g [N, r]``, ``x [N, d]`` the replayed input, in ``dtype``) -> ``[r, d]``.
 
     On CPU an elementwise recipe (GELU, SiLU, a product of same-shaped factors) is replayed in
-    row chunks into one reused ``[rows, d]`` buffer and accumulated into the ``[r, d]`` result,
+    row chunks into one reused ``[rows, d]`` buffer (when ``x`` exceeds four chunks) and accumulated into the ``[r, d]`` result,
     so the ``[N, d]`` input is never materialised: the replay's arithmetic is cheap, but a whole
     ``[N, d]`` replay is a fresh allocation that is written to memory (and, under glibc, often
     faulted in page by page) only to be read once. Elsewhere (GPU: a caching allocator, and each
@@ -138,7 +138,8 @@ def replay_grad(g: torch.Tensor, kind: str, tensors: tuple[torch.Tensor, ...], e
     n = g.shape[0]
     rows = max(1, REPLAY_CHUNK_ELEMENTS // d)
     into = _REPLAY_INTO.get(kind)
-    if into is None or g.device.type != "cpu" or n <= rows or any(t.shape != tensors[0].shape or t.dtype != dtype for t in tensors):
+    small = n * d <= 4 * REPLAY_CHUNK_ELEMENTS  # cache-resident anyway: chunks would only add host work
+    if into is None or small or g.device.type != "cpu" or any(t.shape != tensors[0].shape or t.dtype != dtype for t in tensors):
         x = replay(kind, tensors, extra)
         return torch.mm(g.t(), cast(x.reshape(-1, d), dtype))
     flat = tuple(t.reshape(-1, d) for t in tensors)
