@@ -60,6 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -175,17 +176,11 @@ class Variant:
             self.optimizer.zero_grad(set_to_none=True)
 
 
-@contextlib.contextmanager
 def whole_replay() -> Any:
     """Recomputed LoRA inputs replayed whole (one ``[N, d]`` tensor), not in row chunks."""
     from lightning_peft.adapters.kernels import recompute
 
-    chunk = recompute.REPLAY_CHUNK_ELEMENTS
-    recompute.REPLAY_CHUNK_ELEMENTS = 1 << 62
-    try:
-        yield
-    finally:
-        recompute.REPLAY_CHUNK_ELEMENTS = chunk
+    return mock.patch.object(recompute, "REPLAY_CHUNK_ELEMENTS", 1 << 62)
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -110,7 +110,7 @@ class LoRAFunction(torch.autograd.Function):
             if len(x_shape) != 2:
                 grad_x = grad_x.view(x_shape)
         if need_a or need_w:
-            if recipe is not None and mask is None and not need_w:
+            if recipe is not None and mask is None:  # (a recipe is only made for a frozen base)
                 grad_a = recipe_grad(g, recipe[0], tuple(rest), recipe[1], dtype)
             else:
                 x = rest[0] if recipe is None else replay(recipe[0], tuple(rest), recipe[1])
