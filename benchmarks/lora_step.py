@@ -16,6 +16,8 @@ model copy), interleaving the variants round by round so that drift and noise hi
 * ``ours_whole_replay``  (opt-in) ``ours`` with the CPU replay of a recomputed input done whole
                  instead of in row chunks (``kernels.recompute.REPLAY_CHUNK_ELEMENTS``): the A/B of
                  that choice in one run.
+* ``ours_direct_outer``  (opt-in) ``ours`` with LoRA's ``dB`` always as ``dy^T u``, never as the
+                 transposed product ``(u^T dy)^T`` (``kernels.lora.THIN_OUTER_MIN_ELEMENTS``).
 * ``<variant>_compiled`` (opt-in: ``frozen_compiled``, ``ours_compiled``, ``peft_compiled`` ...)
                  the same variant with every transformer block (timm ``Block``, ``LlamaDecoderLayer``)
                  compiled by ``torch.compile`` (inductor; ``--compile-mode``), ``fullgraph=True``
@@ -183,6 +185,16 @@ def whole_replay() -> Any:
     return mock.patch.object(recompute, "REPLAY_CHUNK_ELEMENTS", 1 << 62)
 
 
+def direct_outer() -> Any:
+    """LoRA's ``dB`` as ``dy^T u`` at every size (see ``kernels.lora.thin_outer``)."""
+    from lightning_peft.adapters.kernels import lora
+
+    return mock.patch.object(lora, "THIN_OUTER_MIN_ELEMENTS", 1 << 62)
+
+
+AROUND = {"ours_whole_replay": whole_replay, "ours_direct_outer": direct_outer}  # A/B variants of ours
+
+
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -232,7 +244,7 @@ def make_variant(
         # as it must for any adapter, but not through the patch-embedding conv / token lookup
         embed = model.patch_embed if vit else model.get_input_embeddings()
         embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    elif name in ("ours", "ours_whole_replay"):
+    elif name == "ours" or name in AROUND:
         from lightning_peft import LoRA, apply_adapter
 
         targets = VIT_TARGETS if vit else LLAMA_TARGETS
@@ -276,7 +288,7 @@ def make_variant(
 
     params = trainable(model)
     optimizer = make_optimizer(params)
-    return Variant(name, model, loss_fn, optimizer, around=whole_replay if name == "ours_whole_replay" else contextlib.nullcontext)
+    return Variant(name, model, loss_fn, optimizer, around=AROUND.get(name, contextlib.nullcontext))
 
 
 def compile_blocks(model: nn.Module, mode: str | None, fullgraph: bool) -> int:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_peft.adapters.kernels import lora as lora_kernels
 from lightning_peft.adapters.kernels import recompute as recompute_kernels
 from lightning_peft.adapters.lora import LoRA, LoRALinear, lora_forward
 
@@ -68,6 +69,21 @@ def test_chunked_replay_never_materialises_the_whole_input(monkeypatch):
     monkeypatch.setattr(recompute_kernels, "replay", real_replay)
     layer(F.gelu(x[:, :5])).sum().backward()
     assert buffers == []
+
+
+@pytest.mark.parametrize("min_elements", [0, 1 << 40], ids=["transposed", "direct"])
+def test_lora_b_gradient_is_exact_and_in_b_layout_in_both_forms(min_elements, monkeypatch):
+    """``dB`` is ``dy^T u`` either as it reads or as ``(u^T dy)^T`` (``thin_outer``, above 128
+    rows): the same gradient, accumulated into ``B``'s own (contiguous) layout, step after step."""
+    monkeypatch.setattr(lora_kernels, "THIN_OUTER_MIN_ELEMENTS", min_elements)
+    layer = make_layer()
+    x = torch.randn(2, 80, 16, dtype=torch.float64)  # 160 rows: above thin_outer's row floor
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    ref_grad = torch.autograd.grad(reference(x, layer.base_layer, a, b, layer.scale).square().sum(), b)[0]
+    for step in (1, 2):  # the first step stores the gradient, the second accumulates into it
+        layer(x).square().sum().backward()
+        assert b.grad.is_contiguous()
+        torch.testing.assert_close(b.grad, step * ref_grad)
 
 
 def test_gradcheck_fused_and_unfused():

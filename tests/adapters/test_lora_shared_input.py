@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft import LoRA, apply_adapter
+from lightning_peft.adapters.kernels import lora as lora_kernels
 from lightning_peft.adapters.lora import LoRALinear
 from lightning_peft.memory import SavedTensorMeter
 
@@ -87,6 +88,14 @@ def test_groups_run_as_one_node_with_the_values_and_gradients_of_separate_layers
     assert grouped.q_proj.adapter_state_dict().keys() == separate.q_proj.adapter_state_dict().keys()
     lone = copy.deepcopy(grouped.q_proj)  # a copy of one member (its group copied with it) gives the same values
     torch.testing.assert_close(lone(h), separate.q_proj(h), rtol=1e-5, atol=1e-5)
+
+
+def test_group_lora_b_gradients_in_the_transposed_form_match_separate_layers(inputs, monkeypatch):
+    block, _ = inputs
+    x = torch.randn(2, 80, D)  # 160 rows: above thin_outer's row floor
+    separate = run(adapted(block, group_shared_inputs=False), x)  # dB as dy^T u
+    monkeypatch.setattr(lora_kernels, "THIN_OUTER_MIN_ELEMENTS", 0)  # dB as (u^T dy)^T, u a column slice
+    assert_same(run(adapted(block), x), separate)
 
 
 def test_group_saves_the_shared_input_once_and_recomputes_it_from_the_layer_norm(inputs):
