@@ -15,7 +15,11 @@ copy from the same weights, timed in interleaved rounds (median of the rounds' m
 * ``minimal``  the smallest LoRA ``autograd.Function``: 3 ATen ops forward (addmm, mm, addmm_),
                7 backward (mm, mul_, mm, addmm_, mm, mm, mul_) and nothing else -- the eager
                floor of a one-node-per-layer design;
-* ``compiled_frozen`` / ``compiled_ours``  the same under ``torch.compile`` (inductor).
+* ``compiled_frozen`` / ``compiled_ours``  the same under ``torch.compile`` (inductor);
+* ``compiled_ours_unguarded``  ``compiled_ours`` with Dynamo's guards on every module dropped
+               (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``): what the guard check of
+               the compiled step costs. Unsafe in use (a ``merge()`` or a ``training`` change goes
+               unseen), so measured, not offered.
 
 Reported per variant, by wall time and by process CPU time (steadier on a loaded machine):
 median step time, and for adapters the extra host cost per adapted layer
@@ -39,6 +43,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -187,6 +192,17 @@ def peft_model(model: nn.Module) -> nn.Module:
     return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=r".*(layers\.\d+|_proj)"))
 
 
+def unguarded_compile(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
+    """``torch.compile`` without module guards, on its own copy of the top-level ``forward`` code:
+    Dynamo caches compiled graphs per code object, and without module guards the frozen model's
+    calls would otherwise be served this model's graph."""
+    forward = type(model).forward
+    own = types.FunctionType(forward.__code__.replace(co_name=f"{forward.__name__}_unguarded"), forward.__globals__)
+    model.__class__ = type(f"{type(model).__name__}Unguarded", (type(model),), {"forward": own})
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    return torch.compile(model, options=options, **compile_kwargs)
+
+
 def step_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
         model(x).sum().backward()
@@ -286,6 +302,7 @@ def main() -> None:
     if not args.no_compile:
         variants["compiled_frozen"] = step_fn(torch.compile(models["frozen"]), x)
         variants["compiled_ours"] = step_fn(torch.compile(models["ours"]), x)
+        variants["compiled_ours_unguarded"] = step_fn(unguarded_compile(ours(copy.deepcopy(base))), x)
     times = measure(variants, args.rounds, args.steps)
     eager = {k: v for k, v in times.items() if not k.startswith("compiled_")}
     stack = {"eager": summarise(eager, args.layers, args.layers, "frozen")}

@@ -57,3 +57,20 @@ def test_grouped_qkv_case_matches_the_minimal_function():
     copy_lora(ours, minimal)
     for a, b in zip(grads(minimal, x), grads(ours, x), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+
+def test_unguarded_compile_keeps_its_graph_to_itself():
+    """Without module guards a compiled graph matches any model of the same structure that runs
+    the same ``forward`` code; the benchmark's unguarded variant gets its own code object, so the
+    frozen model (same class, other layers) still runs eagerly and right, and ours compiles to its
+    own values."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base, x = ho.Stack(2), torch.randn(ho.BATCH, ho.WIDTH)
+    ours, frozen = ho.ours(copy.deepcopy(base)), ho.frozen(copy.deepcopy(base))
+    expected = ours(x)
+    unguarded = ho.unguarded_compile(copy.deepcopy(ours), backend="aot_eager")
+    torch.testing.assert_close(unguarded(x), expected)
+    assert type(frozen).forward.__code__ is not type(unguarded._orig_mod).forward.__code__
+    torch.testing.assert_close(torch.compile(frozen, backend="aot_eager")(x), base(x))
+    torch._dynamo.reset()
