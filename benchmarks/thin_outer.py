@@ -73,11 +73,11 @@ def main() -> None:
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     rows = []
     for name, n, d_out, r in SHAPES:
-        dy, u = torch.randn(n, d_out, dtype=dtype), torch.randn(n, r, dtype=dtype)
+        dy, u, like = torch.randn(n, d_out, dtype=dtype), torch.randn(n, r, dtype=dtype), torch.empty(d_out, r, dtype=dtype)
         forms = {
             "direct": lambda: torch.mm(dy.t(), u),
             "transposed": lambda: torch.mm(u.t(), dy).t().contiguous(),
-            "thin_outer": lambda: in_b_layout(thin_outer(dy, u)),
+            "thin_outer": lambda: in_b_layout(thin_outer(dy, u, 1.0, like)),
         }
         ref = torch.mm(dy.t().double(), u.double())
         for form, fn in forms.items():  # the forms agree before any is timed

@@ -86,6 +86,23 @@ def test_lora_b_gradient_is_exact_and_in_b_layout_in_both_forms(min_elements, mo
         torch.testing.assert_close(b.grad, step * ref_grad)
 
 
+def test_backward_is_five_gemms_and_nothing_arithmetic_besides():
+    """The scale rides in the GEMMs (``addmm(alpha=s, beta=0)`` for ``dA``/``dB``, ``beta`` for
+    ``dx``): one layer's backward is ``dy B``, ``g A`` + ``dy W``, ``dA``, ``dB`` and no ``mul``
+    (each would be one more op in eager, one more kernel under ``torch.compile``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = make_layer(dtype=torch.float32)
+    x = torch.randn(5, 16, requires_grad=True)
+    out, grad_out = layer(x), torch.randn(5, 12)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out.backward(grad_out)
+    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
+    gemms = {k: counts.get(k, 0) for k in ("aten::mm", "aten::addmm", "aten::addmm_")}
+    assert gemms == {"aten::mm": 2, "aten::addmm": 2, "aten::addmm_": 1}, counts
+    assert counts.get("aten::mul", 0) == counts.get("aten::mul_", 0) == 0
+
+
 def test_gradcheck_fused_and_unfused():
     layer = make_layer()
     x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)

@@ -17,17 +17,22 @@ THIN_OUTER_MIN_ELEMENTS = 1 << 16
 _BLAS_DTYPES = (torch.float32, torch.float64)  # MKL's sgemm/dgemm; bf16/fp16 go to oneDNN
 
 
-def thin_outer(dy: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``dy^T u`` for ``dy [N, d_out]``, ``u [N, r]`` with a small ``r`` -> ``[d_out, r]`` (LoRA's
-    ``dB``). On the CPU in fp32/fp64, MKL runs ``dy^T u`` (a transposed left operand and ``r``
-    columns) about 1.8x slower than the same product as ``(u^T dy)^T`` (2 threads: 704 against
-    392 us at ViT-S batch 8's qkv, ``[1576, 1152]``, rank 16; ``benchmarks/thin_outer.py``), so
-    large products take that form. The result is then a transposed view, which autograd copies
-    into ``B``'s layout: for small products the copy costs more than it saves, and in bf16
-    (oneDNN) the direct form is as fast, so those stay direct, as does every other device."""
+def thin_outer(dy: torch.Tensor, u: torch.Tensor, scale: float, like: torch.Tensor) -> torch.Tensor:
+    """``scale * dy^T u`` for ``dy [N, d_out]``, ``u [N, r]`` with a small ``r`` -> ``[d_out, r]``
+    (LoRA's ``dB``); ``like`` is any ``[d_out, r]`` tensor of the result's dtype (``B``).
+
+    The scale rides in the GEMM: ``addmm(like, ., ., beta=0, alpha=scale)`` ignores ``like``'s
+    values (documented for ``beta=0``: not even NaN passes) and saves the separate ``mul_`` (an
+    op in eager, a kernel under ``torch.compile``). On the CPU in fp32/fp64, MKL runs ``dy^T u``
+    (a transposed left operand and ``r`` columns) about 1.8x slower than the same product as
+    ``(u^T dy)^T`` (2 threads: 704 against 392 us at ViT-S batch 8's qkv, ``[1576, 1152]``, rank
+    16; ``benchmarks/thin_outer.py``), so large products take that form. The result is then a
+    transposed view, which autograd copies into ``B``'s layout: for small products the copy
+    costs more than it saves, and in bf16 (oneDNN) the direct form is as fast, so those stay
+    direct, as does every other device."""
     if dy.numel() >= THIN_OUTER_MIN_ELEMENTS and dy.shape[0] > 128 and dy.device.type == "cpu" and dy.dtype in _BLAS_DTYPES:
-        return torch.mm(u.t(), dy).t()
-    return torch.mm(dy.t(), u)
+        return torch.addmm(like.t(), u.t(), dy, beta=0, alpha=scale).t()
+    return torch.addmm(like, dy.t(), u, beta=0, alpha=scale)
 
 
 class LoRAFunction(torch.autograd.Function):
@@ -128,18 +133,19 @@ class LoRAFunction(torch.autograd.Function):
                 grad_x = grad_x.view(x_shape)
         if need_a or need_w:
             if recipe is not None and mask is None:  # (a recipe is only made for a frozen base)
-                grad_a = recipe_grad(g, recipe[0], tuple(rest), recipe[1], dtype)
+                grad_a = cast(recipe_grad(g, recipe[0], tuple(rest), recipe[1], dtype).mul_(scale), a_dtype)
             else:
                 x = rest[0] if recipe is None else replay(recipe[0], tuple(rest), recipe[1])
                 xc = cast(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), dtype)
                 if need_w:
                     grad_w = torch.mm(dy.t(), xc)
-                grad_a = torch.mm(g.t(), xc if mask is None else xc * mask / (1.0 - dropout))
-            grad_a = cast(grad_a.mul_(scale), a_dtype) if need_a else None
+                if need_a:  # s g^T x, the scale in the GEMM (`a` only gives the shape: beta=0)
+                    xa = xc if mask is None else xc * mask / (1.0 - dropout)
+                    grad_a = cast(torch.addmm(a, g.t(), xa, beta=0, alpha=scale), a_dtype)
         if need_b:
             grad_bias = dy.sum(0)
         if need_lb:
-            grad_lb = cast(thin_outer(dy, u).mul_(scale), b_dtype)
+            grad_lb = cast(thin_outer(dy, u, scale, b), b_dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_lb, None, None, None
 
 
@@ -231,7 +237,7 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         for i, (dy, b, s) in enumerate(zip(dys, lora_bs, scales)):
             r = b.shape[1]
             grad_a = cast(grad_a_cat[offset : offset + r], param_dtypes[i])
-            grad_b = None if dy is None else cast(thin_outer(dy, u[:, offset : offset + r]).mul_(s), param_dtypes[i])
+            grad_b = None if dy is None else cast(thin_outer(dy, u[:, offset : offset + r], s, b), param_dtypes[i])
             grads += [None, None, grad_a, grad_b]
             offset += r
         return (grad_x, None, None, *grads)
