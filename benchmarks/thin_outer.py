@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""LoRA's ``dB = dy^T u`` (``dy [N, d_out]``, ``u [N, r]``) in the two forms a GEMM library can
-be given, at the shapes of the LoRA step benchmark (``benchmarks/lora_step.py``):
+"""LoRA's ``dB = s dy^T u`` (``dy [N, d_out]``, ``u [N, r]``, scale ``s``) in the forms a GEMM
+library can be given, at the shapes of the LoRA step benchmark (``benchmarks/lora_step.py``):
 
-* ``direct``      ``torch.mm(dy.t(), u)``: the product as it reads;
-* ``transposed``  ``torch.mm(u.t(), dy).t().contiguous()``: the same values, computed as
+* ``direct``      ``torch.mm(dy.t(), u).mul_(s)``: the product as it reads (the kernel before);
+* ``transposed``  ``torch.mm(u.t(), dy).t().mul_(s).contiguous()``: the same values, computed as
                   ``(u^T dy)^T`` and copied into ``B``'s layout (the copy autograd makes);
-* ``thin_outer``  what ``lightning_peft.adapters.kernels.lora.thin_outer`` picks (plus the copy
-                  where its result is transposed).
+* ``thin_outer``  ``lightning_peft.adapters.kernels.lora.thin_outer`` (the form it picks, the
+                  scale in the GEMM's ``alpha``; plus the copy where its result is transposed).
 
 Medians over interleaved rounds; the ratio ``direct / transposed`` > 1 means the transposed form
 is faster. Written to ``--out`` as JSON.
@@ -46,6 +46,9 @@ SHAPES = [
 ]
 
 
+SCALE = 2.0  # alpha / rank of the benchmarks' LoRA (32 / 16)
+
+
 def in_b_layout(grad: torch.Tensor) -> torch.Tensor:
     """What autograd does with a gradient of a contiguous parameter: copy it only if strided."""
     return grad if grad.is_contiguous() else grad.contiguous()
@@ -75,11 +78,11 @@ def main() -> None:
     for name, n, d_out, r in SHAPES:
         dy, u, like = torch.randn(n, d_out, dtype=dtype), torch.randn(n, r, dtype=dtype), torch.empty(d_out, r, dtype=dtype)
         forms = {
-            "direct": lambda: torch.mm(dy.t(), u),
-            "transposed": lambda: torch.mm(u.t(), dy).t().contiguous(),
-            "thin_outer": lambda: in_b_layout(thin_outer(dy, u, 1.0, like)),
+            "direct": lambda: torch.mm(dy.t(), u).mul_(SCALE),
+            "transposed": lambda: torch.mm(u.t(), dy).t().mul_(SCALE).contiguous(),
+            "thin_outer": lambda: in_b_layout(thin_outer(dy, u, SCALE, like)),
         }
-        ref = torch.mm(dy.t().double(), u.double())
+        ref = torch.mm(dy.t().double(), u.double()) * SCALE
         for form, fn in forms.items():  # the forms agree before any is timed
             torch.testing.assert_close(fn().double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
         calls = max(3, min(200, int(2e8 // (n * d_out * r))))

@@ -22,14 +22,13 @@ def thin_outer(dy: torch.Tensor, u: torch.Tensor, scale: float, like: torch.Tens
     (LoRA's ``dB``); ``like`` is any ``[d_out, r]`` tensor of the result's dtype (``B``).
 
     The scale rides in the GEMM: ``addmm(like, ., ., beta=0, alpha=scale)`` ignores ``like``'s
-    values (documented for ``beta=0``: not even NaN passes) and saves the separate ``mul_`` (an
-    op in eager, a kernel under ``torch.compile``). On the CPU in fp32/fp64, MKL runs ``dy^T u``
-    (a transposed left operand and ``r`` columns) about 1.8x slower than the same product as
-    ``(u^T dy)^T`` (2 threads: 704 against 392 us at ViT-S batch 8's qkv, ``[1576, 1152]``, rank
-    16; ``benchmarks/thin_outer.py``), so large products take that form. The result is then a
-    transposed view, which autograd copies into ``B``'s layout: for small products the copy
-    costs more than it saves, and in bf16 (oneDNN) the direct form is as fast, so those stay
-    direct, as does every other device."""
+    values (documented for ``beta=0``: not even NaN passes) and saves a separate ``mul_`` (an op
+    in eager, a kernel under ``torch.compile``). On the CPU in fp32/fp64, MKL runs ``dy^T u`` (a
+    transposed left operand, ``r`` columns) on one thread and 1.6-2.1x slower than the same
+    product as ``(u^T dy)^T`` (ViT-S / Llama shapes, ``benchmarks/thin_outer.py``), so large
+    products take that form. Its result is a transposed view, which autograd copies into ``B``'s
+    layout: on small products the copy costs more than it saves, and in bf16 (oneDNN) the forms
+    are about even, so those stay direct, as does every other device."""
     if dy.numel() >= THIN_OUTER_MIN_ELEMENTS and dy.shape[0] > 128 and dy.device.type == "cpu" and dy.dtype in _BLAS_DTYPES:
         return torch.addmm(like.t(), u.t(), dy, beta=0, alpha=scale).t()
     return torch.addmm(like, dy.t(), u, beta=0, alpha=scale)
