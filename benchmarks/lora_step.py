@@ -771,6 +771,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
         help="torch.compile mode of the *_compiled variants (reduce-overhead: CUDA graphs, for host-bound models on a GPU)",
     )
+    p.add_argument(
+        "--compile-recompute-inputs",
+        action="store_true",
+        help="compile with torch._functorch.config.ban_recompute_materialized_backward=False (every *_compiled variant, "
+        "frozen included): the partitioner recomputes LoRA inputs instead of saving them (docs/compile.md)",
+    )
     p.add_argument("--profile", action="store_true", help="add each variant's top operators (torch.profiler, 2 steps) to the JSON")
     p.add_argument("--out", default="lora_step_results.json")
     args = p.parse_args(argv)
@@ -780,6 +786,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda but CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile_recompute_inputs:  # read when each block compiles (its first call)
+        import torch._functorch.config as functorch_config
+
+        functorch_config.ban_recompute_materialized_backward = False
 
     results: dict[str, Any] = {
         "benchmark": "lora_step",

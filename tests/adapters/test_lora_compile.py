@@ -19,6 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from lightning_peft import LoRA, apply_adapter
 from lightning_peft.adapters.lora import LoRALinear
+from lightning_peft.memory import SavedTensorMeter
 
 
 @pytest.fixture(autouse=True)
@@ -28,11 +29,13 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def vit_block(dropout: float = 0.0, dtype: torch.dtype = torch.float64) -> nn.Module:
+def vit_block(dropout: float = 0.0, dtype: torch.dtype = torch.float64, adapt: bool = True) -> nn.Module:
     from timm.models.vision_transformer import Block
 
     torch.manual_seed(0)
     block = Block(dim=32, num_heads=4, mlp_ratio=2.0, qkv_bias=True).to(dtype)
+    if not adapt:
+        return block.requires_grad_(False)
     apply_adapter(block, LoRA(rank=4, alpha=8.0, target_modules=["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"], dropout=dropout))
     randomise_lora_b(block)
     return block
@@ -62,9 +65,11 @@ class LlamaLayer(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def llama_layer() -> nn.Module:
+def llama_layer(adapt: bool = True) -> nn.Module:
     torch.manual_seed(0)
     model = LlamaLayer().double()
+    if not adapt:
+        return model.requires_grad_(False)
     apply_adapter(
         model, LoRA(rank=4, alpha=8.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     )
@@ -212,3 +217,33 @@ def test_the_memory_recompute_option_traces_and_is_exact_under_compile(recompute
     _, grads_e = loss_and_grads(eager, eager, x)
     assert_all_close(grads_c, grads_e)
     assert counter.frame_count == 1
+
+
+def saved_bytes(fn, x: torch.Tensor) -> int:
+    fn(x).sum().backward()  # compile (or warm up) outside the meter
+    with SavedTensorMeter() as meter:
+        out = fn(x)
+    out.sum().backward()
+    return meter.bytes
+
+
+@pytest.mark.parametrize("build", [vit_block, llama_layer], ids=["timm_vit_block", "llama_decoder_layer"])
+def test_with_materialised_recompute_allowed_compiled_lora_saves_what_eager_lora_saves(build):
+    """Under compile the partitioner, not our node, picks what backward keeps. By default it saves
+    the adapter inputs (``dA``'s GEMM materialises them, and materialised values are banned from
+    recompute); with ``ban_recompute_materialized_backward=False`` it recomputes them, and the
+    bytes LoRA adds to the frozen base's are eager's (docs/compile.md, "Memory under compile")."""
+    import torch._functorch.config as functorch_config
+
+    frozen, ours = build(adapt=False), build()
+    x = inputs(ours, 0)
+    eager_extra = saved_bytes(ours, x) - saved_bytes(frozen, x)
+    extra = {}
+    for ban in (True, False):
+        with functorch_config.patch(ban_recompute_materialized_backward=ban):
+            torch._dynamo.reset()
+            compiled = [torch.compile(m, backend="aot_eager_decomp_partition", fullgraph=True) for m in (ours, frozen)]
+            extra[ban] = saved_bytes(compiled[0], x) - saved_bytes(compiled[1], x)
+    # the default keeps adapter inputs (at least one more tensor of the block input's size) ...
+    assert extra[True] >= extra[False] + x.numel() * x.element_size()
+    assert extra[False] <= 1.05 * eager_extra  # ... allowed to recompute, it keeps what eager keeps
