@@ -9,6 +9,9 @@
 #   * Llama-1.1B, 8 x 2048 tokens (bf16 weights): the same, compiled in the default mode (this
 #     model is bound by its matmuls, not by the host: CUDA graphs would only cost memory).
 #
+# Compiled variants run with --compile-recompute-inputs (the partitioner may recompute LoRA
+# inputs, the setting docs/compile.md recommends: eager's memory floor under compile).
+#
 # Results go to $OUT (default /tmp/gpu_check); copy them to benchmarks/results/ and the figures to
 # docs/compile.md after reading them.
 #
@@ -28,6 +31,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 EAGER=frozen,ours,peft
 COMPILED=frozen_compiled,ours_compiled,peft_compiled
+RECOMPUTE=(--compile-recompute-inputs)
 
 if [ "$MODE" != quick ]; then  # the H200 run (--dry prints it)
   DEV=(--device cuda)
@@ -61,7 +65,7 @@ fi
 [ "$MODE" = dry ] || python -c "import torch, timm, transformers, peft; print(torch.__version__, timm.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
 
 # ViT-S/16 and ViT-B/16 at batch 128: eager and compiled (reduce-overhead) in one interleaved run
-run lora_step_cuda_vit "$T_VIT" "${DEV[@]}" "${VIT[@]}" --variants "$EAGER,$COMPILED"
+run lora_step_cuda_vit "$T_VIT" "${DEV[@]}" "${VIT[@]}" "${RECOMPUTE[@]}" --variants "$EAGER,$COMPILED"
 # Llama-1.1B at 8 x 2048: eager and compiled (default mode)
-run lora_step_cuda_llama "$T_LLAMA" "${DEV[@]}" "${LLAMA[@]}" --variants "$LLAMA_VARIANTS"
+run lora_step_cuda_llama "$T_LLAMA" "${DEV[@]}" "${LLAMA[@]}" "${RECOMPUTE[@]}" --variants "$LLAMA_VARIANTS"
 echo "results in $OUT"
