@@ -62,7 +62,7 @@ def vit_block(dim: int) -> nn.Module:
 class LlamaLayer(nn.Module):
     """One ``LlamaDecoderLayer`` with its rotary embedding: ``[B, T, H] -> [B, T, H]``."""
 
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, heads: int, kv_heads: int) -> None:
         super().__init__()
         import transformers.models.llama.modeling_llama as llama
 
@@ -70,8 +70,8 @@ class LlamaLayer(nn.Module):
             hidden_size=hidden,
             intermediate_size=intermediate,
             num_hidden_layers=1,
-            num_attention_heads=hidden // 64,
-            num_key_value_heads=hidden // 128,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
             vocab_size=64,
             max_position_embeddings=4096,
             attn_implementation="sdpa",
@@ -135,7 +135,7 @@ def main() -> None:
     torch.manual_seed(0)
     rows = [
         measure("vit_s_block_b8", vit_block(384), VIT_TARGETS, torch.randn(8, 197, 384)),
-        measure("llama_layer_512_2x512", LlamaLayer(512, 1376), LLAMA_TARGETS, torch.randn(2, 512, 512)),
+        measure("llama_layer_512_2x512", LlamaLayer(512, 1376, heads=8, kv_heads=4), LLAMA_TARGETS, torch.randn(2, 512, 512)),
     ]
     for row in rows:
         print(row["case"])

@@ -11,15 +11,20 @@ in ``benchmarks/lora_step.py`` (``*_compiled`` variants).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-import transformers.models.llama.modeling_llama as llama
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from lightning_peft import LoRA, apply_adapter
 from lightning_peft.adapters.lora import LoRALinear
 from lightning_peft.memory import SavedTensorMeter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from compile_memory import LlamaLayer  # noqa: E402  (one Llama decoder layer with its rotary embedding)
 
 
 @pytest.fixture(autouse=True)
@@ -41,33 +46,9 @@ def vit_block(dropout: float = 0.0, dtype: torch.dtype = torch.float64, adapt: b
     return block
 
 
-class LlamaLayer(nn.Module):
-    """One ``LlamaDecoderLayer`` with its rotary embedding: ``[B, T, H] -> [B, T, H]``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        config = llama.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=64,
-            max_position_embeddings=64,
-            attn_implementation="sdpa",
-        )
-        self.layer = llama.LlamaDecoderLayer(config, layer_idx=0)
-        self.rotary = llama.LlamaRotaryEmbedding(config)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        out = self.layer(h, position_ids=positions, position_embeddings=self.rotary(h, positions))
-        return out[0] if isinstance(out, tuple) else out
-
-
 def llama_layer(adapt: bool = True) -> nn.Module:
     torch.manual_seed(0)
-    model = LlamaLayer().double()
+    model = LlamaLayer(hidden=32, intermediate=64, heads=4, kv_heads=2).double()
     if not adapt:
         return model.requires_grad_(False)
     apply_adapter(
