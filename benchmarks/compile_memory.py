@@ -99,8 +99,7 @@ def saved_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[int, list[torch.
     x = x.detach().requires_grad_(True)
     model(x).square().mean().backward()  # compiles (or warms up) outside the meter
     x.grad = None
-    for p in model.parameters():
-        p.grad = None
+    model.zero_grad(set_to_none=True)
     with SavedTensorMeter() as meter:
         out = model(x)
     out.square().mean().backward()

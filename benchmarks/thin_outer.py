@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from lightning_peft.adapters.kernels.lora import thin_outer  # noqa: E402
 
 # (name, N rows, d_out, r): ViT-S/16 img 224 (197 tokens) at batch 8 and 32 (qkv, proj/fc2, fc1),
-# the Llama benchmark's 2 x 2048 tokens (hidden 2048, MLP 5632), and the host-cost stack
+# 2 x 2048 tokens at the Llama-1.1B width (hidden 2048, MLP 5632; the GPU benchmark's model), and the host-cost stack
 SHAPES = [
     ("vit_s_b8_qkv", 8 * 197, 1152, 16),
     ("vit_s_b8_proj", 8 * 197, 384, 16),
@@ -63,14 +63,12 @@ def db_forms(dy: torch.Tensor, u: torch.Tensor, like: torch.Tensor) -> dict[str,
     }
 
 
-def time_us(fn: Callable[[], torch.Tensor], rounds: int, calls: int) -> list[float]:
-    out = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        out.append((time.perf_counter() - start) / calls * 1e6)
-    return out
+def time_us(fn: Callable[[], torch.Tensor], calls: int) -> float:
+    """Mean time of one call over ``calls`` back-to-back calls, in microseconds."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def main() -> None:
@@ -94,7 +92,7 @@ def main() -> None:
         samples: dict[str, list[float]] = {f: [] for f in forms}
         for _ in range(args.rounds):  # interleaved: drift hits every form alike
             for form, fn in forms.items():
-                samples[form] += time_us(fn, 1, calls)
+                samples[form].append(time_us(fn, calls))
         med = {f: statistics.median(v) for f, v in samples.items()}
         row = {"shape": name, "N": n, "d_out": d_out, "r": r, **{f"{f}_us": round(m, 2) for f, m in med.items()}}
         row["direct_over_transposed"] = round(med["direct"] / med["transposed"], 3)
