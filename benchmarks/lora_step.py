@@ -18,6 +18,8 @@ model copy), interleaving the variants round by round so that drift and noise hi
                  that choice in one run.
 * ``ours_direct_outer``  (opt-in) ``ours`` with LoRA's ``dB`` always as ``dy^T u``, never as the
                  transposed product ``(u^T dy)^T`` (``kernels.lora.THIN_OUTER_MIN_ELEMENTS``).
+* ``ours_unmerged``  (opt-in) ``ours`` with the base GEMMs always on ``W`` plus the thin update,
+                 never on the merged ``W + s B A`` (``kernels.lora.MERGE_MIN_ROWS_PER_COLUMN``).
 * ``<variant>_compiled`` (opt-in: ``frozen_compiled``, ``ours_compiled``, ``peft_compiled`` ...)
                  the same variant with every transformer block (timm ``Block``, ``LlamaDecoderLayer``)
                  compiled by ``torch.compile`` (inductor; ``--compile-mode``), ``fullgraph=True``
@@ -192,7 +194,14 @@ def direct_outer() -> Any:
     return mock.patch.object(lora, "THIN_OUTER_MIN_ELEMENTS", 1 << 62)
 
 
-AROUND = {"ours_whole_replay": whole_replay, "ours_direct_outer": direct_outer}  # A/B variants of ours
+def unmerged() -> Any:
+    """LoRA's base GEMMs on ``W`` with the thin update added, never on ``W + s B A``."""
+    from lightning_peft.adapters.kernels import lora
+
+    return mock.patch.object(lora, "MERGE_MIN_ROWS_PER_COLUMN", float("inf"))
+
+
+AROUND = {"ours_whole_replay": whole_replay, "ours_direct_outer": direct_outer, "ours_unmerged": unmerged}  # A/B variants of ours
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -30,7 +30,9 @@ def make_layer(d_in=16, d_out=12, rank=4, dtype=torch.float64, **kwargs):
     ids=["leaf", "gelu", "silu", "layernorm", "mul"],
 )
 @pytest.mark.parametrize("chunk_elements", [None, 32], ids=["whole", "chunked"])
-def test_forward_and_gradients_match_reference(producer, chunk_elements, monkeypatch):
+@pytest.mark.parametrize("merge_rows", [0.0, math.inf], ids=["merged", "unmerged"])
+def test_forward_and_gradients_match_reference(producer, chunk_elements, merge_rows, monkeypatch):
+    monkeypatch.setattr(lora_kernels, "MERGE_MIN_ROWS_PER_COLUMN", merge_rows)  # base GEMMs on W + s B A, or on W
     if chunk_elements is not None:  # 32 elements = 2 rows of 16: 15 rows replay in 8 chunks, one partial
         monkeypatch.setattr(recompute_kernels, "REPLAY_CHUNK_ELEMENTS", chunk_elements)
     layer = make_layer()
@@ -103,7 +105,9 @@ def test_backward_is_five_gemms_and_nothing_arithmetic_besides():
     assert counts.get("aten::mul", 0) == counts.get("aten::mul_", 0) == 0
 
 
-def test_gradcheck_fused_and_unfused():
+@pytest.mark.parametrize("merge_rows", [0.0, math.inf], ids=["merged", "unmerged"])
+def test_gradcheck_fused_and_unfused(merge_rows, monkeypatch):
+    monkeypatch.setattr(lora_kernels, "MERGE_MIN_ROWS_PER_COLUMN", merge_rows)
     layer = make_layer()
     x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
     a = layer.lora_A.weight.detach().clone().requires_grad_(True)
@@ -114,6 +118,43 @@ def test_gradcheck_fused_and_unfused():
     # a base that trains (the fused node then also returns weight/bias gradients)
     w2, b2 = w.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x, w2, b2, a: lora_forward(x, w2, b2, a, b, 2.0), (x, w2, b2, a))
+
+
+def test_merged_weight_is_taken_by_row_count_and_never_saved(monkeypatch):
+    """From ``N >= d_in`` rows the forward GEMM runs on ``W + s B A`` (from ``N >= d_out`` also
+    ``dx``'s): one GEMM over the activations, no thin ``[N, d_out]`` update; nothing more is saved."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = make_layer(d_in=16, d_out=12, dtype=torch.float32)
+    calls = {}
+    for rows in (8, 14, 20):  # below d_out, between d_out and d_in, above d_in
+        x = torch.randn(rows, 16, requires_grad=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = layer(x)
+        saved = sum(t.numel() for t in out.grad_fn.saved_tensors)
+        with profile(activities=[ProfilerActivity.CPU]) as prof_back:
+            out.backward(torch.randn_like(out))
+        counts = [{e.key: e.count for e in p.key_averages()} for p in (prof, prof_back)]
+        calls[rows] = [c.get("aten::addmm_", 0) for c in counts], saved - rows * 16
+    # forward: the thin update is added in place only when unmerged; backward: g A + beta dy W
+    assert calls[8][0] == [1, 1] and calls[14][0] == [1, 0] and calls[20][0] == [0, 0], calls
+    assert len({extra - rows * 4 for rows, (_, extra) in calls.items()}) == 1  # u [N, r], A, B, W: no W'
+
+
+def test_bf16_update_below_the_weights_last_bit_is_not_merged_away():
+    """In bf16, ``W + s B A`` would round a small update back to ``W``: it stays separate.
+
+    ``W = +-1`` in alternate columns, so ``x W^T = 0`` for ``x = 1``, while each entry of
+    ``s B A`` (4e-6) is far below bf16's last bit at 1.0 (2^-8 is half of it): merged, the output
+    would be exactly 0; unmerged it is the update's ``32 * 4e-6``."""
+    base = nn.Linear(32, 8, bias=False).to(torch.bfloat16).requires_grad_(False)
+    base.weight.data.copy_(torch.tensor([1.0, -1.0]).repeat(8, 16))
+    layer = LoRALinear(base, rank=4, alpha=4.0).to(torch.bfloat16)  # s = 1
+    layer.lora_A.weight.data.fill_(1e-3)
+    layer.lora_B.weight.data.fill_(1e-3)
+    x = torch.ones(64, 32, dtype=torch.bfloat16)  # 64 rows: above both merge thresholds
+    update = x.float() @ layer.lora_A.weight.float().t() @ layer.lora_B.weight.float().t()
+    torch.testing.assert_close(layer(x).float(), update, rtol=2e-2, atol=0.0)
 
 
 def test_initial_output_equals_base_and_scaling():

@@ -15,6 +15,9 @@ _is_any_autocast_enabled = torch._C._is_any_autocast_enabled  # one global flag 
 #: ``dy`` elements from which ``thin_outer`` takes the transposed product on the CPU
 THIN_OUTER_MIN_ELEMENTS = 1 << 16
 _BLAS_DTYPES = (torch.float32, torch.float64)  # MKL's sgemm/dgemm; bf16/fp16 go to oneDNN
+#: rows per weight column from which the base GEMM takes the merged weight ``W + s B A``: forward
+#: when ``N >= MERGE_MIN_ROWS_PER_COLUMN * d_in``, ``dx`` when ``N >= MERGE_MIN_ROWS_PER_COLUMN * d_out``
+MERGE_MIN_ROWS_PER_COLUMN = 1.0
 
 
 def thin_outer(dy: torch.Tensor, u: torch.Tensor, scale: float, like: torch.Tensor) -> torch.Tensor:
@@ -36,6 +39,17 @@ def thin_outer(dy: torch.Tensor, u: torch.Tensor, scale: float, like: torch.Tens
 
 class LoRAFunction(torch.autograd.Function):
     """``y = [x W^T + b] + s * drop(x) A^T B^T`` on ``x [..., d_in]`` (flattened to ``[N, d_in]``).
+
+    Where the activations outweigh the weight (``N >= d_in`` rows, ``MERGE_MIN_ROWS_PER_COLUMN``)
+    the base GEMM runs on the merged weight ``W' = W + s B A`` (``[d_out, r] @ [r, d_in]``, cheap)::
+
+        y = x W'^T + b                   instead of  (x W^T + b) + s u B^T,   u = x A^T [N, r]
+        dx = dy W'  (N >= d_out rows)    instead of  dy W + s (dy B) A
+
+    The same values up to rounding, one pass over ``[N, d_out]`` (``[N, d_in]``) fewer for
+    two over ``[d_out, d_in]``; ``W'`` is rebuilt in backward, never saved. Only in fp32/fp64:
+    rounding ``W + s B A`` to bf16 would drop an update below ``W``'s last bit. ``u`` is still
+    computed (``dB`` needs it), ``dA`` and ``dB`` are unchanged.
 
     With ``weight=None`` only the update is returned (the caller adds a base it cannot fuse,
     e.g. a bitsandbytes 4-bit layer). Every operand is cast to one compute dtype (autocast's
@@ -73,11 +87,14 @@ class LoRAFunction(torch.autograd.Function):
         w = None
         if weight is not None:
             w = weight if weight.dtype == dtype else weight.to(dtype)
+            merged = mask is None and dtype in _BLAS_DTYPES and xc.shape[0] >= MERGE_MIN_ROWS_PER_COLUMN * w.shape[1]
+            w_in = torch.addmm(w, b, a, alpha=scale) if merged else w
             if bias is not None:
-                out = torch.addmm(bias if bias.dtype == dtype else bias.to(dtype), xc, w.t())
+                out = torch.addmm(bias if bias.dtype == dtype else bias.to(dtype), xc, w_in.t())
             else:
-                out = torch.mm(xc, w.t())
-            out.addmm_(u, b.t(), alpha=scale)
+                out = torch.mm(xc, w_in.t())
+            if not merged:
+                out.addmm_(u, b.t(), alpha=scale)
             base_trains = weight.requires_grad or (bias is not None and bias.requires_grad)
         else:
             out = torch.mm(u, b.t()).mul_(scale)
@@ -116,7 +133,9 @@ class LoRAFunction(torch.autograd.Function):
         g = torch.mm(dy, b)  # [N, r]: gradient w.r.t. u, before the scale
         grad_x = grad_w = grad_bias = grad_a = grad_lb = None
         if need_x:
-            if mask is None and w is not None:
+            if mask is None and w is not None and dtype in _BLAS_DTYPES and dy.shape[0] >= MERGE_MIN_ROWS_PER_COLUMN * w.shape[0]:
+                grad_x = torch.mm(dy, torch.addmm(w, b, a, alpha=scale))
+            elif mask is None and w is not None:
                 # the thin GEMM writes grad_x and the big one accumulates into it inside its
                 # kernel: one pass over [N, d_in] less than adding the thin product afterwards
                 grad_x = torch.mm(g, a).addmm_(dy, w, beta=scale)
