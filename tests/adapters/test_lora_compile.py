@@ -11,6 +11,7 @@ in ``benchmarks/lora_step.py`` (``*_compiled`` variants).
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from lightning_peft import LoRA, apply_adapter
+from lightning_peft.adapters.kernels import lora as lora_kernels
 from lightning_peft.adapters.lora import LoRALinear
 from lightning_peft.memory import SavedTensorMeter
 
@@ -208,14 +210,17 @@ def saved_bytes(fn, x: torch.Tensor) -> int:
     return meter.bytes
 
 
+@pytest.mark.parametrize("merge_rows", [0.0, math.inf], ids=["merge_allowed", "unmerged"])
 @pytest.mark.parametrize("build", [vit_block, llama_layer], ids=["timm_vit_block", "llama_decoder_layer"])
-def test_with_materialised_recompute_allowed_compiled_lora_saves_what_eager_lora_saves(build):
+def test_with_materialised_recompute_allowed_compiled_lora_saves_what_eager_lora_saves(build, merge_rows, monkeypatch):
     """Under compile the partitioner, not our node, picks what backward keeps. By default it saves
     the adapter inputs (``dA``'s GEMM materialises them, and materialised values are banned from
     recompute); with ``ban_recompute_materialized_backward=False`` it recomputes them, and the
     bytes LoRA adds to the frozen base's are eager's (docs/compile.md, "Memory under compile")."""
     import torch._functorch.config as functorch_config
 
+    # eager takes the merged weight W + s B A from N >= d_in rows; compiled never does (it would keep W'-sized tensors)
+    monkeypatch.setattr(lora_kernels, "MERGE_MIN_ROWS_PER_COLUMN", merge_rows)
     frozen, ours = build(adapt=False), build()
     x = inputs(ours, 0)
     eager_extra = saved_bytes(ours, x) - saved_bytes(frozen, x)
