@@ -121,13 +121,15 @@ def test_gradcheck_fused_and_unfused(merge_rows, monkeypatch):
 
 
 def test_merged_weight_is_taken_by_row_count_and_never_saved(monkeypatch):
-    """From ``N >= d_in`` rows the forward GEMM runs on ``W + s B A`` (from ``N >= d_out`` also
+    """From ``N >= c d_in`` rows the forward GEMM runs on ``W + s B A`` (from ``N >= c d_out`` also
     ``dx``'s): one GEMM over the activations, no thin ``[N, d_out]`` update; nothing more is saved."""
     from torch.profiler import ProfilerActivity, profile
 
     layer = make_layer(d_in=16, d_out=12, dtype=torch.float32)
+    c = lora_kernels.MERGE_MIN_ROWS_PER_COLUMN
     calls = {}
-    for rows in (8, 14, 20):  # below d_out, between d_out and d_in, above d_in
+    low, mid, high = math.ceil(8 * c), math.ceil(14 * c), math.ceil(20 * c)  # below c d_out, between, above c d_in
+    for rows in (low, mid, high):
         x = torch.randn(rows, 16, requires_grad=True)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             out = layer(x)
@@ -137,7 +139,7 @@ def test_merged_weight_is_taken_by_row_count_and_never_saved(monkeypatch):
         counts = [{e.key: e.count for e in p.key_averages()} for p in (prof, prof_back)]
         calls[rows] = [c.get("aten::addmm_", 0) for c in counts], saved - rows * 16
     # forward: the thin update is added in place only when unmerged; backward: g A + beta dy W
-    assert calls[8][0] == [1, 1] and calls[14][0] == [1, 0] and calls[20][0] == [0, 0], calls
+    assert calls[low][0] == [1, 1] and calls[mid][0] == [1, 0] and calls[high][0] == [0, 0], calls
     assert len({extra - rows * 4 for rows, (_, extra) in calls.items()}) == 1  # u [N, r], A, B, W: no W'
 
 
