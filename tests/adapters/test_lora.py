@@ -154,7 +154,7 @@ def test_bf16_update_below_the_weights_last_bit_is_not_merged_away():
     layer = LoRALinear(base, rank=4, alpha=4.0).to(torch.bfloat16)  # s = 1
     layer.lora_A.weight.data.fill_(1e-3)
     layer.lora_B.weight.data.fill_(1e-3)
-    x = torch.ones(64, 32, dtype=torch.bfloat16)  # 64 rows: above both merge thresholds
+    x = torch.ones(math.ceil(2 * 32 * lora_kernels.MERGE_MIN_ROWS_PER_COLUMN), 32, dtype=torch.bfloat16)  # above both merge thresholds
     update = x.float() @ layer.lora_A.weight.float().t() @ layer.lora_B.weight.float().t()
     torch.testing.assert_close(layer(x).float(), update, rtol=2e-2, atol=0.0)
 
