@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
+import machine  # noqa: E402  (benchmarks/machine.py: the CPU this ran on)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -361,6 +362,7 @@ def main() -> None:
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "torch": torch.__version__,
         "machine": platform.platform(),
+        **machine.describe(),
         "stack": stack,
         "group": group,
         "llama_block": llama_block,

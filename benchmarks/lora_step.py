@@ -74,6 +74,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
+import machine  # noqa: E402  (benchmarks/machine.py: the CPU this ran on)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
@@ -756,7 +757,8 @@ def environment(device: torch.device) -> dict[str, Any]:
             env[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             env[pkg] = None
-    env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    env.update(machine.describe())
     return env
 
 

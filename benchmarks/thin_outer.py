@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
+import machine  # noqa: E402  (benchmarks/machine.py: the CPU this ran on)
 import torch  # noqa: E402
 
 from lightning_peft.adapters.kernels.lora import thin_outer  # noqa: E402
@@ -107,8 +107,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": args.threads,
         "dtype": args.dtype,
-        "machine": platform.processor() or platform.machine(),
-        "blas": "mkl" if torch.backends.mkl.is_available() else "other",
+        **machine.describe(),
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
