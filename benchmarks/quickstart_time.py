@@ -221,8 +221,10 @@ def main() -> None:
         }
     if "old" in summary:
         summary["new_vs_old_wall"] = summary["new"]["wall_s_median"] / summary["old"]["wall_s_median"]
+    import machine  # benchmarks/machine.py (here, not at the top: a child's import phase must not pay for torch)
+
     report = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), **machine.describe()},
         "threads": args.threads or "unset",
         "old_rev": args.old_rev,
         "runs": runs,

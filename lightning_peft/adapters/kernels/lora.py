@@ -39,6 +39,12 @@ def thin_outer(dy: torch.Tensor, u: torch.Tensor, scale: float, like: torch.Tens
     return torch.addmm(like, dy.t(), u, beta=0, alpha=scale)
 
 
+def takes_merged_weight(rows: int, columns: int, dtype: torch.dtype) -> bool:
+    """Whether a base GEMM over ``rows`` activation rows, contracting or producing ``columns``
+    (``d_in`` forward, ``d_out`` for ``dx``), runs on ``W + s B A`` (see ``LoRAFunction``)."""
+    return rows >= MERGE_MIN_ROWS_PER_COLUMN * columns and dtype in _BLAS_DTYPES and not _compiling()
+
+
 class LoRAFunction(torch.autograd.Function):
     """``y = [x W^T + b] + s * drop(x) A^T B^T`` on ``x [..., d_in]`` (flattened to ``[N, d_in]``).
 
@@ -91,8 +97,7 @@ class LoRAFunction(torch.autograd.Function):
         w = None
         if weight is not None:
             w = weight if weight.dtype == dtype else weight.to(dtype)
-            merged = mask is None and dtype in _BLAS_DTYPES and xc.shape[0] >= MERGE_MIN_ROWS_PER_COLUMN * w.shape[1]
-            merged = merged and not _compiling()
+            merged = mask is None and takes_merged_weight(xc.shape[0], w.shape[1], dtype)
             w_in = torch.addmm(w, b, a, alpha=scale) if merged else w
             if bias is not None:
                 out = torch.addmm(bias if bias.dtype == dtype else bias.to(dtype), xc, w_in.t())
@@ -138,8 +143,7 @@ class LoRAFunction(torch.autograd.Function):
         g = torch.mm(dy, b)  # [N, r]: gradient w.r.t. u, before the scale
         grad_x = grad_w = grad_bias = grad_a = grad_lb = None
         if need_x:
-            merged = mask is None and w is not None and dtype in _BLAS_DTYPES and not _compiling()
-            if merged and dy.shape[0] >= MERGE_MIN_ROWS_PER_COLUMN * w.shape[0]:
+            if mask is None and w is not None and takes_merged_weight(dy.shape[0], w.shape[0], dtype):
                 grad_x = torch.mm(dy, torch.addmm(w, b, a, alpha=scale))
             elif mask is None and w is not None:
                 # the thin GEMM writes grad_x and the big one accumulates into it inside its
