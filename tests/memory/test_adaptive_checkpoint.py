@@ -687,6 +687,13 @@ DIST_SCRIPT = textwrap.dedent(
                grads=bool(lora) and all(p.grad is not None and grad_sum(p.grad) > 0 for p in lora))
     with open(os.path.join({out!r}, f"rank{{t.global_rank}}.json"), "w") as f:
         json.dump(out, f)
+
+    # Lightning leaves the gloo group alive; torn down by the interpreter's exit it can abort the
+    # process after the results were written ("terminate called without an active exception")
+    sys.path.insert(0, os.path.join({tests!r}, os.pardir, "scripts"))
+    from ddp_exit import finish_distributed
+
+    finish_distributed()
     """
 )
 
