@@ -19,7 +19,9 @@ Speed and memory. ``LoRALinear`` runs base and update in one autograd node
   activation memory down to the frozen-base floor.
 
 All matmuls run in the activation dtype (autocast's dtype when autocast is on), the update is
-accumulated into the base output in place, and no fp32 copies of activations are made.
+accumulated into the base output in place, and no fp32 copies of activations are made. In fp32
+with many rows per weight column (``N >= 4 d``) the base GEMM runs on ``W0 + s B A`` instead
+(one activation pass fewer; the same values up to rounding).
 """
 
 from __future__ import annotations
