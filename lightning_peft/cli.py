@@ -129,7 +129,7 @@ def cli_main(args: Any = None, run: bool = True) -> LightningPEFTCLI:
     A refused configuration prints one ``ConfigError`` message to stderr and raises
     ``SystemExit(2)``; with ``LIGHTNING_PEFT_DEBUG=1`` the original exception propagates."""
     try:
-        return LightningPEFTCLI(
+        cli = LightningPEFTCLI(
             LightningModule,
             LightningDataModule,
             subclass_mode_model=True,
@@ -143,6 +143,23 @@ def cli_main(args: Any = None, run: bool = True) -> LightningPEFTCLI:
     except ConfigError as err:
         print(err.render(), file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if run:
+        close_process_group()
+    return cli
+
+
+def close_process_group() -> None:
+    """After a multi-process run: wait for every rank, then destroy the default process group.
+
+    Lightning leaves the group to an ``atexit`` hook that destroys it rank by rank; a gloo group
+    torn down while a peer is still exiting can abort the process ("terminate called without an
+    active exception", status -6) after the run's results were written, which a pipeline reads
+    as a failed run. A no-op in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 #: hand-off commands, dispatched before LightningCLI (which owns fit/validate/test/predict)
