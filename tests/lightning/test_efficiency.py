@@ -24,6 +24,7 @@ from lightning_peft.metrics.summary import RESULT_KEYS
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 from fake_devices import FakeCuda, FakeNvml, StepClock  # noqa: E402
+from two_ranks import run_two_ranks  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 IN, OUT = 6, 3
@@ -228,14 +229,7 @@ def test_source_chosen_for_the_strategy_device(monkeypatch):
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path):
     """2 CPU ranks (gloo): energy summed over ranks, every rank has results, only rank 0 writes."""
-    import os
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    script = Path(__file__).parents[1] / "scripts" / "ddp_efficiency.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run_two_ranks("ddp_efficiency.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:
         assert r["world_size"] == 2 and r["fit_seconds"] == 1.0

@@ -4,8 +4,6 @@ merging at fit end is refused by name, and under DDP every rank starts from rank
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,12 +14,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 from hrm_models import LLAMA_CONFIG, layers, token_loader  # noqa: E402
+from two_ranks import run_two_ranks  # noqa: E402
 
 from lightning_peft import HRM, AdapterCallback, LoRA, load_adapter  # noqa: E402
 from lightning_peft.callbacks.hrm import HRMCalibrationCallback  # noqa: E402
 from lightning_peft.modules.causal_lm import CausalLM  # noqa: E402
-
-SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 
 def trainer(root: Path, callbacks: list, max_steps: int = 3, **kwargs) -> pl.Trainer:
@@ -97,11 +94,7 @@ def test_calibration_leaves_the_shuffled_training_order_unchanged(tmp_path: Path
 
 @pytest.mark.slow
 def test_ddp_ranks_start_from_rank_zeros_calibration(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, str(SCRIPTS / "hrm_ddp.py"), str(tmp_path)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run_two_ranks("hrm_ddp.py", tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert rank0["sites"] == rank1["sites"] == ["model.model.layers.0.mlp", "model.model.layers.1.mlp"]
     assert rank0["tensors"].keys() == rank1["tensors"].keys()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,16 +20,14 @@ import torch
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from adapter_models import HEAD, LORA_TARGETS, Classifier, lora_callback, make_loader, probe_input  # noqa: E402
+from two_ranks import run_two_ranks  # noqa: E402
 
 from lightning_peft import AdapterFSDP2Strategy, LoRA, apply_adapter, load_adapter  # noqa: E402
 from lightning_peft.strategies import trainable_state_keys  # noqa: E402
 
 
 def run_script(name: str, out: Path, timeout: float = 300) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK")}
-    env["OMP_NUM_THREADS"] = "1"  # two processes share two cores
-    proc = subprocess.run([sys.executable, str(SCRIPTS / name), str(out)], env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    run_two_ranks(name, out, timeout)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
