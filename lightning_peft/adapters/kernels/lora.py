@@ -28,10 +28,12 @@ def thin_outer(dy: torch.Tensor, u: torch.Tensor, scale: float, like: torch.Tens
 
     The scale rides in the GEMM: ``addmm(like, ., ., beta=0, alpha=scale)`` ignores ``like``'s
     values (documented for ``beta=0``: not even NaN passes) and saves a separate ``mul_`` (an op
-    in eager, a kernel under ``torch.compile``). On the CPU in fp32/fp64, MKL runs ``dy^T u`` (a
+    in eager, a kernel under ``torch.compile``). On the CPU in fp32/fp64, MKL ran ``dy^T u`` (a
     transposed left operand, ``r`` columns) on one thread and 1.6-2.1x slower than the same
-    product as ``(u^T dy)^T`` (ViT-S / Llama shapes, ``benchmarks/thin_outer.py``), so large
-    products take that form. Its result is a transposed view, which autograd copies into ``B``'s
+    product as ``(u^T dy)^T`` on the host first measured (ViT-S / Llama shapes,
+    ``benchmarks/thin_outer.py``), so large products take that form; on an AMD EPYC host the
+    direct form was as fast or faster (``thin_outer_cpu_epyc.json``; no host-independent rule
+    yet). Its result is a transposed view, which autograd copies into ``B``'s
     layout: on small products the copy costs more than it saves, and in bf16 (oneDNN) the forms
     are about even, so those stay direct, as does every other device."""
     if dy.numel() >= THIN_OUTER_MIN_ELEMENTS and dy.shape[0] > 128 and dy.device.type == "cpu" and dy.dtype in _BLAS_DTYPES:
