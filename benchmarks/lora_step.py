@@ -37,7 +37,12 @@ Reported per variant: median step time, throughput, trainable parameters, and me
   optimizer-state bytes, and their sum as the peak estimate.
 
 Ratios are against ``frozen`` (throughput: frozen_time / time; memory: peak / frozen_peak) and
-ours against peft. Before timing, each model is checked once: with B = 0, ours, peft and frozen
+ours against peft. Each eager variant's matmul-type FLOPs of one forward + backward are counted
+(``lightning_peft.metrics.count_step_flops``), which gives two more figures: the *FLOP ceiling*
+``frozen_flops / flops``, the throughput ratio the variant would reach if its extra work ran at
+the frozen base's average FLOP rate, and the *extra-work rate*, the FLOP rate of the variant's
+extra FLOPs over its extra time against the frozen base's rate (1.0: the ceiling is reached;
+element-wise work and host time land in the extra time). Before timing, each model is checked once: with B = 0, ours, peft and frozen
 give the same loss; with peft's A and a random B copied into ours, ours and peft give the same
 loss and LoRA gradients. Results go to ``--out`` (JSON, rewritten after every model).
 
@@ -80,6 +85,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lightning_peft.memory import SavedTensorMeter  # noqa: E402
+from lightning_peft.metrics import count_step_flops  # noqa: E402
 
 RANK, ALPHA = 16, 32
 VIT_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"  # not patch_embed.proj (a conv)
@@ -492,6 +498,15 @@ def saved_activation_bytes(v: Variant) -> int:
     return meter.bytes
 
 
+def step_flops(v: Variant) -> int:
+    """Matmul-type FLOPs of one forward + backward of ``v`` (no optimizer step), grads cleared."""
+    with v.around():
+        flops = sum(count_step_flops(lambda: v.loss_fn().backward()).values())
+    for p in v.model.parameters():
+        p.grad = None
+    return flops
+
+
 def profile_variant(v: Variant, device: torch.device, steps: int = 2) -> dict[str, Any]:
     """Top operators of ``steps`` steps by self device time (CUDA) or self CPU time."""
     from torch.profiler import ProfilerActivity, profile
@@ -633,6 +648,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
             else:
                 res["peak_bytes"] = None if saved is None else saved + r["params"] + r["grads"] + r["optimizer_state"]
                 res["peak_kind"] = "estimate: saved activations + params + grads + optimizer state"
+            if not n.endswith(COMPILED):  # counting runs eagerly: a compiled variant's count is its eager one's
+                res["flops_per_step"] = step_flops(v)
             if args.profile:
                 res["profile"] = profile_variant(v, device)
             result["variants"][n] = res
@@ -681,6 +698,11 @@ def add_ratios(result: dict[str, Any]) -> None:
             v["peak_vs_frozen"] = v["peak_bytes"] / base["peak_bytes"]
         if v["saved_activation_bytes"] is not None and base["saved_activation_bytes"] is not None:
             v["saved_vs_frozen"] = v["saved_activation_bytes"] / max(base["saved_activation_bytes"], 1)
+        if v.get("flops_per_step") and base.get("flops_per_step"):
+            v["flop_ceiling_vs_frozen"] = base["flops_per_step"] / v["flops_per_step"]
+            extra_flops, extra_s = v["flops_per_step"] - base["flops_per_step"], v["step_s_median"] - base["step_s_median"]
+            if extra_flops > 0 and extra_s > 0:
+                v["extra_work_rate_vs_frozen"] = (extra_flops / extra_s) / (base["flops_per_step"] / base["step_s_median"])
         if n.endswith(COMPILED) and "frozen" in vs:
             v["throughput_vs_frozen_eager"] = vs["frozen"]["step_s_median"] / v["step_s_median"]
     summary: dict[str, Any] = {}
@@ -727,7 +749,7 @@ def print_table(name: str, result: dict[str, Any]) -> None:
     unit, spec = result["unit"], result["spec"]
     print(f"\n== {name}: {spec}  weights {result['weights_dtype']}, autocast {result['autocast']}")
     header = (
-        f"{'variant':<11} {'step ms':>9} {'host ms':>8} {unit:>10} {'x limit':>8} {'paired':>7} {'cpu-t':>6} "
+        f"{'variant':<11} {'step ms':>9} {'host ms':>8} {unit:>10} {'x limit':>8} {'paired':>7} {'cpu-t':>6} {'ceiling':>7} "
         f"{'saved MiB':>10} {'x limit':>8} {'peak MiB':>10} {'x limit':>8} {'trainable':>13}"
     )
     print(header)
@@ -737,6 +759,7 @@ def print_table(name: str, result: dict[str, Any]) -> None:
             f"{n:<11} {1000 * v['step_s_median']:>9.2f} {1000 * v['host_s_median']:>8.2f} {v['throughput']:>10,.0f} "
             f"{v.get('throughput_vs_frozen', float('nan')):>8.3f} "
             f"{v.get('throughput_vs_frozen_paired', float('nan')):>7.3f} {v.get('throughput_vs_frozen_cpu_time', float('nan')):>6.3f} "
+            f"{v.get('flop_ceiling_vs_frozen', float('nan')):>7.3f} "
             f"{fmt_bytes(v['saved_activation_bytes']):>10} {v.get('saved_vs_frozen', float('nan')):>8.3f} "
             f"{fmt_bytes(v['peak_bytes']):>10} {v.get('peak_vs_frozen', float('nan')):>8.3f} "
             f"{v['trainable_params']:>13,}"

@@ -10,7 +10,7 @@ from lightning_peft.metrics.energy import (
     integrate_power,
     select_energy_source,
 )
-from lightning_peft.metrics.macs import count_flops_by_operator, count_macs
+from lightning_peft.metrics.macs import count_flops_by_operator, count_macs, count_step_flops
 from lightning_peft.metrics.memory import CpuMemoryProbe, CudaMemoryProbe, MemoryPeak, MemoryProbe, memory_probe_for
 from lightning_peft.metrics.netscore import netscore, ns_e, ns_m, ns_sharp
 from lightning_peft.metrics.summary import RESULT_KEYS, PhaseMeasure, format_table, summarize
@@ -29,6 +29,7 @@ __all__ = [
     "UnavailableSource",
     "count_flops_by_operator",
     "count_macs",
+    "count_step_flops",
     "format_table",
     "integrate_power",
     "memory_probe_for",

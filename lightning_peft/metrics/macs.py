@@ -3,8 +3,8 @@
 What is counted: the matmul-type operators torch's flop counter knows (``mm``, ``addmm``,
 ``bmm``, ``baddbmm``, ``_scaled_mm``, convolutions, and fused scaled-dot-product attention:
 ``QK^T`` and ``AV``), plus what the registry leaves out, added here with torch's own formulas:
-the CPU flash-attention kernel and the in-place ``addmm_``/``baddbmm_`` (our fused LoRA
-kernel adds its update with ``addmm_``). Each is counted as ``2 * M * N * K`` FLOPs, so
+the CPU flash-attention kernel (forward and backward) and the in-place ``addmm_``/``baddbmm_``
+(our fused LoRA kernel adds its update with ``addmm_``). Each is counted as ``2 * M * N * K`` FLOPs, so
 ``MACs = FLOPs / 2``. Not counted: element-wise work (activations, norms, softmax, residual
 adds, the bias of ``addmm``) and gathers/embeddings; that is the NetScore convention of MACs in
 matmul-type layers (Wong 2018). A LoRA update ``x A^T B^T`` is two matmuls and counts as such;
@@ -17,20 +17,26 @@ its batch size for per-sample MACs). Pure torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, baddbmm_flop, mm_flop, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, baddbmm_flop, mm_flop, sdpa_backward_flop_count, sdpa_flop_count
 
-__all__ = ["count_macs", "count_flops_by_operator"]
+__all__ = ["count_macs", "count_flops_by_operator", "count_step_flops"]
 
 
 def _cpu_flash_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of ``aten._scaled_dot_product_flash_attention_for_cpu`` (the same formula torch
     uses for the CUDA flash kernel; causal masking not discounted, as in torch)."""
     return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_attention_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten._scaled_dot_product_flash_attention_for_cpu_backward`` (torch's formula
+    for the CUDA kernel's backward: the ``QK^T`` recompute and four gradient matmuls)."""
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 def _addmm_inplace(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
@@ -43,11 +49,12 @@ def _baddbmm_inplace(self_shape, a_shape, b_shape, *args, out_shape=None, **kwar
 
 
 def _custom_mapping() -> dict[Any, Any]:
-    """Operators torch's registry leaves out: the CPU flash-attention kernel and the in-place
-    ``addmm_``/``baddbmm_`` (their out-of-place forms are registered)."""
+    """Operators torch's registry leaves out: the CPU flash-attention kernel and its backward,
+    and the in-place ``addmm_``/``baddbmm_`` (their out-of-place forms are registered)."""
     aten = torch.ops.aten
     wanted = {
         "_scaled_dot_product_flash_attention_for_cpu": _cpu_flash_attention,
+        "_scaled_dot_product_flash_attention_for_cpu_backward": _cpu_flash_attention_backward,
         "addmm_": _addmm_inplace,
         "baddbmm_": _baddbmm_inplace,
     }
@@ -109,6 +116,20 @@ def count_flops_by_operator(model: nn.Module, example_input: Any) -> dict[str, i
     if quantized:
         flops["quantized_linear"] = sum(quantized)
     return flops
+
+
+def count_step_flops(step: Callable[[], object]) -> dict[str, int]:
+    """FLOPs per operator of one call of ``step``, e.g. a training step's forward and backward
+    (``lambda: model(x).sum().backward()``), counted as the module doc says; unlike
+    ``count_flops_by_operator`` it runs ``step`` as given: grad mode, training flag and any
+    state the step changes are the caller's. A LoRA layer over ``N`` rows with a frozen base
+    counts ``4 N d_in d_out`` for the base (forward and ``dx``) plus ``6 N r (d_in + d_out)``,
+    or ``4 N r (d_in + d_out) + 4 r d_in d_out`` where it runs on the merged weight
+    (``lightning_peft.adapters.kernels.lora.LoRAFunction``)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping())
+    with counter:
+        step()
+    return {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
 
 
 def count_macs(model: nn.Module, example_input: Any) -> int:

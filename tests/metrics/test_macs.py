@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft import LoRA, apply_adapter
-from lightning_peft.metrics import count_flops_by_operator, count_macs
+from lightning_peft.adapters.kernels.lora import takes_merged_weight
+from lightning_peft.metrics import count_flops_by_operator, count_macs, count_step_flops
 
 
 def test_linear_and_conv_counts():
@@ -69,8 +71,6 @@ def test_model_state_unchanged():
 
 
 def test_not_a_module_refused():
-    import pytest
-
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         count_macs(lambda x: x, torch.randn(1))
 
@@ -95,3 +95,28 @@ _DequantizingLinear.__module__ = "bitsandbytes.fake"
 def test_quantized_linear_that_counter_sees_is_not_counted_twice():
     x = torch.randn(3, 16)
     assert count_macs(_DequantizingLinear(16, 8), x) == 3 * 16 * 8
+
+
+def test_attention_backward_counted_on_cpu():
+    b, h, n, d = 2, 3, 5, 4
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    flops = count_step_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
+    # forward QK^T, AV; backward the QK^T recompute and four gradient matmuls: 7 of b*h*n*n*d MACs
+    assert sum(flops.values()) // 2 == 7 * b * h * n * n * d
+
+
+@pytest.mark.parametrize("rows", [16, 64])
+def test_lora_step_flops_on_the_merged_and_the_plain_path(rows):
+    torch.manual_seed(0)
+    d_in, d_out, r = 8, 6, 2
+    net = nn.Sequential(nn.Linear(d_in, d_out))
+    apply_adapter(net, LoRA(rank=r, target_modules=["0"]))
+    x = torch.randn(rows, d_in, requires_grad=True)
+    flops = sum(count_step_flops(lambda: net(x).sum().backward()).values())
+    base = 4 * rows * d_in * d_out  # forward and dx of the frozen base
+    merged = takes_merged_weight(rows, d_in, x.dtype) and takes_merged_weight(rows, d_out, x.dtype)
+    assert merged == (rows == 64)  # both paths are exercised
+    # merged: the thin u = x A^T, dy B, dA, dB, and W + s B A built twice; else six thin GEMMs
+    lora = 4 * rows * r * (d_in + d_out) + 4 * r * d_in * d_out if merged else 6 * rows * r * (d_in + d_out)
+    assert flops == base + lora
+    assert x.grad is not None and all(p.grad is not None for p in net.parameters() if p.requires_grad)
