@@ -23,6 +23,16 @@ serves task ``t``'s loaders during its ``epochs_per_task`` epochs. The callback
 
 A run cut short (``max_steps``) ends the task in progress at ``on_train_end``; later tasks are not
 trained. Single process only (the library is one directory written by one writer).
+
+Resuming (``trainer.fit(..., ckpt_path=...)`` after a crash or preemption): the callback's state
+(the tasks, the task in progress, the decisions and accuracy rows so far) is in the checkpoint.
+Before the model's tensors load, the module's ``on_load_checkpoint`` (wrapped at ``setup``) checks
+that the checkpoint's task sequence is this run's, that the library holds every entry of the tasks
+it finished and none of a task it has not, then begins the task in progress with the bank it had,
+so its LiteLoRA tensors, optimizer state and epoch load as saved. The library must be the one the
+interrupted run wrote (a relative ``library_dir`` is below the log dir, which a new logger version
+changes: give the path). Entries the library already has are refused at ``configure_optimizers``
+(wrapped too) unless such a checkpoint accounts for them.
 """
 
 from __future__ import annotations
@@ -37,12 +47,38 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_peft.adapters.litelora import LiteLoRA, litelora_gates
-from lightning_peft.continual import begin_task, continual_metrics, end_task, l0_penalty, principal_angles
+from lightning_peft.continual import TaskDecision, begin_task, continual_metrics, end_task, l0_penalty, principal_angles
 from lightning_peft.continual.library_view import adapter_entries
-from lightning_peft.io import atomic_write_file
+from lightning_peft.io import atomic_write_file, remove_adapter
 from lightning_peft.validation import InvalidArgumentTypeError, check_choice, check_float, check_str, check_str_list
 
 __all__ = ["ContinualAdapterCallback"]
+
+
+class _ResumeHook:
+    """Stands in for ``pl_module.on_load_checkpoint``: the sequence's state first (the task in
+    progress begun, so its tensors load), then the class's own hook. A class, not a closure, so
+    the module stays picklable."""
+
+    def __init__(self, callback: ContinualAdapterCallback, pl_module: pl.LightningModule) -> None:
+        self.callback, self.pl_module = callback, pl_module
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        self.callback._resume(checkpoint)
+        type(self.pl_module).on_load_checkpoint(self.pl_module, checkpoint)
+
+
+class _BegunCheck:
+    """Stands in for ``pl_module.configure_optimizers``: refuses library entries of this run's
+    tasks that no checkpoint accounted for, then the class's own hook."""
+
+    def __init__(self, callback: ContinualAdapterCallback, pl_module: pl.LightningModule) -> None:
+        self.callback, self.pl_module = callback, pl_module
+
+    def __call__(self) -> Any:
+        if self.callback._clashes:
+            raise ValueError(self.callback._clash_message())
+        return type(self.pl_module).configure_optimizers(self.pl_module)
 
 
 class ContinualAdapterCallback(Callback):
@@ -101,6 +137,7 @@ class ContinualAdapterCallback(Callback):
         self.current: int | None = None  # the task being trained, None when none is
         self._datamodule: Any = None
         self._base: torch.nn.Module | None = None
+        self._clashes: list[str] = []  # this run's task entries already in the library (a resume must explain them)
 
     # --- checks and start ----------------------------------------------------------------------
     def _continual_datamodule(self, trainer: pl.Trainer) -> Any:
@@ -154,8 +191,6 @@ class ContinualAdapterCallback(Callback):
             raise ValueError(f"bank names entries {self.bank} but there is no library at {root}: set library_dir to an existing library")
         library = self._open_library(root, base)  # another base: refused here
         clashes = [n for name in datamodule.task_names for n in (name, f"{name}_adapter") if n in library]
-        if clashes:
-            raise ValueError(f"the library at {root} already has entries {clashes}; rename the tasks or use another library_dir")
         known = adapter_entries(library)
         unknown = [n for n in (self.bank or []) if n not in known]
         if unknown:
@@ -168,7 +203,82 @@ class ContinualAdapterCallback(Callback):
                 f"{datamodule.total_epochs} epochs (trainer max_epochs {trainer.fit_loop.max_epochs} replaced)"
             )
             trainer.fit_loop.max_epochs = datamodule.total_epochs
-        self._begin(0, bank=self.bank)
+        pl_module.on_load_checkpoint = _ResumeHook(self, pl_module)  # type: ignore[method-assign]
+        pl_module.configure_optimizers = _BegunCheck(self, pl_module)  # type: ignore[method-assign]
+        self._clashes = clashes
+        if not clashes:  # else only a checkpoint of this sequence can say which task runs (_resume)
+            self._begin(0, bank=self.bank)
+
+    def _clash_message(self) -> str:
+        return (
+            f"the library at {self.library.root} already has entries {self._clashes}; rename the tasks or use another "
+            "library_dir (or resume the run that wrote them: trainer.fit(..., ckpt_path=...))"
+        )
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a failed fit (a refused resume, a crash) writes nothing more and leaves the plain base,
+        # as a finished one does; the library keeps the tasks that ended
+        if self.current is not None:
+            remove_adapter(self._base)
+            self.current = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for hook, kind in (("on_load_checkpoint", _ResumeHook), ("configure_optimizers", _BegunCheck)):
+            if isinstance(pl_module.__dict__.get(hook), kind):
+                del pl_module.__dict__[hook]
+
+    # --- resuming ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tasks": list(self._datamodule.task_names) if self._datamodule is not None else [],
+            "current": self.current,
+            "decisions": [d.to_dict() for d in self.decisions],
+            "accuracy": [list(row) for row in self.accuracy],
+        }
+
+    def _resume(self, checkpoint: dict[str, Any]) -> None:
+        """Checks the checkpoint's sequence against this run's and the library, then begins the
+        task in progress (nothing changes before every check passed)."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None:
+            if self._clashes:
+                raise ValueError(self._clash_message() + "; the checkpoint has no ContinualAdapterCallback state to resume from")
+            return
+        tasks = list(self._datamodule.task_names)
+        if state.get("tasks") != tasks:
+            raise ValueError(
+                f"the checkpoint is of the task sequence {state.get('tasks')}, this run's is {tasks}: "
+                "resume with the same ContinualDataModule"
+            )
+        current = state.get("current")
+        if not isinstance(current, int) or not 0 <= current < len(tasks):
+            raise ValueError(f"the checkpoint has no task in progress (current={current!r}): its sequence had ended; nothing to resume")
+        try:
+            decisions = [TaskDecision(**d) for d in state.get("decisions", [])]
+        except TypeError as exc:
+            raise ValueError(f"the checkpoint's ContinualAdapterCallback decisions are not ones this version writes ({exc})") from None
+        if [d.task for d in decisions] != tasks[:current]:
+            finished = [d.task for d in decisions]
+            raise ValueError(f"the checkpoint's decisions {finished} do not match its task in progress {tasks[current]!r}")
+        done = [n for d in decisions for n in (d.task, d.adapter) if n is not None]
+        root = self.library.root
+        missing = [n for n in done if n not in self.library]
+        if missing:
+            raise ValueError(
+                f"the checkpoint finished tasks whose entries {missing} are not in the library at {root}: resume with the library "
+                "the interrupted run wrote (set library_dir to its path)"
+            )
+        unfinished = [n for n in self._clashes if n not in done]
+        if unfinished:
+            raise ValueError(
+                f"the library at {root} has entries {unfinished} of tasks the checkpoint has not finished (a run cut short by "
+                "max_steps ends its task in progress): remove them (AdapterLibrary.remove) or resume from a later checkpoint"
+            )
+        if self.current is not None:  # setup began the first task: the checkpoint's may differ in bank
+            remove_adapter(self._base)
+        self.decisions, self.accuracy, self._clashes = decisions, [[float(a) for a in row] for row in state.get("accuracy", [])], []
+        self._begin(current)
+        rank_zero_info(f"ContinualAdapterCallback: resumed at task {current} {tasks[current]!r} ({current} finished)")
 
     def _begin(self, index: int, bank: list[str] | None = None) -> None:
         name = self._datamodule.task_names[index]

@@ -18,7 +18,8 @@ import lora_step as ls  # noqa: E402
 
 
 def timed(step_s: float, flops: int | None) -> dict:
-    return {"step_s_median": step_s, "step_s_all": [step_s], "cpu_s_median": step_s, "peak_bytes": 1, "saved_activation_bytes": 1, "flops_per_step": flops}
+    times = {"step_s_median": step_s, "step_s_all": [step_s], "cpu_s_median": step_s}
+    return {**times, "peak_bytes": 1, "saved_activation_bytes": 1, "flops_per_step": flops}
 
 
 def test_ceiling_and_extra_work_rate():

@@ -1,6 +1,7 @@
 """ContinualAdapterCallback: a task sequence in one fit (optimizers rebuilt per task, the L0
 gradient on the gate), the accuracy matrix consistent with the library's entries, the JSON, runs
-cut short, bad input refused before anything is written, and the digits config from the CLI."""
+cut short, a crashed run resumed from its checkpoint, bad input and resumes that do not fit the
+library refused before anything is written, and the digits config from the CLI."""
 
 from __future__ import annotations
 
@@ -232,3 +233,91 @@ def test_digits_config_runs_two_tasks_from_the_cli(tmp_path, monkeypatch):
     library = AdapterLibrary(log_dir / "library")  # on disk, readable without the base
     assert {"digits_0_1", "digits_2_3", "digits_0_1_adapter"} <= set(library.names)
     assert cli.test_results is None  # the callback evaluates every task itself; the datamodule has no test split
+
+
+class Crash(pl.Callback):
+    """Stops the process's fit at the start of ``epoch`` as a crash would: no ``on_train_end``."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def checkpointed(tmp_path, callbacks, **kw) -> pl.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True, filename="{epoch}")
+    return pl.Trainer(
+        default_root_dir=tmp_path, callbacks=[*callbacks, saver], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, max_epochs=1, **kw,
+    )  # fmt: skip
+
+
+def crashed_run(tmp_path, epoch: int = 3) -> tuple[ContinualDataModule, Path]:
+    """Three tasks x 2 epochs into ``tmp_path/lib``, crashed at the start of ``epoch``; the data and
+    the library's directory."""
+    data = ContinualDataModule([Task(1), Task(2), Task(3)], epochs_per_task=2, task_names=["a", "b", "c"])
+    library = tmp_path / "lib"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run = checkpointed(tmp_path, [ContinualAdapterCallback(spec(), library_dir=str(library)), Crash(epoch)])
+        run.fit(Classifier(), datamodule=data)
+    return data, library
+
+
+@pytest.mark.filterwarnings(f"ignore:{QUIET}")
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the resumed run checkpoints elsewhere
+def test_a_crashed_sequence_resumes_from_its_checkpoint(tmp_path):
+    from lightning_peft.library import AdapterLibrary
+
+    data, library = crashed_run(tmp_path)  # task a done, task b one epoch in (epochs 0-2 checkpointed)
+    assert set(AdapterLibrary(library).names) == {"a", "a_adapter"}
+    entry = {p.name: p.read_bytes() for p in (library).rglob("*") if p.is_file() and "a_adapter" in str(p)}
+    saved = torch.load(tmp_path / "ckpt" / "epoch=2.ckpt", weights_only=True)
+    callback = ContinualAdapterCallback(spec(), library_dir=str(library))
+    module = Classifier()
+    resumed = checkpointed(tmp_path / "resumed", [callback])
+    resumed.fit(module, datamodule=data, ckpt_path=tmp_path / "ckpt" / "epoch=2.ckpt")
+    assert resumed.current_epoch == 6 and [d.task for d in callback.decisions] == ["a", "b", "c"]
+    assert callback.decisions[1].bank == ["a_adapter"]  # task b began again with the bank it had
+    assert callback.decisions[0].to_dict() == saved["callbacks"][callback.state_key]["decisions"][0]  # a kept, not retrained
+    assert [len(row) for row in callback.accuracy] == [1, 2, 3] and min(callback.accuracy[-1]) > 0.8
+    assert {p.name: p.read_bytes() for p in library.rglob("*") if p.is_file() and "a_adapter" in str(p)} == entry
+    assert {"a", "b", "c", "a_adapter"} <= set(callback.library.names)
+    assert json.loads((tmp_path / "resumed" / "continual.json").read_text())["tasks"] == ["a", "b", "c"]
+    assert not any("LiteLoRA" in type(m).__name__ for m in module.modules())
+    assert "on_load_checkpoint" not in module.__dict__ and "configure_optimizers" not in module.__dict__  # hooks handed back
+
+
+@pytest.mark.filterwarnings(f"ignore:{QUIET}")
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("no_resume", r"already has entries \['a', 'a_adapter'\].*or resume the run that wrote them"),
+        ("other_tasks", r"task sequence \['a', 'b', 'c'\], this run's is \['a', 'b', 'x'\]"),
+        ("other_library", r"entries \['a', 'a_adapter'\] are not in the library"),
+        ("unfinished_entry", r"has entries \['b'\] of tasks the checkpoint has not finished"),
+    ],
+)
+def test_a_resume_that_does_not_fit_the_library_is_refused_before_anything_changes(tmp_path, case, match):
+    from lightning_peft.library import AdapterLibrary
+
+    data, library = crashed_run(tmp_path)
+    names = ["a", "b", "x"] if case == "other_tasks" else ["a", "b", "c"]
+    data = ContinualDataModule(data.tasks, epochs_per_task=2, task_names=names)
+    if case == "unfinished_entry":  # as a run cut short in task b would have left it
+        AdapterLibrary(library, base=Classifier().model).add_combination("b", {"a_adapter": 1.0})
+    before = sorted(p.relative_to(library) for p in library.rglob("*"))
+    target = tmp_path / "elsewhere" if case == "other_library" else library
+    module = Classifier()
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    ckpt = None if case == "no_resume" else tmp_path / "ckpt" / "epoch=2.ckpt"
+    with pytest.raises(ValueError, match=match):
+        run = checkpointed(tmp_path / "again", [ContinualAdapterCallback(spec(), library_dir=str(target))])
+        run.fit(module, datamodule=data, ckpt_path=ckpt)
+    assert sorted(p.relative_to(library) for p in library.rglob("*")) == before  # the library is untouched
+    assert not (tmp_path / "again" / "continual.json").exists()
+    assert not any("LiteLoRA" in type(m).__name__ for m in module.modules())  # the plain base is back, as it was
+    assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items()) and module.state_dict().keys() == weights.keys()
