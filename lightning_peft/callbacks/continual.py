@@ -217,10 +217,12 @@ class ContinualAdapterCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # a failed fit (a refused resume, a crash) writes nothing more and leaves the plain base,
-        # as a finished one does; the library keeps the tasks that ended
+        # as a finished one does; the library keeps the tasks that ended. Lightning calls no
+        # teardown hook after an exception: hand the module's hooks back here
         if self.current is not None:
             remove_adapter(self._base)
             self.current = None
+        self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for hook, kind in (("on_load_checkpoint", _ResumeHook), ("configure_optimizers", _BegunCheck)):
@@ -244,6 +246,8 @@ class ContinualAdapterCallback(Callback):
             if self._clashes:
                 raise ValueError(self._clash_message() + "; the checkpoint has no ContinualAdapterCallback state to resume from")
             return
+        if not isinstance(state, dict):
+            raise ValueError(f"the checkpoint's ContinualAdapterCallback state is a {type(state).__name__}, not the dict it writes")
         tasks = list(self._datamodule.task_names)
         if state.get("tasks") != tasks:
             raise ValueError(

@@ -320,4 +320,5 @@ def test_a_resume_that_does_not_fit_the_library_is_refused_before_anything_chang
     assert sorted(p.relative_to(library) for p in library.rglob("*")) == before  # the library is untouched
     assert not (tmp_path / "again" / "continual.json").exists()
     assert not any("LiteLoRA" in type(m).__name__ for m in module.modules())  # the plain base is back, as it was
+    assert "on_load_checkpoint" not in module.__dict__ and "configure_optimizers" not in module.__dict__
     assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items()) and module.state_dict().keys() == weights.keys()
