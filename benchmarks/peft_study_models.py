@@ -85,7 +85,7 @@ BACKBONES: dict[str, Backbone] = {
         image_size=16,
         blocks=["model.blocks"],
         # MambaMixer reads x_proj/out_proj/dt_proj `.weight` itself (for the fused kernel call), so
-        # apply_adapter refuses to wrap them: the LoRA family adapts in_proj (the largest) only
+        # apply_adapter refuses to wrap them for QLoRA/AdaLoRA: the LoRA family adapts in_proj (the largest) only
         lora_targets=["in_proj"],
         shape_of="Vim-S-style (patch embed + Mamba blocks, mean pool) at dim 64, depth 2, state 8; 16x16 px, patch 4",
         notes=[

@@ -1,10 +1,12 @@
 """Parents that read a child's weights instead of calling it.
 
 ``nn.MultiheadAttention`` reads ``out_proj.weight`` and its packed q/k/v weights itself, and a
-user's module may read ``self.proj.weight`` in its forward: replacing such a child with an
-adapter layer would be a silent no-op (or an error mid-forward). ``apply_adapter`` uses the two
-functions here before it changes anything: targets are moved to the attention module that
-applies them, and a replacement whose parent reads an attribute the layer lacks is refused.
+user's module may read ``self.proj.weight`` in its forward (T5 checks ``self.wo.weight.dtype``):
+replacing such a child with an adapter layer would be a silent no-op (or an error mid-forward).
+``apply_adapter`` uses the two functions here before it changes anything: targets are moved to
+the attention module that applies them; a replacement whose parent reads an attribute the layer
+lacks takes the layer's reader-serving form (LoRA: its effective weight ``W0 + s B A``) or, where
+it has none (DoRA, QLoRA, ...), is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lightning_peft.adapters.base import AdapterSpec
+from lightning_peft.adapters.base import AdapterLayer, AdapterSpec
 
 
 def redirect_to_weight_readers(model: nn.Module, claimed: dict[str, AdapterSpec], trainable: Sequence[str] = ()) -> dict[str, AdapterSpec]:
@@ -100,26 +102,48 @@ def _keep_off_fused_path(module: nn.Module, args: tuple) -> None:
     skipped when any submodule has a hook: adapter layers inside one carry this hook."""
 
 
+def _has(layer: nn.Module, attribute: str) -> bool:
+    """``hasattr`` that finds a class attribute (a property) without evaluating it."""
+    return any(attribute in vars(k) for k in type(layer).__mro__) or hasattr(layer, attribute)
+
+
+def _unmet_reads(modules: dict[str, nn.Module], name: str, new: nn.Module) -> list[tuple]:
+    """``(name, owner, owner type, path, attributes, layer type)`` for every ancestor of ``name``
+    whose forward reads attributes of it that ``new`` lacks."""
+    parts = name.split(".")
+    found = []
+    for depth in range(len(parts)):  # every ancestor, the model itself included
+        owner_name = ".".join(parts[:depth])
+        owner = modules[owner_name]
+        if type(owner).forward is nn.TransformerEncoderLayer.forward:
+            continue  # reads weights only on its fused path, which the hook in check_weight_readers keeps off
+        rel = tuple(parts[depth:])
+        chains = _forward_attribute_reads(type(owner))
+        read = {chain[len(rel)] for chain in chains if len(chain) > len(rel) and chain[: len(rel)] == rel}
+        missing = sorted(attr for attr in read if not _has(new, attr))
+        if missing:
+            found.append((name, owner_name, type(owner).__name__, ".".join(rel), missing, type(new).__name__))
+    return found
+
+
 def check_weight_readers(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
     """Refuse replacements whose parent reads an attribute of the replaced child that the
-    adapter layer lacks (``self.proj.weight`` in ``forward`` instead of ``self.proj(x)``).
-    Called once every replacement is built and nothing in ``model`` has changed yet; when
-    everything passes, keeps torch's fused transformer paths off the adapted blocks."""
+    adapter layer lacks (``self.proj.weight`` in ``forward`` instead of ``self.proj(x)``),
+    unless the layer has a form that serves it (``AdapterLayer.for_weight_readers``: LoRA
+    exposes its effective weight), which then replaces it in ``replacements``. Called once every
+    replacement is built and nothing in ``model`` has changed yet; when everything passes, keeps
+    torch's fused transformer paths off the adapted blocks."""
     modules = dict(model.named_modules())
     problems = []
-    for name, new in replacements.items():
-        parts = name.split(".")
-        for depth in range(len(parts)):  # every ancestor, the model itself included
-            owner_name = ".".join(parts[:depth])
-            owner = modules[owner_name]
-            if type(owner).forward is nn.TransformerEncoderLayer.forward:
-                continue  # reads weights only on its fused path, which the hook below keeps off
-            rel = tuple(parts[depth:])
-            chains = _forward_attribute_reads(type(owner))
-            read = {chain[len(rel)] for chain in chains if len(chain) > len(rel) and chain[: len(rel)] == rel}
-            missing = sorted(attr for attr in read if not hasattr(new, attr))
-            if missing:
-                problems.append((name, owner_name, type(owner).__name__, ".".join(rel), missing, type(new).__name__))
+    for name in list(replacements):
+        found = _unmet_reads(modules, name, replacements[name])
+        layer = replacements[name]
+        if found and isinstance(layer, AdapterLayer):
+            served = layer.for_weight_readers({attr for *_, missing, _ in found for attr in missing})
+            if served is not None:
+                replacements[name] = served
+                found = _unmet_reads(modules, name, served)
+        problems += found
     if problems:
         name, owner_name, owner_type, rel, missing, new_type = problems[0]
         reads = ", ".join(f"self.{rel}.{m}" for m in missing)

@@ -222,6 +222,12 @@ class AdapterLayer(nn.Module):
     def unmerge(self) -> None:
         raise NotImplementedError
 
+    def for_weight_readers(self, attributes: set[str]) -> AdapterLayer | None:
+        """This layer in a form a parent can use that reads ``attributes`` of its child itself
+        (``self.proj.weight`` in the parent's forward), or ``None`` when it has none: the parent
+        is then refused (``lightning_peft.weight_readers``). Called before the layer is placed."""
+        return None
+
     def merge_refusal(self) -> str | None:
         """Why this layer can never be merged (e.g. a token-routed mixture), or ``None``.
         ``merge_adapter`` asks every layer first and refuses before merging any."""

@@ -27,6 +27,7 @@ with many rows per weight column (``N >= 4 d``) the base GEMM runs on ``W0 + s B
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -158,6 +159,22 @@ class LoRALinear(AdapterLayer):
         delta = lora_forward(x, None, None, self.lora_A.weight, self.lora_B.weight, self.scale, dropout, self.recompute_input)
         return base_out + delta.to(base_out.dtype)
 
+    def for_weight_readers(self, attributes: set[str]) -> LoRALinear | None:
+        """For a parent that reads ``weight`` / ``bias`` of this child: the same layer as a
+        ``LoRAEffectiveWeightLinear`` (a subclass with no state of its own, so the class is
+        swapped in place, parameters untouched). Only plain LoRA on a dense ``nn.Linear``: the
+        other LoRA-family layers (DoRA, QLoRA) have no cheap effective weight."""
+        if type(self) is not LoRALinear or not self._fused or not attributes <= {"weight", "bias"}:
+            return None
+        if self.dropout > 0:
+            warnings.warn(
+                f"LoRA dropout={self.dropout} is not applied where a parent reads this layer's weight itself (it gets "
+                "W0 + s*B*A); calls of the layer keep it",
+                stacklevel=2,
+            )
+        self.__class__ = LoRAEffectiveWeightLinear
+        return self
+
     def delta_weight(self) -> torch.Tensor:
         """``s * B A`` in fp32, shape ``[d_out, d_in]``."""
         return self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
@@ -204,6 +221,28 @@ class LoRALinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:.4g}, dropout={self.dropout}"
+
+
+class LoRAEffectiveWeightLinear(LoRALinear):
+    """``LoRALinear`` whose parent reads ``child.weight`` / ``child.bias`` itself: an
+    ``nn.MultiheadAttention``'s ``out_proj``, T5's ``wo`` (its parent checks the weight's dtype),
+    a module computing ``F.linear(x, self.proj.weight)``. ``weight`` is the effective
+    ``W0 + s B A`` ``[d_out, d_in]`` (differentiable in ``A`` and ``B``; ``W0`` itself once merged),
+    ``bias`` the base's, so such a parent computes the adapted layer instead of silently the base.
+    Calling the layer is unchanged; each read of ``weight`` builds the sum (one ``[d_out, r] @
+    [r, d_in]`` GEMM and a ``[d_out, d_in]`` tensor). Files and peft exports are those of
+    ``LoRALinear``."""
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        w0 = self.base_layer.weight
+        if self.merged:
+            return w0
+        return torch.addmm(w0, self.lora_B.weight.to(w0.dtype), self.lora_A.weight.to(w0.dtype), alpha=self.scale)
+
+    @property
+    def bias(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self.base_layer.bias
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:

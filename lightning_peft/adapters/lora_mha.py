@@ -40,7 +40,7 @@ from lightning_peft.adapters.base import (
     check_positive,
     restore_weight,
 )
-from lightning_peft.adapters.lora import LoRA, LoRALinear
+from lightning_peft.adapters.lora import LoRA, LoRAEffectiveWeightLinear
 
 Projection = Literal["q", "k", "v", "out"]
 PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "out")
@@ -244,24 +244,13 @@ class LoRAMultiheadAttention(AdapterLayer):
         return f"projections={list(self.projections)}, rank={self.rank}, alpha={self.alpha}, scale={self.scale:.4g}"
 
 
-class LoRAOutProjection(LoRALinear):
+class LoRAOutProjection(LoRAEffectiveWeightLinear):
     """``LoRALinear`` on an attention module's ``out_proj``, exposing the effective weight.
 
     ``nn.MultiheadAttention`` never calls ``out_proj``; it reads ``out_proj.weight`` and
-    ``out_proj.bias``. These properties return ``W0 + s B A`` (differentiable in ``A``, ``B``)
-    and the base bias, so the parent computes the adapted projection.
+    ``out_proj.bias``, which return ``W0 + s B A`` (differentiable in ``A``, ``B``) and the base
+    bias (``LoRAEffectiveWeightLinear``), so the parent computes the adapted projection.
     """
-
-    @property
-    def weight(self) -> torch.Tensor:  # type: ignore[override]
-        w0 = self.base_layer.weight
-        if self.merged:
-            return w0
-        return torch.addmm(w0, self.lora_B.weight.to(w0.dtype), self.lora_A.weight.to(w0.dtype), alpha=self.scale)
-
-    @property
-    def bias(self) -> torch.Tensor | None:  # type: ignore[override]
-        return self.base_layer.bias
 
     # peft adapts an attention module's out_proj differently: exported in our own format only
     def peft_scaling(self) -> tuple[bool, float] | None:

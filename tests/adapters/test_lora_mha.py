@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from lightning_peft.adapters.lora import LoRA, LoRALinear
+from lightning_peft.adapters.lora import LoRA, LoRAEffectiveWeightLinear, LoRALinear
 from lightning_peft.adapters.lora_mha import LoRAMultiheadAttention, LoRAOutProjection
 from lightning_peft.io import load_adapter, merge_adapter, save_adapter, unmerge_adapter
 from lightning_peft.targeting import apply_adapter
@@ -282,11 +282,37 @@ class CallsChild(nn.Module):
         return self.proj(x) * self.proj.in_features
 
 
-def test_parent_reading_a_targeted_childs_weight_is_refused_and_model_untouched():
+def test_parent_reading_a_childs_weight_gets_loras_effective_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(ReadsWeight())
+    reference = copy.deepcopy(model)
+    apply_adapter(model, LoRA(rank=2, alpha=4.0, target_modules="all-linear"))
+    proj = model[0].proj
+    assert type(proj) is LoRAEffectiveWeightLinear and type(model[0].other) is LoRALinear
+    with torch.no_grad():
+        for layer in (proj, model[0].other):
+            layer.lora_B.weight.normal_()
+    x = torch.randn(3, 8)
+    out = model(x)
+    # the parent's own F.linear(x, 2 * proj.weight, proj.bias) sees W0 + s B A: the adapter acts
+    with torch.no_grad():
+        w = reference[0].proj.weight + 2.0 * proj.lora_B.weight @ proj.lora_A.weight
+        other = model[0].other
+        hidden = F.linear(x, 2 * w, reference[0].proj.bias)
+        expected = F.linear(hidden, reference[0].other.weight + 2.0 * other.lora_B.weight @ other.lora_A.weight, reference[0].other.bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    out.sum().backward()
+    assert proj.lora_A.weight.grad.abs().sum() > 0 and proj.lora_B.weight.grad.abs().sum() > 0
+    assert proj.base_layer.weight.grad is None  # the base stays frozen
+
+
+def test_parent_reading_a_childs_weight_is_refused_for_dora_and_model_untouched():
+    from lightning_peft.adapters.dora import DoRA, DoRALinear
+
     model = nn.Sequential(ReadsWeight())
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError) as info:
-        apply_adapter(model, LoRA(rank=2, target_modules="all-linear"))
+        apply_adapter(model, DoRA(rank=2, target_modules="all-linear"))
     message = str(info.value)
     for part in ("'0.proj'", "parent '0'", "ReadsWeight", "self.proj.bias, self.proj.weight", "exclude_modules=['0.proj']"):
         assert part in message
@@ -295,8 +321,8 @@ def test_parent_reading_a_targeted_childs_weight_is_refused_and_model_untouched(
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert getattr(model, "_lightning_peft_record", None) is None
     # what the message suggests works: the child that is called is adapted
-    apply_adapter(model, LoRA(rank=2, target_modules="all-linear", exclude_modules=["proj"]))
-    assert isinstance(model[0].other, LoRALinear)
+    apply_adapter(model, DoRA(rank=2, target_modules="all-linear", exclude_modules=["proj"]))
+    assert isinstance(model[0].other, DoRALinear)
     model(torch.randn(3, 8)).sum().backward()
 
 
@@ -311,10 +337,12 @@ class EncoderAndReader(nn.Module):
 
 
 def test_refusal_names_every_reader_and_leaves_fused_paths_alone():
+    from lightning_peft.adapters.dora import DoRA
+
     model = EncoderAndReader()
     nested = model.encoder.use_nested_tensor
     with pytest.raises(ValueError, match=r"'readers.0.proj'.*1 more: \['readers.1.proj'\].*exclude_modules=\['proj'\]"):
-        apply_adapter(model, LoRA(rank=2))
+        apply_adapter(model, DoRA(rank=2, target_modules=["linear1", "linear2", "proj"]))
     assert model.encoder.use_nested_tensor == nested
     assert not any(m._forward_pre_hooks for m in model.modules())
     assert not any(isinstance(m, (LoRALinear, LoRAMultiheadAttention)) for m in model.modules())

@@ -29,6 +29,12 @@ def tiny_llama():
     return config, transformers.LlamaForCausalLM(config).eval()
 
 
+def tiny_t5():
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2)
+    return config, transformers.T5ForConditionalGeneration(config).eval()
+
+
 def clone(model_fn):
     config, model = model_fn()
     copy = type(model)(config).eval()
@@ -59,6 +65,29 @@ def test_peft_loads_our_export_with_identical_outputs(tmp_path, model_fn, target
     ids = torch.randint(0, 100, (2, 9))
     peft_model = peft.PeftModel.from_pretrained(base_copy, tmp_path / "adapter").eval()
     torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_t5_all_linear_adapts_wo_whose_parent_reads_its_weight_and_peft_loads_it(tmp_path):
+    from lightning_peft.adapters.lora import LoRAEffectiveWeightLinear
+
+    model, base_copy = clone(tiny_t5)
+    apply_adapter(model, LoRA(rank=4, alpha=8, target_modules="all-linear"))
+    # T5DenseActDense reads self.wo.weight (its dtype) besides calling wo: it is served W0 + s B A
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, LoRAEffectiveWeightLinear) and wo.weight.dtype == wo.base_layer.weight.dtype
+    randomize_trainable(model)
+    ids, decoder_ids = torch.randint(0, 100, (2, 7)), torch.randint(0, 100, (2, 5))
+    ours = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+    save_adapter(model, tmp_path / "a")
+    peft_model = peft.PeftModel.from_pretrained(base_copy, tmp_path / "a").eval()
+    torch.testing.assert_close(peft_model(input_ids=ids, decoder_input_ids=decoder_ids).logits, ours, atol=1e-5, rtol=1e-5)
+    _, fresh = tiny_t5()
+    load_adapter(fresh, tmp_path / "a")
+    assert isinstance(fresh.encoder.block[0].layer[1].DenseReluDense.wo, LoRAEffectiveWeightLinear)
+    torch.testing.assert_close(fresh.eval()(input_ids=ids, decoder_input_ids=decoder_ids).logits, ours, atol=1e-5, rtol=1e-5)
+    model.train()
+    model(input_ids=ids, decoder_input_ids=decoder_ids, labels=decoder_ids).loss.backward()
+    assert wo.lora_A.weight.grad.abs().sum() > 0 and wo.lora_B.weight.grad.abs().sum() > 0
 
 
 def test_round_trip_into_fresh_model_and_into_already_adapted_model(tmp_path):
