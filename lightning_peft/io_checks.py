@@ -391,8 +391,10 @@ class _Planner:
         if nonfinite:
             self.damage.append(f"non-finite values (NaN/inf, in the file or after casting to the model's dtype) in {nonfinite[:6]}")
 
-    def raise_problems(self, describe: Callable[[nn.Module], str]) -> None:
-        """One ``ValueError`` with every problem found, if any."""
+    def raise_problems(self, describe: Callable[[nn.Module], str], base_lift: str | None = "pass strict_base=False") -> None:
+        """One ``ValueError`` with every problem found, if any; ``base_lift`` says what lets a
+        changed base load (named only when that alone would make the file load; ``None``:
+        nothing does)."""
         fit, base, damage, meta = self.fit, self.base, self.damage, self.meta
         if not (fit or base or damage):
             return
@@ -403,11 +405,11 @@ class _Planner:
                 f"adapter file {self.source!r} is damaged or incomplete: {shown}. Re-export it with save_adapter from the trained model."
             )
         this = describe(self.model.get_submodule(self.export_root) if self.export_root and not self.offset else self.model)
-        lift = not fit and not damage  # strict_base=False would make exactly this load
+        lift = base_lift is not None and not fit and not damage  # lifting the base checks would make exactly this load
         raise ValueError(
             f"adapter at {self.source!r} was made for base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']}), "
             f"and does not fit this {this!r}: {shown}. Load it into the base it was trained on"
-            + (" (or pass strict_base=False if you changed the base on purpose)." if lift else ".")
+            + (f" (or {base_lift} if you changed the base on purpose)." if lift else ".")
         )
 
     def retargeted(self, specs: list[AdapterSpec], prefix: str) -> list[AdapterSpec]:
@@ -430,9 +432,11 @@ def plan_load(
     extra: dict[str, torch.Tensor],
     strict_base: bool,
     describe: Callable[[nn.Module], str],
+    base_lift: str | None = "pass strict_base=False",
 ) -> LoadPlan:
     """Validate the file against ``model`` and return the plan; raises ``ValueError`` with
-    every problem found (see the module docstring). ``model`` is not changed."""
+    every problem found (see the module docstring). ``model`` is not changed. ``base_lift``:
+    what the error suggests for a changed base (``None`` where the caller has no such option)."""
     planner = _Planner(model, source, meta)
     specs = planner.specs()
     file_prefix, groups = planner.group(tensors, extra)
@@ -447,7 +451,7 @@ def plan_load(
     shapes = planner.would_be_state()
     prefix, trainable = planner.trainable(shapes)
     planner.check_values(shapes)
-    planner.raise_problems(describe)
+    planner.raise_problems(describe, base_lift)
     if specs is not None:
         specs = planner.retargeted(specs, prefix)
     return LoadPlan(specs=specs, apply_prefix=prefix, trainable=trainable, state=planner.state, warnings=planner.warnings)

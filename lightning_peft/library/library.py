@@ -217,7 +217,8 @@ class AdapterLibrary:
     def _plan(self, path: Path) -> tuple[LoadPlan, dict[str, Any], str]:
         meta, tensors, extra = read_adapter(path)
         where = f"base of library {str(self.root)} (fingerprint {self.base_fingerprint})"
-        plan = plan_load(self._planning_model, str(path / WEIGHTS_NAME), meta, tensors, extra, True, lambda _: where)
+        # a library holds adapters of one base: no strict_base=False to suggest
+        plan = plan_load(self._planning_model, str(path / WEIGHTS_NAME), meta, tensors, extra, True, lambda _: where, base_lift=None)
         return plan, meta, layout_key(meta)
 
     # ------------------------------------------------------------------ add
