@@ -330,6 +330,8 @@ def _target_entries(model: nn.Module, record_prefix: str, record: AdapterRecord)
             entry.update(module.peft_metadata())
             entry["fingerprint"] = module.base_fingerprint
             entry["shape"] = module.base_shape
+        elif name in record.fingerprints:  # changed in place (BitFit): its frozen part's fingerprint
+            entry["fingerprint"] = record.fingerprints[name]
         targets[full] = entry
     return targets
 

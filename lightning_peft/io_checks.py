@@ -325,6 +325,9 @@ class _Planner:
             return
         layer, current = found
         if not isinstance(layer, AdapterLayer):  # changed in place (BitFit, full): plain module tensors
+            # the frozen part's fingerprint (older files and full fine-tunes record none)
+            if "fingerprint" in entry and module_fingerprint(module, exclude=set(own)) != entry["fingerprint"]:
+                self.base.append(f"{target!r}: frozen base weights differ from the ones the adapter was trained on")
             self.pool.update({f"{target}.{k}": v for k, v in own.items()})
             return
         if "fingerprint" not in entry:

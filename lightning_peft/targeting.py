@@ -14,7 +14,7 @@ import difflib
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,9 @@ class AdapterRecord:
     buffer_watch: BufferWatch | None = field(default=None, repr=False)
     #: hook handles specs registered on the model (``AdapterSpec.attach``); removed with the adapter
     hooks: list[Any] = field(default_factory=list, repr=False)
+    #: modules changed in place (BitFit) -> ``module_fingerprint`` of the parameters they leave
+    #: frozen, taken at injection: exports record it so a load into another base is refused
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,11 +183,14 @@ def resolve_targets(model: nn.Module, spec: AdapterSpec, protected: Sequence[str
 # --------------------------------------------------------------------------------------------
 # Fingerprints: identify the base an adapter was made for
 # --------------------------------------------------------------------------------------------
-def module_fingerprint(module: nn.Module) -> str:
+def module_fingerprint(module: nn.Module, exclude: Collection[str] = ()) -> str:
     """A short hash of a module's own weights (shape and 1,024 strided samples, rounded to
-    bf16 so fp32/bf16 copies of one base agree). Cheap even for large layers."""
+    bf16 so fp32/bf16 copies of one base agree), leaving out the parameters named in
+    ``exclude`` (those an in-place adapter trains). Cheap even for large layers."""
     digest = hashlib.sha256()
     for name, param in sorted(module.named_parameters(recurse=False)):
+        if name in exclude:
+            continue
         flat = param.detach().reshape(-1)
         step = max(1, flat.numel() // 1024)
         sample = flat[::step][:1024].to("cpu", torch.float32).to(torch.bfloat16).view(torch.int16)
@@ -266,6 +272,7 @@ def apply_adapter(
     replacements = _replacements(model, claimed)
     _refuse_nesting(claimed, replacements)
     check_weight_readers(model, replacements)
+    fingerprints = _in_place_fingerprints(model, claimed, replacements)
     # 2. change the model
     model.requires_grad_(False)
     for name, new in replacements.items():
@@ -275,7 +282,8 @@ def apply_adapter(
     if norm_stats == "freeze":
         freeze_running_stats(model)
     buffers = running_stat_buffers(model)
-    record = AdapterRecord(specs, {n: s.kind for n, s in claimed.items()}, trainable, buffers, norm_stats, hooks=hooks)
+    targets = {n: s.kind for n, s in claimed.items()}
+    record = AdapterRecord(specs, targets, trainable, buffers, norm_stats, hooks=hooks, fingerprints=fingerprints)
     record.buffer_watch = BufferWatch(model, ignore=set(buffers) | set(trainable_state_keys(model)))
     object.__setattr__(model, RECORD_ATTRIBUTE, record)
     if check_gradients:
@@ -312,6 +320,20 @@ def _refuse_nesting(claimed: dict[str, AdapterSpec], replacements: dict[str, nn.
                 f"{type(claimed[outer]).__name__} adapts as a whole; adapt one of them: add {inner!r} (or a pattern "
                 f"for it) to exclude_modules of {type(claimed[inner]).__name__}, or narrow its targets"
             )
+
+
+def _in_place_fingerprints(model: nn.Module, claimed: dict[str, AdapterSpec], replacements: dict[str, nn.Module]) -> dict[str, str]:
+    """``module_fingerprint`` of what each in-place target leaves frozen (BitFit: all but the
+    bias), for the targets that leave something frozen (not a full fine-tune's)."""
+    out = {}
+    for name, spec in claimed.items():
+        if name in replacements:
+            continue
+        module = model.get_submodule(name)
+        trained = set(spec.base_parameters_to_train(name, module))
+        if any(n not in trained for n, _ in module.named_parameters(recurse=False)):
+            out[name] = module_fingerprint(module, exclude=trained)
+    return out
 
 
 def _replacements(model: nn.Module, claimed: dict[str, AdapterSpec]) -> dict[str, nn.Module]:

@@ -318,3 +318,26 @@ def test_a_checkpoint_save_on_a_full_disk_names_the_path(tmp_path, monkeypatch):
         AtomicCheckpointIO().save_checkpoint({"step": 2, "x": FullDisk()}, target)
     assert error.value.errno == errno.ENOSPC
     assert target.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_bitfit_export_records_its_frozen_base_and_refuses_another(tmp_path):
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    fresh, other = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        other[2].weight.add_(0.5)  # another base: a frozen weight differs, the trained biases do not matter
+    apply_adapter(model, BitFit())
+    randomize_trainable(model)
+    save_adapter(model, tmp_path / "bitfit")
+    meta = json.loads(safe_open(str(tmp_path / "bitfit" / WEIGHTS_NAME), "pt").metadata()["lightning_peft"])
+    assert meta["targets"] and all("fingerprint" in e for e in meta["targets"].values())
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(load_adapter(fresh, tmp_path / "bitfit")(x), model(x), rtol=1e-6, atol=1e-6)
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'2': frozen base weights differ.*strict_base=False"):
+        load_adapter(other, tmp_path / "bitfit")
+    assert all(torch.equal(v, state[k]) for k, v in other.state_dict().items())  # refused before any change
+    load_adapter(other, tmp_path / "bitfit", strict_base=False)  # changed on purpose: the biases load
+    assert torch.equal(other[2].bias, model[2].bias)
