@@ -132,7 +132,7 @@ def overwrite_one_rank_shard(source: Path, target: Path) -> str:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("multinode")
-    torchrun_two_nodes(out, "n2t", "train,experts")
+    torchrun_two_nodes(out, "n2t", "train,experts,adalora,adalora_resume:n2t")
     one_launch(out, "w4", 4, "train,resume:n2t,corrupt_save")
     lightning_env_two_nodes(out, "n2l", "train,resume:w4")
     overwrite_one_rank_shard(out / "n2t" / "fsdp2" / "epoch=0.ckpt", out / "corrupt.ckpt")
@@ -208,6 +208,29 @@ def test_two_nodes_take_the_same_rank_decisions(chain: Path, strategy: str) -> N
     statistics = next(v for k, v in checkpoint["callbacks"].items() if "AdaLoRACallback" in k)
     shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
     assert statistics["ipt"] and all(type(v) is torch.Tensor and tuple(v.shape) == shapes[k] for k, v in statistics["ipt"].items())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_adalora_resumes_its_pruning_from_an_epoch_checkpoint(chain: Path, strategy: str) -> None:
+    node0, node1 = ranks(chain, "n2t", 2)
+    straight, resumed = node0[f"adalora_{strategy}"], node0[f"adalora_resume_n2t_{strategy}"]
+    assert straight["global_step"] == resumed["global_step"] == 6
+    # both nodes pruned the same triplets, and the resumed run pruned what the uninterrupted one did
+    masks = straight["masks"]
+    assert masks and masks == node1[f"adalora_{strategy}"]["masks"] and resumed["masks"] == masks
+    assert resumed["masks"] == node1[f"adalora_resume_n2t_{strategy}"]["masks"]
+    assert sum(map(sum, masks.values())) < 4 * len(masks)
+    # the epoch-0 checkpoint (step 3, mid-schedule) held the importance statistics whole
+    checkpoint = torch.load(chain / "n2t" / f"adalora_{strategy}" / "epoch=0.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3
+    statistics = next(v for k, v in checkpoint["callbacks"].items() if "AdaLoRACallback" in k)
+    assert statistics["ipt"] and all(type(v) is torch.Tensor for v in statistics["ipt"].values())
+    # and the resumed run ends where the uninterrupted one did
+    final = torch.load(chain / "n2t" / f"adalora_{strategy}_final.pt")
+    again = torch.load(chain / "n2t" / f"adalora_resumed_n2t_{strategy}.pt")
+    assert set(again) == set(final)
+    for name, value in final.items():
+        torch.testing.assert_close(again[name], value, **tol(value))
 
 
 # ------------------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ see ``loader``), 16 samples, 2 steps per epoch, 2 epochs. Jobs (results in ``OUT
 ``experts``
     DDP and FSDP2: EPnG (``ExpertImportanceCallback``) on ExpertLoRA experts and AdaLoRA on the
     attention's ``q_proj`` of a tiny OLMoE: their decisions, ranks and a weight digest.
+``adalora`` / ``adalora_resume:SRC``
+    DDP and FSDP2: AdaLoRA alone on the tiny OLMoE's ``q_proj``, 2 epochs of 3 steps with a
+    checkpoint per epoch; then a fresh model resumed from ``SRC``'s epoch-0 checkpoint (same world
+    size): the rank masks and the final trainable tensors of both.
 ``resume:SRC``
     DDP and FSDP2 (at world size 1: a plain process for the DDP checkpoint): resume ``SRC``'s
     end-of-epoch-0 checkpoint; the trainable tensors and the gathered optimizer state right
@@ -201,6 +205,48 @@ def job_experts(report: dict) -> None:
         }
 
 
+ADALORA_STEPS_PER_EPOCH = 3
+
+
+def adalora_run(name: str, ckpt_path: Path | None, checkpoints: Path | None) -> dict[str, Any]:
+    """AdaLoRA on ``q_proj`` for 2 epochs (``ADALORA_STEPS_PER_EPOCH`` steps each, pruning from
+    step 2 on), resumed from ``ckpt_path`` when given; rank 0 keeps the final trainable tensors."""
+    from epng_ddp import loader as token_loader
+    from epng_ddp import make_module
+
+    from lightning_peft import AdaLoRA, AdapterCallback
+    from lightning_peft.adapters.adalora import adalora_layers
+
+    module = make_module()
+    adalora = AdaLoRA(init_rank=4, target_rank=2, target_modules=["q_proj"], total_steps=6, interval=1, init_warmup=1, final_warmup=1)
+    callbacks: list = [AdapterCallback(adalora)]
+    if checkpoints is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="{epoch}", save_top_k=-1, every_n_epochs=1))
+    trainer = make_trainer(name, callbacks, max_epochs=2, enable_checkpointing=checkpoints is not None)
+    batch = 8 // WORLD
+    trainer.fit(module, train_dataloaders=token_loader(n=8 * ADALORA_STEPS_PER_EPOCH, batch_size=batch), ckpt_path=ckpt_path)
+    return {
+        "global_step": trainer.global_step,
+        "global_rank": trainer.global_rank,
+        "masks": {n: layer.rank_mask.int().flatten().tolist() for n, layer in adalora_layers(module).items()},
+        "state": trainable(module),
+    }
+
+
+def job_adalora(report: dict, source: str | None) -> None:
+    for name in ("ddp", "fsdp2"):
+        if source is None:
+            run = adalora_run(name, None, HERE / f"adalora_{name}")
+            key, file = f"adalora_{name}", HERE / f"adalora_{name}_final.pt"
+        else:
+            run = adalora_run(name, OUT / source / f"adalora_{name}" / "epoch=0.ckpt", None)
+            key, file = f"adalora_resume_{source}_{name}", HERE / f"adalora_resumed_{source}_{name}.pt"
+        state = run.pop("state")
+        if run["global_rank"] == 0:
+            torch.save(state, file)
+        report[key] = {**run, "digest": state_digest(state)}
+
+
 def optimizer_differences(now: dict[str, Any], then: dict[str, Any]) -> list[str]:
     """Where two ``torch.optim``-style state dicts differ (state tensors compared exactly)."""
     differences = [f"param {i}: missing" for i in then["state"] if i not in now["state"]]
@@ -300,6 +346,8 @@ def main() -> None:
             job_train(report, ["single"] if argument == "single" else ["ddp", "fsdp2"])
         elif kind == "experts":
             job_experts(report)
+        elif kind in ("adalora", "adalora_resume"):
+            job_adalora(report, argument or None)
         elif kind == "resume":
             job_resume(report, argument)
         elif kind == "corrupt_save":
