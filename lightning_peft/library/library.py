@@ -339,7 +339,7 @@ class AdapterLibrary:
                 only_first, only_n = sorted(set(parts[first]) - set(f)), sorted(set(f) - set(parts[first]))
                 raise ValueError(
                     f"adapter entries {first!r} and {n!r} adapt different modules (only {first!r}: {only_first[:4]}; "
-                    f"only {n!r}: {only_n[:4]}): combinations and mixed batches need adapters with the same targets"
+                    f"only {n!r}: {only_n[:4]}): combinations need adapters with the same targets"
                 )
         return parts
 
@@ -477,24 +477,26 @@ class AdapterLibrary:
         """Within the block, sample ``n`` of each batch through the live model's LoRA layers uses
         adapter ``adapter_names[n]`` (``None``: the plain base); the batch is dim 0 of each
         layer's input (``[N, ..., d_in]``). The named adapters must be pure LoRA entries (or
-        combinations) adapting the same modules (ranks may differ). On exit the previously
-        active entry is back (an unsaved :meth:`combine` is not: the plain base is)."""
+        combinations); ranks and targets may differ (a sample's adapter leaves the modules it does
+        not adapt as the base's). On exit the previously active entry is back (an unsaved
+        :meth:`combine` is not: the plain base is)."""
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
             raise ValueError(f"adapter_names must be a non-empty list with one entry name (or None) per sample, got {adapter_names!r}")
         distinct = list(dict.fromkeys(n for n in adapter_names if n is not None))
         for n in distinct:
             self._entry(n)
         factors = {n: self.lora_factors(n) if self._entry(n).get("type", "adapter") == "combination" else None for n in distinct}
-        adapters = [n for n in distinct if factors[n] is None]
-        if adapters:
-            factors.update(self._parts(adapters))
-        modules = {n: set(f) for n, f in factors.items()}  # type: ignore[arg-type]
-        if distinct and any(m != modules[distinct[0]] for m in modules.values()):
-            raise ValueError(f"per_sample needs adapters with the same targets; {distinct} adapt different modules")
+        factors.update({n: self._lora_only(n) for n in distinct if factors[n] is None})  # targets may differ
         stacks, slots = mixed_stacks(adapter_names, factors)  # type: ignore[arg-type]
         previous, previous_merged = self.active, self.merged
         if distinct:
-            self.activate(distinct[0])  # LoRA layers on every module the adapters adapt
+            covering = next((n for n in distinct if set(factors[n]) == set(stacks)), None)  # type: ignore[arg-type]
+            if covering is not None:
+                self.activate(covering)  # LoRA layers on every module the adapters adapt
+            else:  # no one entry adapts them all: rank-1 zero layers on the union (slot 0 of the stacks)
+                # serve, since in a mixed batch a layer runs the stacks, not its own factors
+                self._activate_factors({m: (a[0, :1], b[0, :, :1], 1.0) for m, (a, b) in stacks.items()})
+                self.active = None
             live = dict(self.model.named_modules())
             wrong = [m for m in stacks if not isinstance(live.get(m), LoRALinear)]
             if wrong:

@@ -28,15 +28,20 @@ def mixed_stacks(
     adapters of ``names`` (slot 0 = base, then first-seen order)."""
     distinct = list(dict.fromkeys(n for n in names if n is not None))
     slots = [0 if n is None else 1 + distinct.index(n) for n in names]
-    modules = list(factors[distinct[0]]) if distinct else []
+    modules = list(dict.fromkeys(m for n in distinct for m in factors[n]))  # the union, first-seen order
     stacks = {}
     for module in modules:
-        parts = [factors[n][module] for n in distinct]
-        rank = max(a.shape[0] for a, _, _ in parts)
-        d_in, d_out = parts[0][0].shape[1], parts[0][1].shape[0]
-        a_stack = torch.zeros(len(distinct) + 1, rank, d_in, dtype=parts[0][0].dtype, device=parts[0][0].device)
-        b_stack = torch.zeros(len(distinct) + 1, d_out, rank, dtype=parts[0][1].dtype, device=parts[0][1].device)
-        for k, (a, b, scale) in enumerate(parts, start=1):
+        parts = [factors[n].get(module) for n in distinct]
+        present = [p for p in parts if p is not None]
+        rank = max(a.shape[0] for a, _, _ in present)
+        (a0, b0, _) = present[0]
+        d_in, d_out = a0.shape[1], b0.shape[0]
+        a_stack = torch.zeros(len(distinct) + 1, rank, d_in, dtype=a0.dtype, device=a0.device)
+        b_stack = torch.zeros(len(distinct) + 1, d_out, rank, dtype=b0.dtype, device=b0.device)
+        for k, part in enumerate(parts, start=1):
+            if part is None:  # this adapter leaves the module alone: its slot stays zeros, as the base's
+                continue
+            a, b, scale = part
             a_stack[k, : a.shape[0]] = a
             b_stack[k, :, : b.shape[1]] = b * scale
         stacks[module] = (a_stack, b_stack)

@@ -284,7 +284,6 @@ def test_combining_different_targets_or_kinds_is_refused_saying_which(small: dic
     refused(small, lambda: small["lib"].add_combination("x", {"c": 1.0}), "'c' is a combination entry")
     refused(small, lambda: small["lib"].add_combination("x", {"a": {"1": 1.0}}), r"name modules it does not adapt: \['1'\]")
     refused(small, lambda: small["lib"].add_combination("x", {"a": float("nan")}), "finite number")
-    refused(small, lambda: small["lib"].per_sample(["a", "only0"]).__enter__(), "adapt different modules")
 
 
 def test_an_unknown_name_lists_the_known_ones(small: dict) -> None:
@@ -304,6 +303,20 @@ def test_shapes_that_do_not_fit_are_refused(small: dict) -> None:
     save_adapter(randomised(wider, LoRA(rank=2, target_modules=["0"]), 4), small["tmp"] / "wider")
     refused(small, lambda: small["lib"].add("w", small["tmp"] / "wider"), r"'0': shape \[out=8, in=6\] != saved \[10, 6\]")
     refused(small, lambda: small["lib"].add("w", randomised(wider, LoRA(rank=2, target_modules=["0"]), 4)), "made for another base")
+
+
+@pytest.mark.parametrize("names", [["only0", None, "only2", "a", "c"], ["only0", "only2", None, "only2"]])
+def test_a_mixed_batch_of_adapters_with_different_targets_equals_each_sample_alone(small: dict, names: list) -> None:
+    lib = small["lib"]
+    lib.add("only2", randomised(small["plain"], LoRA(rank=3, target_modules=["2"]), 5))
+    x = torch.randn(len(names), 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), lib.per_sample(names) as model:  # second case: no one entry adapts both modules
+        mixed = model(x)
+    assert lib.active == "a" and not any("mixed_lora" in m.__dict__ for m in lib.model.modules())  # restored on exit
+    for i, name in enumerate(names):
+        with torch.no_grad():
+            alone = (lib.activate(name) if name else lib.deactivate())(x[i : i + 1])
+        assert close(mixed[i : i + 1], alone), name
 
 
 def test_removing_an_entry_a_combination_uses_is_refused(small: dict) -> None:
