@@ -47,6 +47,7 @@ from lightning_peft.rl.policy_file import (
     read_policy_state,
 )
 from lightning_peft.validation import (
+    InvalidArgumentError,
     InvalidArgumentTypeError,
     check_bool,
     check_choice,
@@ -402,7 +403,10 @@ class PPO(L.LightningModule):
         hp = {k: v for k, v in saved.items() if k in allowed}
         if task is not None:
             hp["task"] = task
-        return cls(**hp, base_checkpoint=path)
+        try:
+            return cls(**hp, base_checkpoint=path)
+        except (InvalidArgumentError, InvalidArgumentTypeError) as error:  # a setting the file records, not the caller's
+            raise ValueError(f"policy file {path!r} records a setting this PPO refuses: {error} (the file is damaged or edited)") from error
 
     def load_policy_weights(self, path: str | os.PathLike) -> None:
         """Load a trained policy's weights (see ``base_checkpoint``) into this module.

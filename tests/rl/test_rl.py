@@ -302,6 +302,21 @@ def test_evaluate_policy_and_policy_file_round_trip(tmp_path: Path):
     assert "success_rate" not in result
 
 
+def test_a_policy_file_with_an_edited_setting_is_refused_naming_the_file(tmp_path: Path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = PPO("CartPole-v1").save_policy(tmp_path / "p.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["hparams"] = json.dumps({**json.loads(meta["hparams"]), "activation": "gelu"})
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"policy file .*edited.safetensors' records a setting.*activation.*'gelu'"):
+        PPO.from_policy_file(tmp_path / "edited.safetensors")
+
+
 # ------------------------------------------------------------------------- training
 def test_ppo_trains_through_lightning(tmp_path: Path):
     torch.manual_seed(0)
