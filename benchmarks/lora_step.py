@@ -42,9 +42,10 @@ ours against peft. Each eager variant's matmul-type FLOPs of one forward + backw
 ``frozen_flops / flops``, the throughput ratio the variant would reach if its extra work ran at
 the frozen base's average FLOP rate, and the *extra-work rate*, the FLOP rate of the variant's
 extra FLOPs over its extra time against the frozen base's rate (1.0: the ceiling is reached;
-element-wise work and host time land in the extra time). Before timing, each model is checked once: with B = 0, ours, peft and frozen
-give the same loss; with peft's A and a random B copied into ours, ours and peft give the same
-loss and LoRA gradients. Results go to ``--out`` (JSON, rewritten after every model).
+element-wise work and host time land in the extra time). Before timing, each model is checked
+once: with B = 0, ours, peft and frozen give the same loss; with peft's A and a random B copied
+into ours, ours and peft give the same loss and LoRA gradients. Results go to ``--out`` (JSON,
+rewritten after every model).
 
     python benchmarks/lora_step.py --device cpu --quick              # CPU, small shapes, ~2 min
     python benchmarks/lora_step.py --device cuda                     # H200: ViT-S, ViT-B, Llama 1.1B

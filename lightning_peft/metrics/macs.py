@@ -4,8 +4,8 @@ What is counted: the matmul-type operators torch's flop counter knows (``mm``, `
 ``bmm``, ``baddbmm``, ``_scaled_mm``, convolutions, and fused scaled-dot-product attention:
 ``QK^T`` and ``AV``), plus what the registry leaves out, added here with torch's own formulas:
 the CPU flash-attention kernel (forward and backward) and the in-place ``addmm_``/``baddbmm_``
-(our fused LoRA kernel adds its update with ``addmm_``). Each is counted as ``2 * M * N * K`` FLOPs, so
-``MACs = FLOPs / 2``. Not counted: element-wise work (activations, norms, softmax, residual
+(our fused LoRA kernel adds its update with ``addmm_``). Each is counted as ``2 * M * N * K``
+FLOPs, so ``MACs = FLOPs / 2``. Not counted: element-wise work (activations, norms, softmax, residual
 adds, the bias of ``addmm``) and gathers/embeddings; that is the NetScore convention of MACs in
 matmul-type layers (Wong 2018). A LoRA update ``x A^T B^T`` is two matmuls and counts as such;
 a merged adapter costs nothing extra. Quantized linear layers (bitsandbytes ``Linear4bit`` /
