@@ -394,7 +394,7 @@ class _Planner:
         if nonfinite:
             self.damage.append(f"non-finite values (NaN/inf, in the file or after casting to the model's dtype) in {nonfinite[:6]}")
 
-    def raise_problems(self, describe: Callable[[nn.Module], str], base_lift: str | None = "pass strict_base=False") -> None:
+    def raise_problems(self, describe: Callable[[nn.Module], str], base_lift: str | None) -> None:
         """One ``ValueError`` with every problem found, if any; ``base_lift`` says what lets a
         changed base load (named only when that alone would make the file load; ``None``:
         nothing does)."""
